@@ -1,0 +1,48 @@
+"""Parallel layout schema: dp_replicate x dp_shard x pp x tp = world size."""
+
+from dataclasses import dataclass, field
+
+BACKENDS = ("native", "deepspeed", "megatron")
+PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
+AC_MODES = ("none", "selective", "full")
+DTYPES = ("fp32", "bf16", "fp16")
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    """How ranks are arranged and which engine applies the layout."""
+
+    backend: str = "native"
+    """Engine: native (torch DTensor/FSDP2/pipelining), deepspeed, megatron."""
+    dp_replicate: int = -1
+    """Replicated data-parallel degree (DDP, or the replica groups of HSDP); -1 fills the world."""
+    dp_shard: int = 1
+    """Sharded data-parallel degree (ZeRO/FSDP group); -1 fills the world."""
+    tp: int = 1
+    """Tensor-parallel degree (Megatron-style column/row split)."""
+    pp: int = 1
+    """Pipeline-parallel stages."""
+    zero_stage: int = 0
+    """0 = DDP; 1 = sharded optimizer state; 2 = + sharded grads; 3 = + sharded params (FSDP2)."""
+    sequence_parallel: bool = True
+    """With tp > 1, shard norm/residual activations along the sequence."""
+    pp_schedule: str = "1f1b"
+    """Pipeline schedule: gpipe, 1f1b, interleaved_1f1b."""
+    pp_microbatches: int | None = None
+    """Microbatches per pipeline step; None = 2 * pp (must be >= pp)."""
+    pp_virtual_stages: int = 1
+    """Model chunks per pipeline rank (interleaved_1f1b needs >= 2)."""
+    pp_layers_per_stage: list[int] | None = None
+    """Explicit layer counts per (virtual) stage; None splits n_layers evenly."""
+    activation_checkpoint: str = "none"
+    """Recompute activations in backward: none, selective (every other block), full."""
+    compile: bool = False
+    """torch.compile each transformer block."""
+    param_dtype: str = "fp32"
+    """Parameter/compute dtype under ZeRO-3 mixed precision (fp32, bf16)."""
+    reduce_dtype: str = "fp32"
+    """Gradient reduction dtype."""
+    cpu_offload: bool = False
+    """Offload sharded params/optimizer state to CPU where the engine supports it."""
+    engine_options: dict[str, str] = field(default_factory=dict)
+    """Extra engine-specific options (e.g. DeepSpeed offload_nvme_path)."""

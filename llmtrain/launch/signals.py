@@ -1,0 +1,46 @@
+"""Graceful stop: a signal sets a flag; the ranks agree on it at the next step boundary.
+
+SLURM sends the pre-timeout signal (USR2 via --signal) or SIGTERM on preemption to each task at
+slightly different moments, so a rank must never act on its own flag alone: `should_stop` takes the
+max over all ranks, and everybody saves and exits at the same step.
+"""
+
+import signal
+import threading
+
+import torch
+import torch.distributed as dist
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGUSR1/SIGUSR2 (or programmatically); read collectively at step boundaries."""
+
+    SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2")
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self.signal_name: str | None = None
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for name in self.SIGNALS:
+            signal.signal(getattr(signal, name), self._handler)
+
+    def _handler(self, signum: int, frame: object) -> None:
+        self.signal_name = signal.Signals(signum).name
+        self._event.set()
+
+    def set(self, reason: str = "requested") -> None:
+        self.signal_name = reason
+        self._event.set()
+
+    def local(self) -> bool:
+        return self._event.is_set()
+
+    def should_stop(self, group: dist.ProcessGroup | None = None) -> bool:
+        """True on every rank if any rank was signalled (one all-reduce of one int)."""
+        flag = torch.tensor([1 if self._event.is_set() else 0], dtype=torch.int32)
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+        return bool(flag.item())

@@ -1,0 +1,30 @@
+"""Construct models from config on the meta device (no memory is touched until materialization)."""
+
+import dataclasses
+
+import torch
+
+from llmtrain.config.model import ModelConfig
+from llmtrain.models.llama import Transformer, TransformerArgs
+
+
+def model_args(cfg: ModelConfig) -> TransformerArgs:
+    """Translate the config schema into the model's own argument dataclass."""
+    fields = {f.name for f in dataclasses.fields(TransformerArgs)}
+    return TransformerArgs(**{k: v for k, v in dataclasses.asdict(cfg).items() if k in fields})
+
+
+def build_model(cfg: ModelConfig, device: str | torch.device = "meta") -> Transformer:
+    """Build the decoder on `device` (meta by default: shapes only, for parallelize-then-materialize)."""
+    with torch.device(device):
+        return Transformer(model_args(cfg))
+
+
+def count_params(model: torch.nn.Module, exclude_embeddings: bool = False) -> int:
+    """Unique parameter count (tied weights counted once)."""
+    seen: dict[int, int] = {}
+    for name, p in model.named_parameters():
+        if exclude_embeddings and "tok_embeddings" in name:
+            continue
+        seen[id(p)] = p.numel()
+    return sum(seen.values())

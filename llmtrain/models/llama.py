@@ -1,0 +1,219 @@
+"""Llama-style decoder: RMSNorm, RoPE, SwiGLU, grouped-query attention through SDPA.
+
+This file knows nothing of parallelism (STYLE.md §2). Build it on the meta device, let the
+`llmtrain.parallel` functions transform it, then materialize and call `init_weights`.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(kw_only=True)
+class TransformerArgs:
+    """Shape of the decoder; mirrors `llmtrain.config.ModelConfig`."""
+
+    dim: int
+    n_layers: int
+    n_heads: int
+    vocab_size: int
+    n_kv_heads: int | None = None
+    ffn_dim: int | None = None
+    multiple_of: int = 256
+    ffn_dim_multiplier: float | None = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 2048
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        """SwiGLU width: explicit, or Llama's 2/3 * 4 * dim rounded up to multiple_of."""
+        if self.ffn_dim is not None:
+            return self.ffn_dim
+        hidden = int(2 * 4 * self.dim / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * math.ceil(hidden / self.multiple_of)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm computed in fp32 for stability under bf16 autocast."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (out * self.weight.float()).type_as(x)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> torch.Tensor:
+    """Real-valued (cos, sin) RoPE table of shape (max_seq_len, head_dim // 2, 2).
+
+    Real tensors (not complex) so that the table survives meta-device materialization, DTensor and
+    torch.compile without special cases.
+    """
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float64) / head_dim))
+    t = torch.arange(max_seq_len, device=device, dtype=torch.float64)
+    freqs = torch.outer(t, inv)
+    return torch.stack([freqs.cos(), freqs.sin()], dim=-1).float()
+
+
+def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[2i], x[2i+1]) of x (b, s, h, d) by the angles in rope (b|1, s, d/2, 2)."""
+    xf = x.float().reshape(*x.shape[:-1], -1, 2)
+    cos, sin = rope[..., 0].unsqueeze(-2), rope[..., 1].unsqueeze(-2)  # broadcast over heads
+    x0, x1 = xf[..., 0], xf[..., 1]
+    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    """Grouped-query attention; KV heads are shared by n_heads / n_kv_heads query heads."""
+
+    def __init__(self, args: TransformerArgs) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+
+    def forward(
+        self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None, causal: bool
+    ) -> torch.Tensor:
+        bsz, seqlen, _ = x.shape
+        # -1 instead of n_heads: under tensor parallelism each rank holds n_heads / tp heads.
+        q = self.wq(x).view(bsz, seqlen, -1, self.head_dim)
+        k = self.wk(x).view(bsz, seqlen, -1, self.head_dim)
+        v = self.wv(x).view(bsz, seqlen, -1, self.head_dim)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (b, h, s, d)
+        if k.shape[1] != q.shape[1]:  # GQA: repeat KV heads to match the query heads
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU MLP: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then + ffn(norm(x))."""
+
+    def __init__(self, args: TransformerArgs) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attention = Attention(args)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.feed_forward = FeedForward(args.dim, args.hidden_dim)
+
+    def forward(
+        self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = True
+    ) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), rope, mask, causal)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """Decoder LM. Layers live in a ModuleDict keyed by their global index so that pipeline stages
+    can delete the layers they do not own and checkpoints keep the same names under any layout.
+    Stage-local modules may be None (tok_embeddings on later stages, norm/output on earlier ones).
+    """
+
+    def __init__(self, args: TransformerArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.tok_embeddings: nn.Embedding | None = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(args) for i in range(args.n_layers)})
+        self.norm: RMSNorm | None = RMSNorm(args.dim, args.norm_eps)
+        self.output: nn.Linear | None = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.register_buffer(
+            "rope", rope_tables(args.head_dim, args.max_seq_len, args.rope_theta), persistent=False
+        )
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        causal: bool = True,
+    ) -> torch.Tensor:
+        """tokens (b, s) ids (or (b, s, dim) hidden states on a non-first pipeline stage) -> logits
+        (b, s, vocab) (or hidden states on a non-last stage).
+
+        positions (b, s) restart RoPE at document starts when packing with document masking; attn_mask
+        (b, 1, s, s) bool, True = may attend, replaces the plain causal mask when given.
+        """
+        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
+        seqlen = h.shape[1]
+        rope = self.rope[:seqlen].unsqueeze(0) if positions is None else self.rope[positions]
+        for layer in self.layers.values():
+            h = layer(h, rope, attn_mask, causal)
+        h = self.norm(h) if self.norm is not None else h
+        return self.output(h) if self.output is not None else h
+
+    @torch.no_grad()
+    def init_weights(self, seed: int, buffer_device: torch.device | None = None) -> None:
+        """Deterministic init that does not depend on the parallel layout.
+
+        Every parameter is drawn in full from its own generator seeded by (seed, parameter name) and
+        each rank keeps its local shard, so dp, tp, pp and ZeRO runs all start from the same weights
+        as the single-process run (the basis of every parity test).
+        """
+        from llmtrain.models.init import fill_param  # local import keeps this file torch-only
+
+        self.rope = rope_tables(
+            self.args.head_dim, self.args.max_seq_len, self.args.rope_theta, device=buffer_device
+        )
+        std, out_std = self.args.init_std, self.args.init_std / math.sqrt(2 * self.args.n_layers)
+        for name, p in self.named_parameters():
+            leaf = name.rsplit(".", 1)[0].rsplit(".", 1)[-1]
+            if name.endswith("norm.weight"):
+                fill_param(p, lambda shape, g: torch.ones(shape))
+            elif leaf in ("wo", "w2"):
+                fill_param(p, _normal(out_std), seed=seed, name=name)
+            else:
+                fill_param(p, _normal(std), seed=seed, name=name)
+
+
+def _normal(std: float):
+    def draw(shape: torch.Size, g: torch.Generator) -> torch.Tensor:
+        return torch.nn.init.trunc_normal_(torch.empty(shape), std=std, a=-3 * std, b=3 * std, generator=g)
+
+    return draw

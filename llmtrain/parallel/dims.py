@@ -1,0 +1,101 @@
+"""ParallelDims: the one owner of the rank topology (STYLE.md §3).
+
+World = pp x dp_replicate x dp_shard x tp, in that mesh order (tp innermost so that tensor-parallel
+peers are neighbours, i.e. on the same node). Meshes are returned to callers, never kept in globals.
+"""
+
+from dataclasses import dataclass, field
+
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from llmtrain.config.validate import ConfigError
+
+MESH_ORDER = ("pp", "dp_replicate", "dp_shard", "tp")
+
+
+@dataclass
+class ParallelDims:
+    """Validated parallel degrees; at most one of dp_replicate/dp_shard may be -1 (fill the world)."""
+
+    dp_replicate: int
+    dp_shard: int
+    tp: int
+    pp: int
+    world_size: int
+    _mesh: DeviceMesh | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        for name in ("tp", "pp"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"parallel.{name}={getattr(self, name)} must be >= 1")
+        if self.dp_replicate == -1 and self.dp_shard == -1:
+            raise ConfigError("parallel.dp_replicate and parallel.dp_shard cannot both be -1 (auto)")
+        fixed = self.tp * self.pp * max(self.dp_replicate, 1) * max(self.dp_shard, 1)
+        if self.world_size % fixed:
+            raise ConfigError(self._mismatch())
+        if self.dp_replicate == -1:
+            self.dp_replicate = self.world_size // fixed
+        if self.dp_shard == -1:
+            self.dp_shard = self.world_size // fixed
+        if self.dp_replicate < 1 or self.dp_shard < 1:
+            raise ConfigError(self._mismatch())
+        if self.dp_replicate * self.dp_shard * self.tp * self.pp != self.world_size:
+            raise ConfigError(self._mismatch())
+
+    def _mismatch(self) -> str:
+        return (
+            f"parallel layout does not fit the world size {self.world_size}: "
+            f"dp_replicate={self.dp_replicate} x dp_shard={self.dp_shard} x tp={self.tp} x pp={self.pp} "
+            f"must equal {self.world_size} (-1 = fill)"
+        )
+
+    @property
+    def dp(self) -> int:
+        """Total data-parallel degree: how many different batches are processed at once."""
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def dp_enabled(self) -> bool:
+        return self.dp > 1
+
+    @property
+    def dp_replicate_enabled(self) -> bool:
+        return self.dp_replicate > 1
+
+    @property
+    def dp_shard_enabled(self) -> bool:
+        return self.dp_shard > 1
+
+    @property
+    def tp_enabled(self) -> bool:
+        return self.tp > 1
+
+    @property
+    def pp_enabled(self) -> bool:
+        return self.pp > 1
+
+    def build_mesh(self, device_type: str) -> DeviceMesh:
+        """World mesh with named dims plus flattened views: `dp` (replicate x shard) for data loading
+        and loss reduction, `dp_shard_cp`-style names are not used."""
+        if self._mesh is None:
+            mesh = init_device_mesh(
+                device_type,
+                tuple(getattr(self, n) for n in MESH_ORDER),
+                mesh_dim_names=MESH_ORDER,
+            )
+            mesh[("dp_replicate", "dp_shard")]._flatten("dp")
+            self._mesh = mesh
+        return self._mesh
+
+    def coords(self, rank: int) -> dict[str, int]:
+        """Coordinates of a global rank along each mesh dim (pure arithmetic, no process group)."""
+        out: dict[str, int] = {}
+        for name in reversed(MESH_ORDER):
+            size = getattr(self, name)
+            out[name] = rank % size
+            rank //= size
+        out["dp"] = out["dp_replicate"] * self.dp_shard + out["dp_shard"]
+        return out
+
+    def describe(self) -> str:
+        return f"dp_replicate={self.dp_replicate} dp_shard={self.dp_shard} tp={self.tp} pp={self.pp}"

@@ -1,0 +1,68 @@
+"""AdamW with weight-decay groups; LR schedules: warmup then cosine, wsd, linear or constant."""
+
+import math
+
+import torch
+from torch import nn
+
+from llmtrain.config.optim import OptimConfig
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay only matrices that are not embeddings: decaying norms, biases or embedding rows hurts
+    (they are not over-parameterised the way projections are)."""
+    decay, no_decay, seen = [], [], set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (decay if p.ndim >= 2 and "tok_embeddings" not in name else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW; foreach is off because it fails on mixed Tensor/DTensor groups (see ../shared/FACTS.md)."""
+    return torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay),
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+        eps=cfg.eps,
+        foreach=False,
+    )
+
+
+def lr_factor(step: int, cfg: OptimConfig, max_steps: int) -> float:
+    """Multiplier on the peak lr for optimizer step `step` (0-based).
+
+    warmup: linear from 1/(warmup+1) to 1. cosine: half-cosine to min_lr_ratio at max_steps.
+    wsd: constant, then linear decay over the last decay_fraction of the run. linear: linear decay.
+    """
+    floor = cfg.min_lr_ratio
+    if step < cfg.warmup_steps:
+        return (step + 1) / (cfg.warmup_steps + 1)
+    if cfg.schedule == "constant":
+        return 1.0
+    span = max(max_steps - cfg.warmup_steps, 1)
+    progress = min((step - cfg.warmup_steps) / span, 1.0)
+    if cfg.schedule == "cosine":
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    if cfg.schedule == "linear":
+        return 1.0 - (1 - floor) * progress
+    decay_start = max_steps - int(cfg.decay_fraction * max_steps)
+    if step < decay_start:
+        return 1.0
+    return 1.0 - (1 - floor) * min((step - decay_start) / max(max_steps - decay_start, 1), 1.0)
+
+
+class LRSchedule:
+    """Sets each group's lr before a step. Stateless apart from the step, which the trainer owns."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int) -> None:
+        self.optimizer, self.cfg, self.max_steps = optimizer, cfg, max_steps
+
+    def apply(self, step: int) -> float:
+        lr = self.cfg.lr * lr_factor(step, self.cfg, self.max_steps)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        return lr

@@ -1,0 +1,34 @@
+"""Shared fixtures: a tiny tokenized corpus, a config factory, and CPU-friendly torch settings."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("LLMTRAIN_DATA_CACHE", str(ROOT / "data_cache"))
+sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(scope="session")
+def shakespeare_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The bundled corpus tokenized byte-level once per session (train split + val split)."""
+    from llmtrain.data.prepare import prepare_dataset
+
+    out = tmp_path_factory.mktemp("data") / "shakespeare-byte"
+    prepare_dataset("builtin:shakespeare", out, "byte", shard_tokens=1 << 20, val_fraction=0.05)
+    return out
+
+
+@pytest.fixture
+def make_config(shakespeare_dir: Path, tmp_path: Path):
+    """Build a validated Config from the real conf/ tree plus overrides (Hydra compose API)."""
+    from llmtrain.testing import compose_config
+
+    def make(*overrides: str):
+        base = [f"data.sources.0.path={shakespeare_dir}", f"run.root={tmp_path / 'runs'}", "tracking=none"]
+        return compose_config([*base, *overrides])
+
+    return make
