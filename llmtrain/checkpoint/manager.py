@@ -17,13 +17,13 @@ import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+if TYPE_CHECKING:
+    from llmtrain.parallel.engine import Engine
 
 COMPLETE = "COMPLETE"
 STATE_FILE = "trainer_state.json"
@@ -92,14 +92,7 @@ class CheckpointManager:
         self.folder = Path(folder)
         self.keep_last, self.keep_every = keep_last, keep_every
 
-    def save(
-        self,
-        step: int,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        state: dict[str, Any],
-        rank_state: dict[str, Any],
-    ) -> Path:
+    def save(self, step: int, engine: "Engine", state: dict[str, Any], rank_state: dict[str, Any]) -> Path:
         """Write checkpoint `step`. `state` (JSON) comes from rank 0; `rank_state` (JSON) is gathered
         from every rank into state['ranks']."""
         final = self.folder / f"step_{step:08d}"
@@ -111,8 +104,7 @@ class CheckpointManager:
         tmp = self.folder / f"step_{step:08d}.tmp-{token}"
         tmp.mkdir(parents=True, exist_ok=True)
         _barrier()
-        msd, osd = get_state_dict(model, optimizer)
-        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / "model_optim"))
+        engine.save(tmp / "model_optim")
         (tmp / "rng").mkdir(exist_ok=True)
         torch.save(capture_rng(), tmp / "rng" / f"rank_{_rank():05d}.pt")
         ranks = [rank_state]
@@ -146,36 +138,20 @@ class CheckpointManager:
         for p in self.folder.glob("step_*.tmp-*"):
             shutil.rmtree(p, ignore_errors=True)
 
-    def load(
-        self, path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None
-    ) -> dict[str, Any]:
+    def load(self, path: str | Path, engine: "Engine", load_optimizer: bool = True) -> dict[str, Any]:
         """Load model (+ optimizer) in place; return the trainer state with this rank's RNG restored."""
         path = Path(path)
         state_file = path / STATE_FILE
         if not (path / COMPLETE).is_file() or not state_file.is_file():
-            raise CheckpointError(
-                f"{path}: not a complete llmtrain checkpoint (no {COMPLETE} marker or {STATE_FILE})"
-            )
+            raise CheckpointError(f"{path}: not a complete llmtrain checkpoint (no {COMPLETE} or {STATE_FILE})")
         try:
             state = json.loads(state_file.read_text())
         except ValueError as e:
             raise CheckpointError(f"{state_file}: unreadable trainer state ({e})") from e
-        msd, osd = (
-            get_state_dict(model, optimizer) if optimizer is not None else (get_state_dict(model, []), None)
-        )
-        if optimizer is None:
-            msd = msd[0]
-        to_load = {"model": msd} if optimizer is None else {"model": msd, "optim": osd}
         try:
-            dcp.load(to_load, checkpoint_id=str(path / "model_optim"))
+            engine.load(path / "model_optim", load_optimizer=load_optimizer)
         except Exception as e:
             raise CheckpointError(f"{path / 'model_optim'}: cannot load sharded model/optimizer ({e})") from e
-        if optimizer is None:
-            set_state_dict(model, [], model_state_dict=to_load["model"], optim_state_dict={})
-        else:
-            set_state_dict(
-                model, optimizer, model_state_dict=to_load["model"], optim_state_dict=to_load["optim"]
-            )
         rng = path / "rng" / f"rank_{_rank():05d}.pt"
         if rng.is_file():
             restore_rng(torch.load(rng, weights_only=True))

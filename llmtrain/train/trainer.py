@@ -4,7 +4,6 @@ import json
 import logging
 import os
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -17,15 +16,14 @@ from llmtrain.data import build_train_loader, build_val_loader
 from llmtrain.data.build import check_tokenizer
 from llmtrain.launch.env import DistEnv, init_distributed, pick_device
 from llmtrain.launch.signals import StopFlag
-from llmtrain.models import build_model, model_args
+from llmtrain.models import model_args
 from llmtrain.parallel import ParallelDims
-from llmtrain.parallel.parallelize import parallelize
+from llmtrain.parallel.engine import build_engine
 from llmtrain.tracking import ConsoleLogger
 from llmtrain.tracking.tracker import Tracker
 from llmtrain.train.flops import flops_per_token
-from llmtrain.train.optim import LRSchedule, build_optimizer
+from llmtrain.train.optim import lr_factor
 from llmtrain.train.perf import Meter, memory_gb, peak_tflops
-from llmtrain.train.step import evaluate, train_step
 
 log = logging.getLogger("llmtrain")
 
@@ -48,64 +46,37 @@ class Trainer:
         self.device = pick_device(cfg.trainer.device, env.local_rank)
         configure_torch(cfg, env)
         init_distributed(env, self.device)
-        p = cfg.parallel
+        p, t = cfg.parallel, cfg.trainer
         self.dims = ParallelDims(p.dp_replicate, p.dp_shard, p.tp, p.pp, env.world_size)
         self.mesh = self.dims.build_mesh(self.device.type) if env.world_size > 1 else None
-        self.dp_group = self.mesh["dp"].get_group() if self.dims.dp_enabled else None
         self.grad_accum = batch_geometry(cfg, self.dims.dp)
         check_tokenizer(cfg.data, cfg.model.vocab_size)
-        self.pm = parallelize(build_model(cfg.model), self.dims, p, self.mesh, self.device, cfg.trainer.seed)
-        self.model = self.pm.module
-        self.optimizer = build_optimizer(self.model, cfg.optim)
-        self.schedule = LRSchedule(self.optimizer, cfg.optim, cfg.trainer.max_steps)
+        self.engine = build_engine(cfg, self.dims, self.mesh, self.device)
         dp_rank = self.dims.coords(env.rank)["dp"]
-        t = cfg.trainer
-        self.train_loader = build_train_loader(
-            cfg.data,
-            micro_batch_size=t.micro_batch_size,
-            grad_accum=self.grad_accum,
-            dp_rank=dp_rank,
-            dp_size=self.dims.dp,
-        )
-        self.val_loader = build_val_loader(
-            cfg.data, micro_batch_size=t.micro_batch_size, dp_rank=dp_rank, dp_size=self.dims.dp
-        )
-        self.ckpt = CheckpointManager(
-            self.run_dir / "checkpoints", cfg.checkpoint.keep_last, cfg.checkpoint.keep_every
-        )
+        self.train_loader = build_train_loader(cfg.data, micro_batch_size=t.micro_batch_size,
+                                               grad_accum=self.grad_accum, dp_rank=dp_rank, dp_size=self.dims.dp)
+        self.val_loader = build_val_loader(cfg.data, micro_batch_size=t.micro_batch_size, dp_rank=dp_rank,
+                                           dp_size=self.dims.dp)
+        ck = cfg.checkpoint
+        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", ck.keep_last, ck.keep_every)
         self.console = ConsoleLogger(env.is_main)
         self.stop = StopFlag()
         self.stop.install()
-        self.step, self.tokens_seen, self.last_save_time = 0, 0, time.time()
+        self.step, self.tokens_seen, self.last_saved, self.last_save_time = 0, 0, -1, time.time()
         self.history: list[dict[str, float]] = []
-        args = model_args(cfg.model)
-        self.meter = Meter(
-            flops_per_token(args, cfg.data.seq_len), peak_tflops(self.device, t.peak_tflops), env.world_size
-        )
-        dtype = {"bf16": torch.bfloat16, "fp32": None}[t.precision]
-        self.autocast = (lambda: torch.autocast(self.device.type, dtype=dtype)) if dtype else nullcontext
-        self.no_sync = getattr(self.model, "no_sync", nullcontext)
+        self.meter = Meter(flops_per_token(model_args(cfg.model), cfg.data.seq_len),
+                           peak_tflops(self.device, t.peak_tflops), env.world_size)
 
     def train(self) -> dict[str, Any]:
         """Run to trainer.max_steps (or until a stop signal), saving and logging along the way."""
         run_id = self.maybe_resume()
-        self.tracker = Tracker(
-            self.cfg,
-            self.run_dir,
-            self.env.is_main,
-            run_id,
-            {
-                "world_size": str(self.env.world_size),
-                "layout": self.dims.describe(),
-                "engine": self.cfg.parallel.backend,
-                "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
-            },
-        )
-        max_steps, status = self.cfg.trainer.max_steps, "FINISHED"
-        self.console.info(
-            f"training {self.cfg.model.name} on {self.env.world_size} rank(s) "
-            f"[{self.dims.describe()}] from step {self.step}, accumulation {self.grad_accum}"
-        )
+        self.tracker = Tracker(self.cfg, self.run_dir, self.env.is_main, run_id,
+                               {"world_size": str(self.env.world_size), "layout": self.dims.describe(),
+                                "engine": self.cfg.parallel.backend,
+                                "slurm_job_id": os.environ.get("SLURM_JOB_ID", "")})
+        max_steps, status, val_every = self.cfg.trainer.max_steps, "FINISHED", self.cfg.trainer.val_every
+        self.console.info(f"training {self.cfg.model.name} on {self.env.world_size} rank(s) "
+                          f"[{self.dims.describe()}] from step {self.step}, accumulation {self.grad_accum}")
         while self.step < max_steps:
             if self.stop.should_stop():
                 status = "KILLED"
@@ -114,37 +85,23 @@ class Trainer:
             t0 = time.perf_counter()
             batches = [b.to(self.device) for b in self.train_loader.next_step()]
             t_data = time.perf_counter() - t0
-            lr = self.schedule.apply(self.step)
-            res = train_step(
-                self.model,
-                self.optimizer,
-                batches,
-                dp_size=self.dims.dp,
-                dp_group=self.dp_group,
-                grad_clip=self.cfg.optim.grad_clip,
-                autocast=self.autocast,
-                no_sync=self.no_sync,
-            )
+            lr = self.cfg.optim.lr * lr_factor(self.step, self.cfg.optim, max_steps)
+            res = self.engine.train_step(batches, lr)
             self.step += 1
             self.tokens_seen += res.num_tokens
             self.meter.update(res.num_tokens, time.perf_counter() - t0, t_data)
             self.record(res.loss, res.grad_norm, lr)
-            if self.cfg.trainer.val_every and self.step % self.cfg.trainer.val_every == 0:
+            if val_every and self.step % val_every == 0:
                 self.validate()
             if self.should_save():
                 self.save()
-        if status == "FINISHED" and not self.cfg.trainer.val_every:
+        if status == "FINISHED" and not (val_every and self.step % val_every == 0):
             self.validate()
         if self.cfg.checkpoint.enabled and self.cfg.checkpoint.save_at_end and self.last_saved != self.step:
             self.save()
         self.tracker.finish(status)
-        return {
-            "step": self.step,
-            "status": status,
-            "history": self.history,
-            "run_dir": str(self.run_dir),
-            "mlflow": self.tracker.describe(),
-        }
+        return {"step": self.step, "status": status, "history": self.history, "run_dir": str(self.run_dir),
+                "mlflow": self.tracker.describe()}
 
     def record(self, loss: float, grad_norm: float, lr: float) -> None:
         """Per-step trace (train_log.jsonl, used by resume tests) and the interval log line/metrics."""
@@ -155,35 +112,25 @@ class Trainer:
                 f.write(json.dumps(entry) + "\n")
         if self.step % self.cfg.trainer.log_every and self.step != self.cfg.trainer.max_steps:
             return
-        metrics = {
-            "train/loss": loss,
-            "train/lr": lr,
-            "train/grad_norm": grad_norm,
-            "train/tokens_seen": float(self.tokens_seen),
-            "sys/mem_gb": memory_gb(self.device),
-            **self.meter.metrics(self.cfg.trainer.max_steps - self.step),
-        }
+        metrics = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
+                   "train/tokens_seen": float(self.tokens_seen), "sys/mem_gb": memory_gb(self.device),
+                   **self.meter.metrics(self.cfg.trainer.max_steps - self.step)}
         self.meter.reset()
         self.console.step(self.step, self.cfg.trainer.max_steps, metrics)
         self.tracker.log_metrics(metrics, self.step)
 
     def validate(self) -> float | None:
+        """Loss/perplexity on the same held-out batches every time (the val loader restarts)."""
         if self.val_loader is None:
             return None
-        self.val_loader.consumed = 0  # the same held-out batches every time
-        batches = [
-            b.to(self.device)
-            for _ in range(self.cfg.trainer.val_batches)
-            for b in self.val_loader.next_step()
-        ]
-        loss = evaluate(self.model, batches, self.dp_group, self.autocast)
+        self.val_loader.consumed = 0
+        batches = [b.to(self.device) for _ in range(self.cfg.trainer.val_batches)
+                   for b in self.val_loader.next_step()]
+        loss = self.engine.evaluate(batches)
         ppl = float(torch.tensor(loss).exp())
         self.console.info(f"validation at step {self.step}: loss {loss:.4f} | ppl {ppl:.2f}")
         self.tracker.log_metrics({"val/loss": loss, "val/ppl": ppl}, self.step)
         return loss
-
-    # -- checkpoints -------------------------------------------------------------------------------
-    last_saved: int = -1
 
     def should_save(self) -> bool:
         c = self.cfg.checkpoint
@@ -195,16 +142,9 @@ class Trainer:
 
     def save(self) -> None:
         t0 = time.perf_counter()
-        state = {
-            "tokens_seen": self.tokens_seen,
-            "config": to_dict(self.cfg),
-            "mlflow_run_id": self.tracker.run_id,
-            "world_size": self.env.world_size,
-            "layout": self.dims.describe(),
-        }
-        path = self.ckpt.save(
-            self.step, self.model, self.optimizer, state, {"data": self.train_loader.state_dict()}
-        )
+        state = {"tokens_seen": self.tokens_seen, "config": to_dict(self.cfg), "mlflow_run_id": self.tracker.run_id,
+                 "world_size": self.env.world_size, "layout": self.dims.describe()}
+        path = self.ckpt.save(self.step, self.engine, state, {"data": self.train_loader.state_dict()})
         self.last_saved, self.last_save_time = self.step, time.time()
         size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if self.env.is_main else 0
         self.console.info(f"saved {path} ({size / 1e6:.1f} MB) in {time.perf_counter() - t0:.2f}s")
@@ -214,12 +154,10 @@ class Trainer:
         """Auto-resume from the newest complete checkpoint (checkpoint.resume=auto|none|<path>)."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         mode = self.cfg.checkpoint.resume
-        path = (
-            latest_checkpoint(self.ckpt.folder) if mode == "auto" else None if mode == "none" else Path(mode)
-        )
+        path = latest_checkpoint(self.ckpt.folder) if mode == "auto" else None if mode == "none" else Path(mode)
         if path is None:
             return None
-        state = self.ckpt.load(path, self.model, self.optimizer)
+        state = self.ckpt.load(path, self.engine)
         self.step, self.tokens_seen, self.last_saved = state["step"], state["tokens_seen"], state["step"]
         ranks = state["ranks"]
         data_state = ranks[self.env.rank if self.env.rank < len(ranks) else 0]["data"]
