@@ -188,6 +188,12 @@ class Transformer(nn.Module):
         h = self.norm(h) if self.norm is not None else h
         return self.output(h) if self.output is not None else h
 
+    def tie_weights(self) -> None:
+        """Re-tie output to the embedding: `to_empty()` materialises each module's parameters
+        separately, which silently unties them (found by test_tied_embeddings_share_storage)."""
+        if self.args.tie_embeddings and self.output is not None and self.tok_embeddings is not None:
+            self.output.weight = self.tok_embeddings.weight
+
     @torch.no_grad()
     def init_weights(self, seed: int, buffer_device: torch.device | None = None) -> None:
         """Deterministic init that does not depend on the parallel layout.
@@ -198,6 +204,7 @@ class Transformer(nn.Module):
         """
         from llmtrain.models.init import fill_param  # local import keeps this file torch-only
 
+        self.tie_weights()
         self.rope = rope_tables(
             self.args.head_dim, self.args.max_seq_len, self.args.rope_theta, device=buffer_device
         )
