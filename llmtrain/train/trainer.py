@@ -21,9 +21,10 @@ from llmtrain.parallel import ParallelDims
 from llmtrain.parallel.engine import build_engine
 from llmtrain.tracking import ConsoleLogger
 from llmtrain.tracking.tracker import Tracker
-from llmtrain.train.flops import flops_per_token
+from llmtrain.train.flops import flops_per_token, recompute_fraction
 from llmtrain.train.optim import lr_factor
 from llmtrain.train.perf import Meter, memory_gb, peak_tflops
+from llmtrain.train.profiler import build_profiler
 
 log = logging.getLogger("llmtrain")
 
@@ -64,8 +65,11 @@ class Trainer:
         self.stop.install()
         self.step, self.tokens_seen, self.last_saved, self.last_save_time = 0, 0, -1, time.time()
         self.history: list[dict[str, float]] = []
-        self.meter = Meter(flops_per_token(model_args(cfg.model), cfg.data.seq_len),
-                           peak_tflops(self.device, t.peak_tflops), env.world_size)
+        margs, seq = model_args(cfg.model), cfg.data.seq_len  # MFU counts model FLOPs, HFU + recompute
+        peak_dtype = torch.bfloat16 if t.precision == "bf16" else torch.float32
+        self.meter = Meter(flops_per_token(margs, seq), peak_tflops(self.device, t.peak_tflops, peak_dtype),
+                           env.world_size,
+                           flops_per_token(margs, seq, recompute_fraction(p.activation_checkpoint, margs.n_layers)))
 
     def train(self) -> dict[str, Any]:
         """Run to trainer.max_steps (or until a stop signal), saving and logging along the way."""
@@ -77,6 +81,8 @@ class Trainer:
         max_steps, status, val_every = self.cfg.trainer.max_steps, "FINISHED", self.cfg.trainer.val_every
         self.console.info(f"training {self.cfg.model.name} on {self.env.world_size} rank(s) "
                           f"[{self.dims.describe()}] from step {self.step}, accumulation {self.grad_accum}")
+        self.profiler = build_profiler(self.cfg.trainer, self.run_dir, self.env.rank, self.device, self.tracker)
+        self.profiler.begin(self.step)
         while self.step < max_steps:
             if self.stop.should_stop():
                 status = "KILLED"
@@ -90,11 +96,13 @@ class Trainer:
             self.step += 1
             self.tokens_seen += res.num_tokens
             self.meter.update(res.num_tokens, time.perf_counter() - t0, t_data)
+            self.profiler.on_step_end(self.step)
             self.record(res.loss, res.grad_norm, lr)
             if val_every and self.step % val_every == 0:
                 self.validate()
             if self.should_save():
                 self.save()
+        self.profiler.close()
         if status == "FINISHED" and not (val_every and self.step % val_every == 0):
             self.validate()
         if self.cfg.checkpoint.enabled and self.cfg.checkpoint.save_at_end and self.last_saved != self.step:

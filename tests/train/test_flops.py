@@ -1,0 +1,120 @@
+"""The FLOPs formula against torch's own FLOP counter on the real model, the peak table, and MFU/HFU.
+
+The counter runs with the math SDPA backend, which lowers attention to two batched matmuls (the
+CPU flash kernel is not registered with FlopCounterMode). That is exactly our convention: the full
+seq x seq square and backward = 2 x forward, so the formula must match to float rounding (rel 1e-9).
+"""
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.checkpoint import checkpoint
+from torch.utils.flop_counter import FlopCounterMode
+
+from llmtrain.models.llama import Transformer, TransformerArgs
+from llmtrain.train.flops import (
+    device_peak_tflops,
+    flops_per_token,
+    lookup_peak_tflops,
+    recompute_fraction,
+)
+from llmtrain.train.perf import Meter, peak_tflops
+
+SHAPES = [  # (args, batch, seq): MHA untied, GQA untied, GQA tied, MQA
+    (TransformerArgs(dim=64, n_layers=2, n_heads=4, vocab_size=96, ffn_dim=160), 2, 32),
+    (TransformerArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=130, ffn_dim=96), 1, 48),
+    (TransformerArgs(dim=48, n_layers=3, n_heads=6, n_kv_heads=3, vocab_size=64, tie_embeddings=True), 2, 16),
+    (TransformerArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=1, vocab_size=80, ffn_dim=64), 3, 24),
+]
+
+
+class Checkpointed(torch.nn.Module):
+    """Non-reentrant activation checkpointing of one block (what parallel.activation_checkpoint does)."""
+
+    def __init__(self, block: torch.nn.Module) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, *args: object) -> torch.Tensor:
+        return checkpoint(self.block, *args, use_reentrant=False)
+
+
+def counted_train_flops(model: Transformer, batch: int, seq: int) -> int:
+    torch.manual_seed(0)
+    tokens = torch.randint(0, model.args.vocab_size, (batch, seq))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(tokens).float().pow(2).mean().backward()
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("args,batch,seq", SHAPES)
+def test_formula_matches_torch_flop_counter(args: TransformerArgs, batch: int, seq: int) -> None:
+    torch.set_num_threads(1)
+    model = Transformer(args)
+    counted = counted_train_flops(model, batch, seq)
+    predicted = flops_per_token(args, seq) * batch * seq
+    assert predicted == pytest.approx(counted, rel=1e-9)
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_hfu_counts_recomputed_blocks(mode: str) -> None:
+    torch.set_num_threads(1)
+    args, batch, seq = SHAPES[1][0], 2, 32
+    args = TransformerArgs(**{**args.__dict__, "n_layers": 3})
+    model = Transformer(args)
+    # selective = every other block: blocks 1, 3, ... are checkpointed (n_layers // 2 of them)
+    for i, key in enumerate(list(model.layers)):
+        if mode == "full" or i % 2 == 1:
+            model.layers[key] = Checkpointed(model.layers[key])
+    counted = counted_train_flops(model, batch, seq)
+    hfu = flops_per_token(args, seq, recompute_fraction(mode, args.n_layers)) * batch * seq
+    assert hfu == pytest.approx(counted, rel=1e-9)
+    assert hfu > flops_per_token(args, seq) * batch * seq  # HFU > MFU numerator
+
+
+def test_recompute_fraction_rejects_unknown_mode() -> None:
+    with pytest.raises(ValueError, match=r"parallel\.activation_checkpoint"):
+        recompute_fraction("some", 4)
+
+
+@pytest.mark.parametrize(
+    "name,label,tflops",
+    [
+        ("NVIDIA H100 80GB HBM3", "H100 SXM", 989.4),
+        ("NVIDIA H100 PCIe", "H100 PCIe", 756.0),
+        ("NVIDIA H100 NVL", "H100 NVL", 835.5),
+        ("NVIDIA H200", "H200 SXM", 989.4),
+        ("NVIDIA H200 NVL", "H200 NVL", 835.5),
+        ("NVIDIA GH200 480GB", "GH200", 989.4),
+        ("NVIDIA H20", "H20", 148.0),
+        ("NVIDIA A100-SXM4-80GB", "A100", 312.0),
+        ("NVIDIA A100 80GB PCIe", "A100", 312.0),
+        ("NVIDIA L40S", "L40S", 362.05),
+        ("NVIDIA L4", "L4", 121.0),
+        ("NVIDIA A10G", "A10G", 70.0),
+        ("AMD Instinct MI300X", "MI300X", 1307.4),
+    ],
+)
+def test_peak_table_picks_the_right_variant(name: str, label: str, tflops: float) -> None:
+    assert lookup_peak_tflops(name) == (label, tflops)
+
+
+def test_peak_unknown_device_and_override() -> None:
+    assert device_peak_tflops("NVIDIA GeForce GTX 1080") is None
+    assert device_peak_tflops("NVIDIA H100 80GB HBM3", override=500.0) == 500.0
+    assert peak_tflops(torch.device("cpu"), 123.0) == 123.0
+    measured = peak_tflops(torch.device("cpu"), None)
+    assert measured is not None and 1e-4 < measured < 100  # a real GEMM rate of 1-2 CPU threads
+
+
+def test_meter_mfu_and_hfu() -> None:
+    meter = Meter(flops_per_token=6e9, peak_tflops_per_device=100.0, world_size=4, hw_flops_per_token=8e9)
+    meter.update(tokens=40_000, seconds=1.5, data_seconds=0.1)
+    meter.update(tokens=40_000, seconds=2.5, data_seconds=0.1)
+    m = meter.metrics(steps_left=10)
+    assert m["perf/tokens_per_s"] == pytest.approx(20_000)
+    assert m["perf/tflops_per_device"] == pytest.approx(20_000 * 6e9 / 4 / 1e12)
+    assert m["perf/mfu"] == pytest.approx(0.3)
+    assert m["perf/hfu"] == pytest.approx(0.4)
+    assert m["perf/eta_s"] == pytest.approx(20.0)
+    assert "perf/mfu" not in Meter(6e9, None, 1).metrics(0)  # unknown peak: no made-up MFU
