@@ -32,9 +32,18 @@ def config_dir() -> str:
 
 
 def _sweep_run_name(base: str) -> str:
-    """Sibling run names for multirun members: <name>-<override dirname> (filesystem-safe)."""
+    """Sibling run names for multirun members: <name>-<swept key=value,...> (filesystem-safe).
+
+    Only the swept keys go into the name (not every override), so names stay short and readable.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
     hc = HydraConfig.get()
-    suffix = hc.job.override_dirname or str(hc.job.num)
+    parser = OverridesParser.create()
+    swept = {o.key_or_group for o in parser.parse_overrides([a for a in sys.argv[1:] if "=" in a])
+             if o.is_sweep_override()}
+    parts = [o for o in hc.overrides.task if o.split("=", 1)[0].lstrip("+~") in swept]
+    suffix = ",".join(parts) or str(hc.job.num)
     return f"{base}-{re.sub(r'[^A-Za-z0-9_.=,-]+', '_', suffix)}"
 
 
