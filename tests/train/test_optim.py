@@ -1,5 +1,7 @@
 """LR schedules and weight-decay groups."""
 
+import itertools
+
 import pytest
 import torch
 
@@ -16,13 +18,13 @@ def test_warmup_is_linear_and_reaches_peak():
     c = _cfg(schedule="cosine")
     f = [lr_factor(s, c, 100) for s in range(11)]
     assert f[0] == pytest.approx(1 / 11) and f[9] == pytest.approx(10 / 11) and f[10] == pytest.approx(1.0)
-    assert all(a < b for a, b in zip(f[:10], f[1:11]))
+    assert all(a < b for a, b in itertools.pairwise(f))
 
 
 def test_cosine_ends_at_floor_and_is_monotone():
     c = _cfg(schedule="cosine")
     f = [lr_factor(s, c, 100) for s in range(10, 101)]
-    assert f[-1] == pytest.approx(0.1) and all(a >= b for a, b in zip(f, f[1:]))
+    assert f[-1] == pytest.approx(0.1) and all(a >= b for a, b in itertools.pairwise(f))
     assert lr_factor(55, c, 100) == pytest.approx(0.55)  # midpoint of the cosine: (1 + 0.1) / 2
 
 
