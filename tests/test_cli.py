@@ -56,6 +56,6 @@ def test_multirun_creates_sibling_runs(shakespeare_dir, tmp_path):
                 "tracking=none", "trainer.max_steps=3", "checkpoint.enabled=false", "optim.lr=1e-3,3e-3"], tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     runs = sorted(p.name for p in (tmp_path / "runs").iterdir() if (p / "train_log.jsonl").is_file())
-    assert runs == ["default-optim.lr=1e-3", "default-optim.lr=3e-3"]
+    assert runs == ["default-optim.lr=0.001", "default-optim.lr=0.003"]
     a, b = (_losses(tmp_path / "runs" / r) for r in runs)
     assert a[0] == b[0] and a[-1] != b[-1]  # same start, different learning rates
