@@ -77,7 +77,7 @@ class Trainer:
         self.tracker = Tracker(self.cfg, self.run_dir, self.env.is_main, run_id,
                                {"world_size": str(self.env.world_size), "layout": self.dims.describe(),
                                 "engine": self.cfg.parallel.backend,
-                                "slurm_job_id": os.environ.get("SLURM_JOB_ID", "")})
+                                "slurm_job_id": os.environ.get("SLURM_JOB_ID", "")}, start_step=self.step)
         max_steps, status, val_every = self.cfg.trainer.max_steps, "FINISHED", self.cfg.trainer.val_every
         self.console.info(f"training {self.cfg.model.name} on {self.env.world_size} rank(s) "
                           f"[{self.dims.describe()}] from step {self.step}, accumulation {self.grad_accum}")
@@ -107,9 +107,22 @@ class Trainer:
             self.validate()
         if self.cfg.checkpoint.enabled and self.cfg.checkpoint.save_at_end and self.last_saved != self.step:
             self.save()
-        self.tracker.finish(status)
+        self.tracker.finish(status, model_dir=latest_checkpoint(self.ckpt.folder))
+        self.summarize(status)
         return {"step": self.step, "status": status, "history": self.history, "run_dir": str(self.run_dir),
                 "mlflow": self.tracker.describe()}
+
+    def summarize(self, status: str) -> None:
+        """Tell the user where everything landed and how to look at it."""
+        info = self.tracker.describe()
+        lines = [f"run {status.lower()} at step {self.step}: {self.run_dir.resolve()}",
+                 f"  checkpoints: {self.ckpt.folder.resolve()}"]
+        if info.get("run_id"):
+            lines.append(f"  mlflow run {info['run_id']} in {info['uri']}")
+            if str(info["uri"]).startswith("sqlite"):
+                lines.append(f"  open the UI: mlflow ui --backend-store-uri {info['uri']}")
+        for line in lines:
+            self.console.info(line)
 
     def record(self, loss: float, grad_norm: float, lr: float) -> None:
         """Per-step trace (train_log.jsonl, used by resume tests) and the interval log line/metrics."""
