@@ -51,7 +51,10 @@ def run(dcfg: DictConfig) -> int:
     """Task function: typed config -> launcher."""
     cfg = to_config(dcfg)
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-        cfg.run.name = _sweep_run_name(cfg.run.name)
+        base = cfg.run.name
+        cfg.run.name = _sweep_run_name(base)
+        # sibling MLflow runs under one parent per sweep (one sweep = one Hydra sweep folder)
+        cfg.tracking.parent_run = cfg.tracking.parent_run or f"{base}-sweep-{Path(HydraConfig.get().sweep.dir).name}"
     if "RANK" in os.environ and "LOCAL_RANK" in os.environ:  # already a rank (user ran torchrun/srun)
         from llmtrain.launch.local import run_as_rank
 

@@ -24,6 +24,10 @@ class TrackingConfig:
     max_buffer: int = 100_000
     """Metric points held in memory while the server is unreachable before spilling to disk."""
     log_model: bool = False
-    """Upload the final exported model (safetensors) as a run artifact."""
+    """Upload the final checkpoint folder as a run artifact at the end of training."""
+    request_timeout_s: int = 10
+    """Seconds before an MLflow HTTP request counts as failed (the uploader then buffers and retries)."""
+    parent_run: str | None = None
+    """Nest the run under a parent run of this name (set by the CLI for Hydra multirun sweeps)."""
     tags: dict[str, str] = field(default_factory=dict)
     """Extra run tags."""

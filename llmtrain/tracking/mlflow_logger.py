@@ -1,20 +1,39 @@
-"""MLflow tracking from rank 0: batched, asynchronous, one run per training job.
+"""MLflow tracking from rank 0: batched, asynchronous, one run per training job, outage tolerant.
 
-A background thread uploads buffered points with `MlflowClient.log_batch` (per-call logging costs
-~3-7 ms a point here; a batch of 1000 takes 0.05-0.2 s), so the training step never waits on the
-tracking server.
+The training thread only appends records to a list (microseconds). A background thread uploads them
+with `MlflowClient.log_batch` (per-call logging costs 3-7 ms a point here; a batch of 1000 points
+0.05-0.2 s). When the server is unreachable, records stay in memory up to `max_buffer` and are then
+spilled to `<run_dir>/mlflow_spill.jsonl`; when it answers again the spill is sent first, then the
+memory backlog. A run that could not be created at start is created when the server comes back (its
+id is then written to `<run_dir>/mlflow_run_id.txt`). What is still unsent at the end stays in the
+spill file, which the next job of the same run folder (or `tools/mlflow_replay.py`) uploads.
+
+Steps are never logged twice: `<run_dir>/mlflow_state.json` keeps the highest step the server (or
+the spill file) has accepted; after a resume from an older checkpoint the points up to that step are
+not logged again (see docs/tracking.md, "Resume").
 """
 
+import json
 import logging
 import os
-import queue
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from llmtrain.tracking.records import (
+    SPILL_FILE,
+    Record,
+    SpillFile,
+    kv_records,
+    max_step,
+    metric_records,
+    send_records,
+)
+
 log = logging.getLogger("llmtrain")
-MAX_PARAM_LEN = 6000
+RUN_ID_FILE = "mlflow_run_id.txt"
+STATE_FILE = "mlflow_state.json"
 
 
 def default_uri(runs_root: str | Path) -> str:
@@ -25,90 +44,259 @@ def default_uri(runs_root: str | Path) -> str:
     return f"sqlite:///{Path(runs_root).resolve() / 'mlflow.db'}"
 
 
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    """Nested config -> {"a.b.c": "value"} with values cut to MLflow's limit and secrets dropped."""
-    out: dict[str, str] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if any(s in str(k).lower() for s in ("token", "password", "secret", "api_key")) and not isinstance(
-            v, dict
-        ):
-            continue
-        if isinstance(v, dict):
-            out.update(flatten(v, key + "."))
-        else:
-            s = str(v)
-            out[key] = s if len(s) <= MAX_PARAM_LEN else s[: MAX_PARAM_LEN - 3] + "..."
-    return out
+def read_state(run_dir: Path) -> dict[str, Any]:
+    try:
+        return json.loads((run_dir / STATE_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def write_state(run_dir: Path, state: dict[str, Any]) -> None:
+    tmp = run_dir / (STATE_FILE + ".tmp")
+    tmp.write_text(json.dumps(state))
+    tmp.replace(run_dir / STATE_FILE)
 
 
 class MLflowLogger:
-    """Owns the MLflow run; `run_id` goes into every checkpoint so requeued jobs continue it."""
+    """Owns the MLflow run of one run folder; only the upload thread talks to the server."""
 
     def __init__(
-        self, uri: str, experiment: str, run_name: str, run_id: str | None, flush_every_s: float
+        self,
+        uri: str,
+        run_dir: Path,
+        *,
+        experiment: str,
+        run_name: str,
+        run_id: str | None,
+        flush_every_s: float = 2.0,
+        max_buffer: int = 100_000,
+        request_timeout_s: int = 10,
+        parent_run: str | None = None,
+        artifact_location: str | None = None,
     ) -> None:
-        from mlflow.tracking import MlflowClient
-
-        self.uri = uri
-        self.client = MlflowClient(tracking_uri=uri)
-        exp = self.client.get_experiment_by_name(experiment)
-        exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
-        if run_id is None:
-            run_id = self.client.create_run(exp_id, run_name=run_name).info.run_id
-        else:
-            self.client.update_run(run_id, status="RUNNING")
+        # Fail fast and let our loop retry: MLflow's default is 7 retries with exponential backoff,
+        # i.e. minutes inside one call while the server is down.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(request_timeout_s))
+        self.uri, self.run_dir = uri, Path(run_dir)
+        self.experiment, self.run_name, self.parent_run = experiment, run_name, parent_run
+        self.artifact_location = artifact_location
         self.run_id = run_id
-        self._q: queue.Queue = queue.Queue()
-        self._flush_every = flush_every_s
-        self._stop = threading.Event()
+        self.max_buffer, self.flush_every_s = max_buffer, flush_every_s
+        self.state = read_state(self.run_dir)
+        self.skip_through = int(self.state.get("last_step", -1))  # already accepted in an earlier job
+        header = {"op": "run", "experiment": experiment, "run_name": run_name, "parent_run": parent_run}
+        self.spill = SpillFile(self.run_dir / SPILL_FILE, header)
+        self.client: Any = None
+        self.connected = False
+        self.outage_since: float | None = None
+        self.num_spilled = 0
+        self._pending: list[Record] = []  # appended by the training thread
+        self._backlog: list[Record] = []  # owned by the upload thread
+        self._lock = threading.Lock()
+        self._wake, self._stop = threading.Event(), threading.Event()
+        self._flushed = threading.Condition()
+        self._rounds = 0
+        self._connect_or_warn()
         self._thread = threading.Thread(target=self._loop, name="mlflow-upload", daemon=True)
         self._thread.start()
 
-    def log_params(self, params: dict[str, str]) -> None:
-        from mlflow.entities import Param
-
-        items = [Param(k, v) for k, v in params.items()]
-        for i in range(0, len(items), 100):
-            try:
-                self.client.log_batch(self.run_id, params=items[i : i + 100])
-            except Exception as e:  # params of a resumed run already exist: keep the original values
-                log.debug("mlflow params not logged: %s", e)
-
-    def set_tags(self, tags: dict[str, str]) -> None:
-        for k, v in tags.items():
-            self.client.set_tag(self.run_id, k, str(v))
-
+    # -- training-thread side (never blocks on the network) ------------------------------------
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        """Queue points; the upload thread sends them."""
-        ts = int(time.time() * 1000)
-        self._q.put([(k, float(v), ts, step) for k, v in metrics.items()])
+        if step > self.skip_through:
+            self._put(metric_records(metrics, step))
 
-    def _drain(self) -> None:
-        from mlflow.entities import Metric
+    def log_params(self, params: dict[str, Any]) -> None:
+        self._put(kv_records("param", params))
 
-        points: list = []
-        while True:
-            try:
-                points.extend(self._q.get_nowait())
-            except queue.Empty:
-                break
-        for i in range(0, len(points), 1000):
-            chunk = [Metric(k, v, ts, s) for k, v, ts, s in points[i : i + 1000]]
-            self.client.log_batch(self.run_id, metrics=chunk)
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        self._put(kv_records("tag", tags))
+
+    def log_artifacts(self, folder: Path, artifact_path: str) -> None:
+        """Queue an upload of `folder` (sent by the upload thread, after the metrics queued before)."""
+        self._put([{"op": "artifacts", "path": str(folder), "artifact_path": artifact_path}])
+
+    def _put(self, records: list[Record]) -> None:
+        with self._lock:
+            self._pending.extend(records)
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Wait for one full upload round started after this call; True if nothing is left unsent
+        in memory (points may sit in the spill file during an outage)."""
+        deadline = time.time() + timeout
+        with self._flushed:
+            target = self._rounds + 2  # the round in progress may have missed our records
+            while self._rounds < target and self._thread.is_alive() and time.time() < deadline:
+                self._wake.set()
+                self._flushed.wait(0.05)
+        return not self._pending and not self._backlog
+
+    # -- upload thread ------------------------------------------------------------------------
+    def _connect(self) -> None:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=self.uri)
+        self.run_id = open_run(
+            client,
+            self.run_dir,
+            run_id=self.run_id,
+            experiment=self.experiment,
+            run_name=self.run_name,
+            parent_run=self.parent_run,
+            artifact_location=self.artifact_location,
+        )
+        self.client, self.connected = client, True
+
+    def _connect_or_warn(self) -> None:
+        try:
+            self._connect()
+        except Exception as e:
+            self._enter_outage(e)
+
+    def _enter_outage(self, e: Exception) -> None:
+        self.connected = False
+        if self.outage_since is None:
+            self.outage_since = time.time()
+            log.warning(
+                "mlflow: tracking server %s unreachable (%s). Training continues; metrics are buffered "
+                "(%d points in memory, then spilled to %s) and sent when it answers again.",
+                self.uri,
+                str(e).splitlines()[0][:200],
+                self.max_buffer,
+                self.spill.path,
+            )
 
     def _loop(self) -> None:
-        while not self._stop.wait(self._flush_every):
-            try:
-                self._drain()
-            except Exception as e:
-                log.warning("mlflow upload failed: %s", e)
+        while not self._stop.is_set():
+            self._wake.wait(self.flush_every_s)
+            self._wake.clear()
+            self._flush_once()
 
-    def finish(self, status: str = "FINISHED") -> None:
-        self._stop.set()
-        self._thread.join(timeout=30)
+    def _flush_once(self) -> None:
+        with self._lock:
+            batch, self._pending = self._pending, []
+        self._backlog.extend(batch)
         try:
-            self._drain()
-            self.client.set_terminated(self.run_id, status=status)
+            if not self.connected:
+                self._connect()
+            if self.spill.exists():
+                self._send_spill()
+            remaining = send_records(self.client, self.run_id, self._backlog, log.warning)
+            self._mark_accepted(self._backlog[: len(self._backlog) - len(remaining)])
+            self._backlog = remaining
+            if remaining:
+                raise ConnectionError(f"{len(remaining)} records not accepted")
+            if self.outage_since is not None:
+                log.warning(
+                    "mlflow: tracking server %s answers again after %.0f s; buffered metrics flushed (%d "
+                    "points went through the spill file)",
+                    self.uri,
+                    time.time() - self.outage_since,
+                    self.num_spilled,
+                )
+                self.outage_since = None
         except Exception as e:
-            log.warning("mlflow final flush failed: %s", e)
+            self._enter_outage(e)
+            if len(self._backlog) > self.max_buffer:
+                self._spill_backlog()
+        finally:
+            with self._flushed:
+                self._rounds += 1
+                self._flushed.notify_all()
+
+    def _send_spill(self) -> None:
+        _, records = self.spill.read()
+        # an earlier job's final status would mark this running job as ended: the server keeps ours
+        records = [r for r in records if r["op"] != "status"]
+        remaining = send_records(self.client, self.run_id, records, log.warning)
+        self.spill.replace(remaining)
+        if remaining:
+            raise ConnectionError(f"{len(remaining)} spilled records not accepted")
+
+    def _spill_backlog(self) -> None:
+        self.spill.append(self._backlog)
+        self.num_spilled += sum(r["op"] == "metric" for r in self._backlog)
+        self._mark_accepted(self._backlog)
+        self._backlog = []
+
+    def _mark_accepted(self, records: list[Record]) -> None:
+        """Persist the highest step now safe from loss (on the server or in the spill file)."""
+        step = max_step(records)
+        if step > int(self.state.get("last_step", -1)):
+            self.state["last_step"] = step
+            write_state(self.run_dir, self.state)
+
+    # -- end of run -----------------------------------------------------------------------------
+    def finish(self, status: str = "FINISHED") -> None:
+        """Final flush and run status; leaves a spill file if the server is still down."""
+        self._put([{"op": "status", "value": status}])
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=60)
+        self._flush_once()
+        if self._backlog:
+            self._spill_backlog()
+        if self.spill.exists():
+            log.warning(
+                "mlflow: tracking server %s still unreachable at the end of the run; %d unsent records "
+                "kept in %s. The next job of this run folder sends them, or now: "
+                "python tools/mlflow_replay.py %s --uri <tracking uri>",
+                self.uri,
+                len(read_spill_records(self.spill.path)),
+                self.spill.path,
+                self.run_dir,
+            )
+
+
+def read_spill_records(path: Path) -> list[Record]:
+    from llmtrain.tracking.records import read_spill
+
+    return read_spill(path)[1]
+
+
+def open_run(
+    client: Any,
+    run_dir: Path,
+    *,
+    run_id: str | None,
+    experiment: str,
+    run_name: str,
+    parent_run: str | None = None,
+    artifact_location: str | None = None,
+) -> str:
+    """Mark `run_id` RUNNING, or create the run (and its experiment, and its sweep parent) when there
+    is none or the server does not know it; the id is written to `<run_dir>/mlflow_run_id.txt`."""
+    if run_id is not None:
+        try:
+            client.update_run(run_id, status="RUNNING")
+        except Exception as e:
+            if getattr(e, "error_code", None) != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            log.warning("mlflow: run %s does not exist on this server; starting a new run", run_id)
+            run_id = None
+    if run_id is None:
+        exp = client.get_experiment_by_name(experiment)
+        exp_id = (
+            exp.experiment_id
+            if exp
+            else client.create_experiment(experiment, artifact_location=artifact_location)
+        )
+        tags = {"llmtrain_run_dir": str(Path(run_dir).resolve())}
+        if parent_run:
+            tags["mlflow.parentRunId"] = find_or_create_parent(client, exp_id, parent_run)
+            tags["llmtrain_sweep"] = parent_run
+        run_id = client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
+    (Path(run_dir) / RUN_ID_FILE).write_text(run_id)
+    return run_id
+
+
+def find_or_create_parent(client: Any, exp_id: str, name: str) -> str:
+    """The sweep's parent run (tag llmtrain_sweep=<name>), created by its first member."""
+    found = client.search_runs(
+        [exp_id], filter_string=f"tags.llmtrain_sweep = '{name}' and tags.llmtrain_role = 'sweep'"
+    )
+    if found:
+        return found[0].info.run_id
+    run = client.create_run(exp_id, run_name=name, tags={"llmtrain_sweep": name, "llmtrain_role": "sweep"})
+    client.set_terminated(run.info.run_id, status="FINISHED")
+    return run.info.run_id

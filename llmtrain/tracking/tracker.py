@@ -1,73 +1,150 @@
-"""The trainer-facing tracking facade: no-op on non-zero ranks and with tracking=none."""
+"""The trainer-facing tracking facade: no-op on non-zero ranks and with tracking=none.
+
+Only rank 0 talks to MLflow. One run folder is one MLflow run: the run id comes from the checkpoint,
+else from `<run_dir>/mlflow_run_id.txt`; a requeued or resumed job continues that run.
+"""
 
 import json
 import logging
 import socket
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
 from llmtrain.config.io import to_dict
 from llmtrain.config.schema import Config
-from llmtrain.tracking.mlflow_logger import MLflowLogger, default_uri, flatten
+from llmtrain.tracking.mlflow_logger import RUN_ID_FILE, MLflowLogger, default_uri, read_state, write_state
+from llmtrain.tracking.params import flatten, is_secret_key, redact_url
+from llmtrain.tracking.system import SystemSampler
 
 log = logging.getLogger("llmtrain")
-RUN_ID_FILE = "mlflow_run_id.txt"
+__all__ = ["RUN_ID_FILE", "Tracker", "git_commit"]
 
 
 def git_commit() -> str:
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            cwd=Path(__file__).parent,
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
         )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
 
+def artifact_root(uri: str, runs_root: str | Path) -> str | None:
+    """Local stores keep artifacts beside the runs (MLflow would use ./mlruns of the cwd); a server
+    decides for itself."""
+    if uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri:
+        return (Path(runs_root).resolve() / "mlartifacts").as_uri()
+    return None
+
+
 class Tracker:
-    """Forwards to MLflow on rank 0 when enabled; remembers the run id in the run folder."""
+    """Forwards metrics, tags and checkpoints to MLflow on rank 0 when enabled."""
 
     def __init__(
-        self, cfg: Config, run_dir: Path, is_main: bool, run_id: str | None, tags: dict[str, str]
+        self,
+        cfg: Config,
+        run_dir: Path,
+        is_main: bool,
+        run_id: str | None,
+        tags: dict[str, str],
+        start_step: int = 0,
     ) -> None:
         self.mlflow: MLflowLogger | None = None
-        if not is_main or cfg.tracking.backend == "none":
+        self.sampler: SystemSampler | None = None
+        self.step = start_step
+        tc = cfg.tracking
+        self.log_model = tc.log_model
+        if not is_main or tc.backend == "none":
             return
+        run_dir = Path(run_dir)
         id_file = run_dir / RUN_ID_FILE
         if run_id is None and id_file.is_file():
             run_id = id_file.read_text().strip() or None
-        uri = cfg.tracking.uri or default_uri(cfg.run.root)
+        resume_tag = self._count_job(run_dir, start_step)
+        uri = tc.uri or default_uri(cfg.run.root)
         self.mlflow = MLflowLogger(
-            uri, cfg.tracking.experiment, cfg.run.name, run_id, cfg.tracking.flush_every_s
+            uri,
+            run_dir,
+            experiment=tc.experiment,
+            run_name=cfg.run.name,
+            run_id=run_id,
+            flush_every_s=tc.flush_every_s,
+            max_buffer=tc.max_buffer,
+            request_timeout_s=tc.request_timeout_s,
+            parent_run=tc.parent_run,
+            artifact_location=artifact_root(uri, cfg.run.root),
         )
-        id_file.write_text(self.mlflow.run_id)
-        if run_id is None:
+        if run_id is None:  # a new run (or one whose creation is still pending): record the config once
             self.mlflow.log_params(flatten(to_dict(cfg)))
-        base = {"git_commit": git_commit(), "hostname": socket.gethostname(), **cfg.tracking.tags, **tags}
-        self.mlflow.set_tags(base)
-        log.info("mlflow run %s at %s", self.mlflow.run_id, uri)
+        commit = git_commit()
+        self.mlflow.set_tags(
+            {
+                "git_commit": commit,
+                "mlflow.source.git.commit": commit,
+                "hostname": socket.gethostname(),
+                **{k: v for k, v in tc.tags.items() if not is_secret_key(k)},
+                **tags,
+                **resume_tag,
+            }
+        )
+        if tc.system_metrics:
+            self.sampler = SystemSampler(
+                self.mlflow.log_metrics, tc.system_metrics_every_s, lambda: self.step
+            )
+            self.sampler.start()
+        log.info("mlflow run %s at %s", self.mlflow.run_id or "(pending)", redact_url(uri))
+
+    @staticmethod
+    def _count_job(run_dir: Path, start_step: int) -> dict[str, str]:
+        """Number the jobs of this run folder and say, in a tag, where this one started."""
+        state = read_state(run_dir)
+        last = int(state.get("last_step", -1))
+        if last < 0 and start_step == 0:
+            return {}
+        state["jobs"] = int(state.get("jobs", 1)) + 1
+        write_state(run_dir, state)
+        note = f"job {state['jobs']} started at step {start_step} on {time.strftime('%Y-%m-%dT%H:%M:%S')}"
+        if last > start_step:
+            note += f"; steps {start_step + 1}..{last} were logged by an earlier job and are not logged again"
+        return {f"llmtrain.resume.{state['jobs']}": note, "llmtrain.jobs": str(state["jobs"])}
 
     @property
     def run_id(self) -> str | None:
+        """The MLflow run id (None while a run could not be created yet, or with tracking off)."""
         return self.mlflow.run_id if self.mlflow else None
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Queue metrics for `step` (returns at once; the upload thread sends them)."""
         if self.mlflow:
+            self.step = max(self.step, step)
             self.mlflow.log_metrics(metrics, step)
 
     def log_checkpoint(self, step: int, path: Path, size_bytes: int) -> None:
+        """Record a saved checkpoint: size as a metric at its step, path and size as tags."""
         if self.mlflow:
+            info = json.dumps({"step": step, "path": str(path), "size_bytes": size_bytes})
             self.mlflow.log_metrics({"checkpoint/size_gb": size_bytes / 1e9}, step)
-            self.mlflow.set_tags({"checkpoint/latest": json.dumps({"step": step, "path": str(path)})})
+            self.mlflow.set_tags({f"checkpoint.step_{step}": info, "checkpoint.latest": info})
 
-    def finish(self, status: str = "FINISHED") -> None:
+    def finish(self, status: str = "FINISHED", model_dir: Path | None = None) -> None:
+        """Flush, upload `model_dir` (the final checkpoint) as an artifact when tracking.log_model is
+        set, close the run."""
+        if self.sampler:
+            self.sampler.stop()
         if self.mlflow:
+            if self.log_model and model_dir is not None:
+                self.mlflow.log_artifacts(Path(model_dir), f"model/{Path(model_dir).name}")
+            elif self.log_model:
+                log.warning("tracking.log_model=true but no checkpoint was saved (checkpoint.enabled?)")
             self.mlflow.finish(status)
 
+    def log_artifacts(self, folder: Path, artifact_path: str) -> None:
+        """Upload a folder (e.g. a profiler trace) to the run, in the background."""
+        if self.mlflow:
+            self.mlflow.log_artifacts(Path(folder), artifact_path)
+
     def describe(self) -> dict[str, Any]:
-        return {"run_id": self.run_id, "uri": self.mlflow.uri if self.mlflow else None}
+        return {"run_id": self.run_id, "uri": redact_url(self.mlflow.uri) if self.mlflow else None}
