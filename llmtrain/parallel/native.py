@@ -1,10 +1,14 @@
-"""The native engine: torch-only parallelism (DDP now; TP/PP/ZeRO via `parallelize`)."""
+"""The native engine: torch-only parallelism (DDP, ZeRO-1/2/3 and HSDP on FSDP2, DTensor TP + SP,
+pipelining schedules), all composable, saved with DCP under parameter names that do not depend on
+the layout (so a checkpoint loads under any other layout)."""
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -13,56 +17,162 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor.parallel import loss_parallel
 
 from llmtrain.config import Config
-from llmtrain.data.loader import Batch
+from llmtrain.data.loader import IGNORE_INDEX, Batch
 from llmtrain.models import build_model
+from llmtrain.parallel.data_parallel import allreduce_grads, set_fsdp_accumulating
 from llmtrain.parallel.dims import ParallelDims
 from llmtrain.parallel.engine import Engine
+from llmtrain.parallel.layout import check_layout, pipeline_microbatches
 from llmtrain.parallel.parallelize import parallelize
+from llmtrain.parallel.pipeline import PipelineRunner, build_stages
+from llmtrain.parallel.tensor_parallel import vocab_parallel_loss_sum
+from llmtrain.peft import build_peft
 from llmtrain.train.optim import build_optimizer
-from llmtrain.train.step import StepResult, evaluate, train_step
+from llmtrain.train.step import (
+    StepResult,
+    clip_grad_norm,
+    evaluate,
+    global_token_count,
+    model_kwargs,
+    token_loss_sum,
+    train_step,
+)
+
+# flat "state.<param fqn>.<key>" optimizer keys: mergeable across pipeline stages and layouts
+SD_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+def merge_stages(stages: list[nn.Module]) -> nn.Module:
+    """One module whose parameters are those of all local pipeline stages under their native names
+    (layers keyed by global index, embedding/norm/output where present): the optimizer and the
+    state-dict helpers see a single model."""
+    if len(stages) == 1:
+        return stages[0]
+    view = nn.Module()
+    view.layers = nn.ModuleDict({k: v for s in stages for k, v in s.layers.items()})
+    for name in ("tok_embeddings", "norm", "output"):
+        mods = [getattr(s, name) for s in stages if getattr(s, name) is not None]
+        if mods:
+            setattr(view, name, mods[0])
+    return view
 
 
 class NativeEngine(Engine):
-    """Model built on meta, transformed by `parallelize`, trained by `train_step`, saved with DCP."""
+    """Model built on meta, transformed by `parallelize`, trained by `train_step` (or a pipeline
+    schedule), saved with DCP."""
 
     def __init__(self, cfg: Config, dims: ParallelDims, mesh: DeviceMesh | None, device: torch.device) -> None:
+        check_layout(cfg, dims)
         self.cfg, self.dims, self.device = cfg, dims, device
+        p = cfg.parallel
         self.dp_group = mesh["dp"].get_group() if dims.dp_enabled and mesh is not None else None
-        pm = parallelize(build_model(cfg.model), dims, cfg.parallel, mesh, device, cfg.trainer.seed)
-        self.model = pm.module
-        self.modules = [self.model]
+        self.pp_group = mesh["pp"].get_group() if dims.pp_enabled and mesh is not None else None
+        self.peft = build_peft(cfg)  # LoRA adapters go onto the meta model, before any parallel transform
+        pm = parallelize(self.peft.apply(build_model(cfg.model)), dims, p, mesh, device, cfg.trainer.seed)
+        self.modules = pm.modules
+        self.model = merge_stages(pm.modules)
+        self.peft.init(self.model, cfg.trainer.seed)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         dtype = {"bf16": torch.bfloat16, "fp32": None}[cfg.trainer.precision]
         self.autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
-        self.no_sync = getattr(self.model, "no_sync", nullcontext)
+        self.loss_fn, self.loss_ctx = token_loss_sum, nullcontext
+        if dims.tp_enabled:
+            assert mesh is not None
+            self.loss_fn, self.loss_ctx = vocab_parallel_loss_sum(mesh["tp"], IGNORE_INDEX), loss_parallel
+        self.explicit_positions = dims.tp_enabled and p.sequence_parallel
+        self.no_sync = nullcontext
+        self.reduce_grads = None
+        if pm.grad_sync == "ddp":
+            self.no_sync = self.model.no_sync
+        elif pm.grad_sync == "fsdp" and p.zero_stage == 1:
+            self.no_sync = self._zero1_accumulate
+        elif pm.grad_sync == "allreduce":
+            assert self.dp_group is not None
+            self.reduce_grads = lambda: allreduce_grads(self.modules, self.dp_group, dims.dp)
+        self.pipeline: PipelineRunner | None = None
+        if dims.pp_enabled:
+            assert mesh is not None
+            stages = build_stages(self.modules, pm.stage_ids, pm.num_stages, mesh["pp"], device)
+            self.pipeline = PipelineRunner(p.pp_schedule, stages, pipeline_microbatches(cfg, dims), self.loss_fn)
+
+    @contextmanager
+    def _zero1_accumulate(self):
+        """ZeRO-1 (see data_parallel): no reduce-scatter/reshard until the step's last micro-batch."""
+        set_fsdp_accumulating(self.modules, True)
+        try:
+            yield
+        finally:
+            set_fsdp_accumulating(self.modules, False)
 
     def train_step(self, batches: list[Batch], lr: float) -> StepResult:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
+        if self.pipeline is not None:
+            return self._pipeline_train_step(batches)
         return train_step(self.model, self.optimizer, batches, dp_size=self.dims.dp, dp_group=self.dp_group,
-                          grad_clip=self.cfg.optim.grad_clip, autocast=self.autocast, no_sync=self.no_sync)
+                          grad_clip=self.cfg.optim.grad_clip, autocast=self.autocast, no_sync=self.no_sync,
+                          loss_fn=self.loss_fn, loss_ctx=self.loss_ctx, reduce_grads=self.reduce_grads,
+                          explicit_positions=self.explicit_positions)
+
+    def _pipeline_pass(self, batches: list[Batch], scale: float, train: bool) -> torch.Tensor:
+        """The rank's micro-batches as one batch through the schedule; returns the global loss sum."""
+        assert self.pipeline is not None
+        whole = Batch(*(None if batches[0].__dict__[f] is None else torch.cat([b.__dict__[f] for b in batches])
+                        for f in ("inputs", "targets", "positions", "attn_mask")))
+        with self.autocast(), self.loss_ctx():
+            loss_sum = self.pipeline.run(whole.inputs, whole.targets, model_kwargs(whole, self.explicit_positions),
+                                         scale, train)
+        # only the last stage saw the loss: sum over the pipeline, then over data-parallel replicas
+        dist.all_reduce(loss_sum, group=self.pp_group)
+        if self.dp_group is not None:
+            dist.all_reduce(loss_sum, group=self.dp_group)
+        return loss_sum
+
+    def _pipeline_train_step(self, batches: list[Batch]) -> StepResult:
+        """Same math as `llmtrain.train.step.train_step`, with the schedule doing forward/backward."""
+        n_global = global_token_count(batches, self.dp_group)
+        loss_sum = self._pipeline_pass(batches, self.dims.dp / max(n_global, 1), train=True)
+        if self.reduce_grads is not None:
+            self.reduce_grads()
+        grad_norm = clip_grad_norm(self.modules, self.cfg.optim.grad_clip, self.pp_group)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepResult(float(loss_sum) / max(n_global, 1), grad_norm, n_global)
 
     def evaluate(self, batches: list[Batch]) -> float:
-        return evaluate(self.model, batches, self.dp_group, self.autocast)
+        if self.pipeline is None:
+            return evaluate(self.model, batches, self.dp_group, self.autocast, self.loss_fn, self.loss_ctx,
+                            self.explicit_positions)
+        with torch.no_grad():
+            loss_sum = self._pipeline_pass(batches, 1.0, train=False)
+        return float(loss_sum) / max(global_token_count(batches, self.dp_group), 1)
 
     def save(self, folder: Path) -> None:
-        msd, osd = get_state_dict(self.model, self.optimizer)
-        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(folder))
+        msd, osd = get_state_dict(self.model, self.optimizer, options=SD_OPTIONS)
+        dcp.save({"model": self.peft.checkpoint_keys(msd), "optim": osd}, checkpoint_id=str(folder))
 
     def load(self, folder: Path, *, load_optimizer: bool = True) -> None:
         if load_optimizer:
-            msd, osd = get_state_dict(self.model, self.optimizer)
-            state = {"model": msd, "optim": osd}
+            msd, osd = get_state_dict(self.model, self.optimizer, options=SD_OPTIONS)
+            state = {"model": self.peft.checkpoint_keys(msd, folder), "optim": osd}
             dcp.load(state, checkpoint_id=str(folder))
-            set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
-                           optim_state_dict=state["optim"])
+            set_state_dict(self.model, self.optimizer, model_state_dict={**msd, **state["model"]},
+                           optim_state_dict=state["optim"], options=SD_OPTIONS)
         else:
-            state = {"model": get_model_state_dict(self.model)}
+            msd = get_model_state_dict(self.model, options=SD_OPTIONS)
+            state = {"model": self.peft.checkpoint_keys(msd, folder)}
             dcp.load(state, checkpoint_id=str(folder))
-            set_model_state_dict(self.model, state["model"])
+            set_model_state_dict(self.model, {**msd, **state["model"]}, options=SD_OPTIONS)
 
     def full_model_state(self) -> dict[str, torch.Tensor]:
-        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return get_model_state_dict(self.model, options=opts)
+        """Every rank gets the full weights (gathered over tp/dp shards, then over pipeline stages)."""
+        opts = StateDictOptions(full_state_dict=True)
+        state = {k: v.detach().cpu() for k, v in get_model_state_dict(self.model, options=opts).items()}
+        if self.pp_group is not None:
+            parts: list[dict[str, torch.Tensor] | None] = [None] * self.dims.pp
+            dist.all_gather_object(parts, state, group=self.pp_group)
+            state = {k: v for part in parts if part for k, v in part.items()}
+        return self.peft.export_state(state)  # LoRA: adapters merged into the base weights

@@ -1,39 +1,63 @@
 """Apply a parallel layout to a meta-device model, in the order of STYLE.md §2:
-TP -> activation checkpointing -> compile -> FSDP/ZeRO or DDP -> materialize -> init weights.
+pipeline split -> TP -> activation checkpointing -> compile -> FSDP/ZeRO -> materialize -> init
+weights -> DDP.
 
-Each `apply_*` takes explicit arguments (a mesh, flags), never the whole config.
+Each `apply_*` takes explicit arguments (a mesh, flags), never the whole config; `parallelize` is
+the one place that reads the config and calls them. DDP comes after materialization because it
+needs real parameters (it broadcasts them); FSDP2 shards meta parameters before they exist.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from llmtrain.config.parallel import ParallelConfig
-from llmtrain.config.validate import ConfigError
 from llmtrain.models.llama import Transformer
+from llmtrain.parallel.data_parallel import DTYPE, apply_ddp, apply_fsdp
 from llmtrain.parallel.dims import ParallelDims
+from llmtrain.parallel.pipeline import local_stage_ids, split_stage, stage_layer_counts
+from llmtrain.parallel.tensor_parallel import apply_tp
 
 
 @dataclass
 class ParallelModel:
-    """What the trainer gets back: the module to call, and how to treat its gradients."""
+    """What the engine gets back: this rank's model parts and how their gradients are reduced."""
 
-    module: nn.Module
+    modules: list[nn.Module]
+    """One module, or this rank's pipeline stages (each a Transformer holding a slice of layers)."""
     grad_sync: str
-    """'ddp' (torch DDP owns the all-reduce), 'none' (single process)."""
+    """'ddp' (DDP averages in backward), 'fsdp' (FSDP2 reduce-scatters), 'allreduce' (the engine
+    averages over dp after the backward), 'none' (no data parallelism)."""
+    stage_ids: list[int] = field(default_factory=list)
+    """Global pipeline stage index of each module (empty without pipeline parallelism)."""
+    num_stages: int = 1
 
 
-def apply_ddp(model: nn.Module, dp_mesh: DeviceMesh) -> nn.Module:
-    """Plain data parallel: gradients all-reduced (averaged) over the dp mesh during backward."""
-    from torch.nn.parallel import DistributedDataParallel as DDP
+def apply_activation_checkpointing(model: Transformer, mode: str) -> None:
+    """Recompute block activations in backward: 'full' every block, 'selective' every other block.
 
-    return DDP(model, process_group=dp_mesh.get_group(), broadcast_buffers=False)
+    Uses the composable `checkpoint`, which hooks the module instead of wrapping it, so parameter
+    names (and with them the layout-independent init and checkpoint keys) do not change.
+    """
+    if mode == "none":
+        return
+    from torch.distributed._composable import checkpoint
+
+    for i, block in enumerate(model.layers.values()):
+        if mode == "full" or i % 2 == 0:
+            checkpoint(block)
+
+
+def apply_compile(model: Transformer) -> None:
+    """torch.compile each block in place (`Module.compile` keeps the parameter names)."""
+    for block in model.layers.values():
+        block.compile()
 
 
 def materialize(model: nn.Module, device: torch.device, seed: int) -> None:
-    """Allocate real storage for a meta model and initialise it deterministically."""
+    """Allocate real storage for a meta model (or stage) and initialise it deterministically."""
     model.to_empty(device=device)
     target = model.module if hasattr(model, "module") else model
     assert isinstance(target, Transformer)
@@ -48,14 +72,43 @@ def parallelize(
     device: torch.device,
     seed: int,
 ) -> ParallelModel:
-    """Transform the meta model for the layout, materialize and init it."""
-    if dims.tp_enabled or dims.pp_enabled or cfg.zero_stage > 0 or dims.dp_shard_enabled:
-        raise ConfigError(
-            f"parallel layout {dims.describe()} zero_stage={cfg.zero_stage} is not available yet on the "
-            "native engine; use parallel=ddp"
-        )
-    materialize(model, device, seed)
-    if dims.dp_enabled:
+    """Split (pp), transform, materialize and init the meta model for this rank's place in `mesh`."""
+    use_fsdp = cfg.zero_stage > 0 and dims.dp_shard_enabled
+    stage_ids: list[int] = []
+    num_stages = 1
+    parts: list[Transformer] = [model]
+    if dims.pp_enabled:
         assert mesh is not None
-        return ParallelModel(apply_ddp(model, mesh["dp"]), "ddp")
-    return ParallelModel(model, "none")
+        num_stages = dims.pp * cfg.pp_virtual_stages
+        counts = stage_layer_counts(model.args.n_layers, num_stages, cfg.pp_layers_per_stage)
+        stage_ids = local_stage_ids(mesh["pp"].get_local_rank(), dims.pp, cfg.pp_virtual_stages)
+        parts = [split_stage(model, sid, counts) for sid in stage_ids]
+    for part in parts:
+        if dims.tp_enabled:
+            assert mesh is not None
+            apply_tp(part, mesh["tp"], cfg.sequence_parallel)
+        apply_activation_checkpointing(part, cfg.activation_checkpoint)
+        if cfg.compile:
+            apply_compile(part)
+        if use_fsdp:
+            assert mesh is not None
+            dp_mesh = mesh["dp_replicate", "dp_shard"] if dims.dp_replicate_enabled else mesh["dp_shard"]
+            apply_fsdp(
+                part,
+                dp_mesh,
+                cfg.zero_stage,
+                DTYPE[cfg.param_dtype],
+                DTYPE[cfg.reduce_dtype],
+                cfg.cpu_offload and device.type == "cuda",
+            )
+        materialize(part, device, seed)
+    if use_fsdp:
+        grad_sync = "fsdp"
+    elif not dims.dp_enabled:
+        grad_sync = "none"
+    elif dims.tp_enabled or dims.pp_enabled:
+        grad_sync = "allreduce"
+    else:
+        assert mesh is not None
+        return ParallelModel([apply_ddp(model, mesh["dp"])], "ddp")
+    return ParallelModel(list(parts), grad_sync, stage_ids, num_stages)

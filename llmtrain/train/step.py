@@ -5,9 +5,16 @@ ce_t, divided by N = the global number of target tokens (summed over micro-batch
 Each rank backpropagates  sum_{t in its micro-batch} ce_t * dp / N  because DDP (and FSDP) *average*
 gradients over the dp ranks: mean_r(dp * g_r / N) = sum_r g_r / N = dL/dw. Dividing by a per-micro-
 batch token count instead would over-weight short micro-batches (e.g. padded or masked ones).
+
+Tensor parallelism does not change this: the tp ranks of one dp rank compute the same loss (the
+vocab-parallel cross-entropy all-reduces its partial sums) and each back-propagates into its own
+shard. Pipeline parallelism uses the same per-micro-batch loss inside the schedule
+(`llmtrain.parallel.pipeline_step`), with the same global N.
 """
 
-from collections.abc import Callable
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmtrain.data.loader import IGNORE_INDEX, Batch
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""(logits, targets) -> summed cross-entropy over the target tokens."""
 
 
 @dataclass
@@ -42,10 +52,28 @@ def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     )
 
 
-def forward_loss_sum(model: nn.Module, batch: Batch) -> torch.Tensor:
+def model_kwargs(batch: Batch, explicit_positions: bool = False) -> dict[str, torch.Tensor | bool]:
+    """Keyword inputs of the model for a batch. `explicit_positions` passes RoPE positions even for
+    plain causal batches (needed when the residual stream is sequence-sharded, see tensor_parallel)."""
+    out: dict[str, torch.Tensor | bool] = {}
+    if not getattr(batch, "causal", True):  # bidirectional objectives (llmtrain.objectives.masked_lm)
+        out["causal"] = False
+    if batch.positions is not None:
+        out["positions"] = batch.positions
+    elif explicit_positions:
+        b, s = batch.inputs.shape
+        out["positions"] = torch.arange(s, device=batch.inputs.device).expand(b, s)
+    if batch.attn_mask is not None:
+        out["attn_mask"] = batch.attn_mask
+    return out
+
+
+def forward_loss_sum(
+    model: nn.Module, batch: Batch, loss_fn: LossFn = token_loss_sum, explicit_positions: bool = False
+) -> torch.Tensor:
     """Model forward and summed token loss for one micro-batch."""
-    logits = model(batch.inputs, positions=batch.positions, attn_mask=batch.attn_mask)
-    return token_loss_sum(logits, batch.targets)
+    logits = model(batch.inputs, **model_kwargs(batch, explicit_positions))
+    return loss_fn(logits, batch.targets)
 
 
 def train_step(
@@ -58,17 +86,28 @@ def train_step(
     grad_clip: float,
     autocast: Callable[[], object],
     no_sync: Callable[[], object],
+    loss_fn: LossFn = token_loss_sum,
+    loss_ctx: Callable[[], object] = nullcontext,
+    reduce_grads: Callable[[], None] | None = None,
+    explicit_positions: bool = False,
 ) -> StepResult:
-    """Accumulate gradients over `batches`, clip, step; returns the true global mean loss."""
+    """Accumulate gradients over `batches`, clip, step; returns the true global mean loss.
+
+    `no_sync` wraps every micro-batch but the last (DDP's no_sync, ZeRO-1's deferred reduce-scatter);
+    `loss_ctx` wraps forward and backward (loss_parallel under TP); `reduce_grads` runs after the last
+    backward when the engine averages gradients itself.
+    """
     n_global = global_token_count(batches, dp_group)
     scale = dp_size / max(n_global, 1)
     loss_sum = torch.zeros((), dtype=torch.float64)
     for i, batch in enumerate(batches):
         last = i == len(batches) - 1
-        with autocast(), no_sync() if not last else _null():
-            loss = forward_loss_sum(model, batch)
+        with autocast(), loss_ctx(), no_sync() if not last else nullcontext():
+            loss = forward_loss_sum(model, batch, loss_fn, explicit_positions)
             (loss * scale).backward()
         loss_sum += loss.detach().double().cpu()
+    if reduce_grads is not None:
+        reduce_grads()
     if dp_group is not None:
         dist.all_reduce(loss_sum, group=dp_group)
     grad_norm = clip_grad_norm(model, grad_clip)
@@ -77,37 +116,55 @@ def train_step(
     return StepResult(float(loss_sum) / max(n_global, 1), grad_norm, n_global)
 
 
-def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
-    """Global L2 norm of the gradients (clipped in place when max_norm > 0)."""
-    params = [p for p in model.parameters() if p.grad is not None]
+def clip_grad_norm(
+    model: nn.Module | Iterable[nn.Module], max_norm: float, pp_group: dist.ProcessGroup | None = None
+) -> float:
+    """Global L2 norm of the gradients (clipped in place when max_norm > 0).
+
+    Parameters may be plain tensors, DTensors on a tp mesh, FSDP shards on a dp mesh, or a mix (TP
+    without sequence parallel leaves the norms plain): norms are taken per (mesh, placements) group,
+    made global with `full_tensor`, and summed; pipeline stages add their squares over `pp_group`.
+    """
+    modules = [model] if isinstance(model, nn.Module) else list(model)
+    params = [p for m in modules for p in m.parameters() if p.grad is not None]
+    groups: dict[object, list[torch.Tensor]] = defaultdict(list)
+    for p in params:
+        g = p.grad
+        groups[(g.device_mesh, g.placements) if hasattr(g, "device_mesh") else None].append(g)
+    total_sq = torch.zeros((), dtype=torch.float64)
+    for grads in groups.values():
+        norm = torch.nn.utils.get_total_norm(grads, foreach=False)
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        total_sq += norm.detach().double().cpu() ** 2
+    if pp_group is not None:
+        dist.all_reduce(total_sq, group=pp_group)
+    total = float(total_sq.sqrt())
     if max_norm > 0:
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=False)
-    else:
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=False)
-    if hasattr(norm, "full_tensor"):
-        norm = norm.full_tensor()
-    return float(norm)
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
+        coef = max_norm / (total + 1e-6)
+        if coef < 1.0:
+            for p in params:
+                p.grad.mul_(coef)
+    return total
 
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, batches: list[Batch], dp_group: dist.ProcessGroup | None, autocast: Callable[[], object]
+    model: nn.Module,
+    batches: list[Batch],
+    dp_group: dist.ProcessGroup | None,
+    autocast: Callable[[], object],
+    loss_fn: LossFn = token_loss_sum,
+    loss_ctx: Callable[[], object] = nullcontext,
+    explicit_positions: bool = False,
 ) -> float:
     """Mean token loss over validation micro-batches of all dp ranks."""
     was_training = model.training
     model.eval()
     totals = torch.zeros(2, dtype=torch.float64)
     for batch in batches:
-        with autocast():
-            totals[0] += forward_loss_sum(model, batch).double().cpu()
+        with autocast(), loss_ctx():
+            totals[0] += forward_loss_sum(model, batch, loss_fn, explicit_positions).double().cpu()
         totals[1] += batch.num_tokens
     if dp_group is not None:
         dist.all_reduce(totals, group=dp_group)

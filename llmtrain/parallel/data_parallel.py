@@ -1,0 +1,98 @@
+"""Data parallelism: DDP, ZeRO-1/2/3 and HSDP on FSDP2, and a plain gradient all-reduce.
+
+ZeRO stages on FSDP2 (`fully_shard` per transformer block plus the root), as *what stays sharded
+while a step runs*:
+
+- stage 3: parameters, gradients and optimizer state. Parameters are all-gathered before each
+  block's forward and again before its backward (`reshard_after_forward=True`); gradients are
+  reduce-scattered per micro-batch.
+- stage 2: gradients and optimizer state. Parameters stay unsharded from the forward through the
+  backward (`reshard_after_forward=False`: one all-gather per micro-batch, not two); gradients are
+  reduce-scattered per micro-batch, so only a 1/dp_shard slice of them is ever kept.
+- stage 1: optimizer state only. Like stage 2, and in addition the gradient reduction and the
+  resharding are deferred to the last micro-batch of the step (`set_requires_gradient_sync(False)`,
+  `set_reshard_after_backward(False)` before the others): full gradients accumulate locally exactly
+  as under DDP, then one reduce-scatter and the sharded AdamW update follow, and the next step starts
+  with one all-gather of the updated parameters. That is the ZeRO-1 exchange (reduce-scatter +
+  all-gather = one all-reduce of volume), and with a single micro-batch stage 1 and 2 coincide.
+  Between steps the parameters rest sharded (FSDP2 owns them as DTensor shards), which saves memory
+  over textbook ZeRO-1 without adding traffic.
+
+HSDP is the same with a 2-D (dp_replicate, dp_shard) mesh: shard within groups, all-reduce across.
+With tensor/pipeline parallelism and no ZeRO, gradients are all-reduced after the backward by
+`allreduce_grads` (DDP itself does not take DTensor parameters).
+"""
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from llmtrain.models.llama import Transformer
+
+DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def apply_ddp(model: nn.Module, dp_mesh: DeviceMesh) -> nn.Module:
+    """Plain data parallel: gradients all-reduced (averaged) over the dp mesh during backward."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return DDP(model, process_group=dp_mesh.get_group(), broadcast_buffers=False)
+
+
+def apply_fsdp(
+    model: Transformer,
+    dp_mesh: DeviceMesh,
+    zero_stage: int,
+    param_dtype: torch.dtype,
+    reduce_dtype: torch.dtype,
+    cpu_offload: bool,
+) -> None:
+    """Shard `model` (or a pipeline stage) over `dp_mesh` (1-D dp_shard, or 2-D for HSDP) in place.
+
+    Each block is its own FSDP unit so that only one block's parameters are unsharded at a time under
+    stage 3; the root unit holds the embedding, final norm and output projection.
+    """
+    if zero_stage not in (1, 2, 3):
+        raise ValueError(f"apply_fsdp needs zero_stage 1, 2 or 3, got {zero_stage}")
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    kwargs: dict[str, object] = {"mesh": dp_mesh, "mp_policy": mp}
+    if cpu_offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    blocks = list(model.layers.values())
+    for i, block in enumerate(blocks):
+        # the last block's parameters are needed again right away by the backward: keep them
+        last = i == len(blocks) - 1
+        fully_shard(block, reshard_after_forward=zero_stage == 3 and not last, **kwargs)
+    fully_shard(model, reshard_after_forward=zero_stage == 3, **kwargs)
+
+
+def set_fsdp_accumulating(modules: list[nn.Module], accumulating: bool) -> None:
+    """ZeRO-1: keep full unsharded gradients and parameters while `accumulating` (every micro-batch
+    but the last), then reduce-scatter once and reshard on the last one."""
+    for m in modules:
+        if isinstance(m, FSDPModule):
+            m.set_requires_gradient_sync(not accumulating)
+            m.set_reshard_after_backward(not accumulating)
+
+
+def allreduce_grads(modules: list[nn.Module], dp_group: dist.ProcessGroup, dp_size: int) -> None:
+    """Average gradients over the data-parallel group (the DDP reduction, done once after the
+    backward of the last micro-batch; used when DDP cannot wrap the model, i.e. with TP DTensors or
+    pipeline stages)."""
+    grads = [p.grad for m in modules for p in m.parameters() if p.grad is not None]
+    locals_ = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+    if not locals_:
+        return
+    # one flat bucket per dtype: a single collective instead of one per parameter
+    for dtype in {t.dtype for t in locals_}:
+        group = [t for t in locals_ if t.dtype == dtype]
+        flat = torch.cat([t.reshape(-1) for t in group])
+        dist.all_reduce(flat, group=dp_group)
+        flat.div_(dp_size)
+        offset = 0
+        for t in group:
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()

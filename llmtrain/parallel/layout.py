@@ -1,0 +1,63 @@
+"""Layout checks that need the world size (the others run in `validate_config`).
+
+`build_dims(cfg, world_size)` is what a launcher or tool calls to learn, before any model is built,
+whether a config can run on a given number of ranks; the native engine calls `check_layout` again.
+"""
+
+from llmtrain.config import Config, ConfigError, batch_geometry
+from llmtrain.parallel.dims import ParallelDims
+
+
+def build_dims(cfg: Config, world_size: int) -> ParallelDims:
+    """ParallelDims for `world_size` ranks, with every layout rule checked (ConfigError otherwise)."""
+    p = cfg.parallel
+    dims = ParallelDims(p.dp_replicate, p.dp_shard, p.tp, p.pp, world_size)
+    check_layout(cfg, dims)
+    return dims
+
+
+def pipeline_microbatches(cfg: Config, dims: ParallelDims) -> int:
+    """Micro-batches per pipeline step: explicit, or one per loader micro-batch (the accumulation count)."""
+    return cfg.parallel.pp_microbatches or batch_geometry(cfg, dims.dp)
+
+
+def check_layout(cfg: Config, dims: ParallelDims) -> None:
+    """Rules tying the layout to the world size and the batch geometry; messages name the keys."""
+    p = cfg.parallel
+    if p.zero_stage == 0 and dims.dp_shard_enabled:
+        raise ConfigError(
+            f"parallel.dp_shard resolves to {dims.dp_shard} on {dims.world_size} ranks but parallel.zero_stage=0 "
+            "does not shard: set parallel.zero_stage to 1, 2 or 3, or parallel.dp_shard=1"
+        )
+    if p.zero_stage > 0 and not dims.dp_shard_enabled and dims.dp_replicate_enabled:
+        raise ConfigError(
+            f"parallel.zero_stage={p.zero_stage} shards over parallel.dp_shard, which is 1 while "
+            f"parallel.dp_replicate={dims.dp_replicate}: set dp_shard=-1 (ZeRO) or dp_shard>1 (HSDP)"
+        )
+    accum = batch_geometry(cfg, dims.dp)
+    if not dims.pp_enabled:
+        return
+    n_mb = pipeline_microbatches(cfg, dims)
+    rows = cfg.trainer.micro_batch_size * accum
+    key = (
+        "parallel.pp_microbatches"
+        if p.pp_microbatches
+        else "the accumulation count (parallel.pp_microbatches unset)"
+    )
+    if n_mb < dims.pp:
+        raise ConfigError(
+            f"{key} = {n_mb} pipeline micro-batches is fewer than parallel.pp={dims.pp} stages; raise "
+            "trainer.global_batch_size or set parallel.pp_microbatches"
+        )
+    if rows % n_mb:
+        raise ConfigError(
+            f"each pipeline rank gets trainer.micro_batch_size x accumulation = {rows} sequences per step, "
+            f"not divisible into {key} = {n_mb} micro-batches"
+        )
+    if p.pp_schedule == "interleaved_1f1b":
+        rounds = max(1, n_mb // dims.pp)
+        if n_mb % rounds:
+            raise ConfigError(
+                f"parallel.pp_schedule=interleaved_1f1b needs the {n_mb} micro-batches to be a multiple of "
+                f"{rounds} rounds (micro-batches // parallel.pp); use a multiple of parallel.pp={dims.pp}"
+            )
