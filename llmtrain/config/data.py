@@ -33,6 +33,10 @@ class DataConfig:
     """Shuffle seed; the order is a pure function of (seed, epoch, dataset)."""
     shuffle: bool = True
     """Shuffle sequences across and within shards each epoch."""
+    packing: str = "concat"
+    """How documents become sequences: `concat` (cut the EOS-separated stream into seq_len windows;
+    documents may be split) or `whole_documents` (never split a document that fits; pad the rest of
+    the sequence and mask its loss)."""
     document_mask: bool = False
     """Block attention across document boundaries inside a packed sequence (and reset positions)."""
     val_split: str = "val"

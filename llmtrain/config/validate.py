@@ -11,9 +11,12 @@ import typing
 from collections.abc import Iterable
 from typing import Any
 
+from llmtrain.config.checkpoint import resume_mode
 from llmtrain.config.launcher import LAUNCHERS
+from llmtrain.config.objective import validate_objective
 from llmtrain.config.optim import SCHEDULES
-from llmtrain.config.parallel import AC_MODES, BACKENDS, DTYPES, PP_SCHEDULES
+from llmtrain.config.parallel import AC_MODES, BACKENDS, DTYPES, PP_SCHEDULES, check_parallel_config
+from llmtrain.config.peft import validate_peft
 from llmtrain.config.schema import Config
 from llmtrain.config.tracking import TRACKING_BACKENDS
 from llmtrain.config.trainer import DEVICES, PRECISIONS
@@ -56,11 +59,13 @@ def validate_config(cfg: Config) -> Config:
     check(m.dim % m.n_heads == 0, "model.dim", f"{m.dim} must be divisible by model.n_heads={m.n_heads}")
     kv = m.n_kv_heads or m.n_heads
     check(m.n_heads % kv == 0, "model.n_kv_heads", f"{kv} must divide model.n_heads={m.n_heads}")
+    check_parallel_config(cfg)
     check((m.dim // m.n_heads) % 2 == 0, "model.dim", "head dim (dim / n_heads) must be even for RoPE")
     check(
         d.seq_len <= m.max_seq_len, "data.seq_len", f"{d.seq_len} exceeds model.max_seq_len={m.max_seq_len}"
     )
     check(len(d.sources) > 0, "data.sources", "at least one dataset is required")
+    check_choice("data.packing", d.packing, ("concat", "whole_documents"))
     for i, s in enumerate(d.sources):
         check(s.weight > 0, f"data.sources[{i}].weight", f"must be > 0, got {s.weight}")
     check(t.max_steps > 0, "trainer.max_steps", "must be positive")
@@ -74,8 +79,13 @@ def validate_config(cfg: Config) -> Config:
     ck = cfg.checkpoint
     check(ck.keep_last >= 1, "checkpoint.keep_last", "must be >= 1 (the newest checkpoint is always kept)")
     check(ck.every_steps >= 0 and ck.every_minutes >= 0, "checkpoint.every_steps", "must be >= 0")
+    check(ck.keep_every >= 0, "checkpoint.keep_every", "must be >= 0 (0 keeps no permanent checkpoints)")
+    check(str(ck.resume).strip() != "", "checkpoint.resume", "allowed: auto, none (false) or a checkpoint path")
+    ck.resume = resume_mode(ck.resume)
     check(cfg.launcher.nproc >= 1, "launcher.nproc", "must be >= 1")
     check(bool(cfg.run.name) and "/" not in cfg.run.name, "run.name", "must be a non-empty folder name")
+    validate_objective(cfg)
+    validate_peft(cfg)
     return cfg
 
 

@@ -1,19 +1,22 @@
 """Build the train/validation loaders from the typed data config."""
 
-from pathlib import Path
-
 from llmtrain.config.data import DataConfig
 from llmtrain.data.dataset import TokenDataset
-from llmtrain.data.format import INDEX_NAME, DataError, DatasetIndex
+from llmtrain.data.errors import DataError
+from llmtrain.data.format import INDEX_NAME, DatasetIndex
+from llmtrain.data.fs import resolve
 from llmtrain.data.loader import DataLoader
 from llmtrain.data.prepare import prepare_dataset
 from llmtrain.data.tokenizer import load_tokenizer
 
 
 def ensure_prepared(cfg: DataConfig) -> None:
-    """Tokenize sources that name `raw` text and have no index yet (run once, before ranks start)."""
+    """Tokenize sources that name `raw` text (run once, before ranks start). Idempotent: an index
+    made from the same input and settings is kept after its checksums verify."""
     for src in cfg.sources:
-        if src.raw and not (Path(src.path) / INDEX_NAME).is_file():
+        if src.raw:
+            if "://" in src.path:
+                raise DataError(f"data.sources path {src.path}: `raw` needs a local path to write shards to")
             prepare_dataset(src.raw, src.path, cfg.tokenizer, val_fraction=0.05)
 
 
@@ -21,26 +24,46 @@ def check_tokenizer(cfg: DataConfig, vocab_size: int) -> None:
     """The shards, the configured tokenizer and the model's vocabulary must agree."""
     expected = load_tokenizer(cfg.tokenizer).identity
     for src in cfg.sources:
-        index = DatasetIndex.load(src.path)
+        loc = resolve(src.path)
+        index = DatasetIndex.load(loc)
         if index.tokenizer != expected:
             raise DataError(
-                f"{Path(src.path) / INDEX_NAME}: shards were tokenized with {index.tokenizer!r} but "
+                f"{loc.child(INDEX_NAME).uri}: shards were tokenized with {index.tokenizer!r} but "
                 f"data.tokenizer={cfg.tokenizer!r} is {expected!r}"
             )
         if index.vocab_size > vocab_size:
             raise DataError(
-                f"{Path(src.path) / INDEX_NAME}: tokenizer vocabulary {index.vocab_size} exceeds "
+                f"{loc.child(INDEX_NAME).uri}: tokenizer vocabulary {index.vocab_size} exceeds "
                 f"model.vocab_size={vocab_size}"
             )
+
+
+def _datasets(cfg: DataConfig, split: str | None) -> list[TokenDataset]:
+    out = []
+    for src in cfg.sources:
+        loc = resolve(src.path)
+        out.append(
+            TokenDataset(
+                loc if split is None else loc.child(split),
+                cfg.seq_len,
+                packing=cfg.packing,
+                verify_checksums=cfg.verify_checksums,
+            )
+        )
+    tokenizers = {d.index.tokenizer for d in out}
+    if len(tokenizers) > 1:
+        raise DataError(f"data.sources were tokenized differently ({', '.join(sorted(tokenizers))})")
+    return out
 
 
 def build_train_loader(
     cfg: DataConfig, *, micro_batch_size: int, grad_accum: int, dp_rank: int, dp_size: int
 ) -> DataLoader:
-    """Loader over the (first) training source for one data-parallel rank."""
-    ds = TokenDataset(cfg.sources[0].path, cfg.seq_len)
+    """Loader over all training sources, mixed by weight, for one data-parallel rank (tp/pp ranks of
+    one replica pass the same dp_rank and so get the same batches)."""
     return DataLoader(
-        ds,
+        _datasets(cfg, None),
+        weights=[s.weight for s in cfg.sources],
         micro_batch_size=micro_batch_size,
         grad_accum=grad_accum,
         dp_rank=dp_rank,
@@ -48,6 +71,7 @@ def build_train_loader(
         seed=cfg.seed,
         shuffle=cfg.shuffle,
         document_mask=cfg.document_mask,
+        prefetch=cfg.prefetch,
     )
 
 
@@ -55,10 +79,10 @@ def build_val_loader(
     cfg: DataConfig, *, micro_batch_size: int, dp_rank: int, dp_size: int
 ) -> DataLoader | None:
     """Unshuffled loader over the validation split of the first source, or None when there is none."""
-    folder = Path(cfg.sources[0].path) / cfg.val_split
-    if not (folder / INDEX_NAME).is_file():
+    loc = resolve(cfg.sources[0].path).child(cfg.val_split)
+    if not loc.child(INDEX_NAME).exists():
         return None
-    ds = TokenDataset(folder, cfg.seq_len)
+    ds = TokenDataset(loc, cfg.seq_len, packing=cfg.packing, verify_checksums=cfg.verify_checksums)
     return DataLoader(
         ds,
         micro_batch_size=micro_batch_size,
@@ -68,3 +92,6 @@ def build_val_loader(
         shuffle=False,
         document_mask=cfg.document_mask,
     )
+
+
+__all__ = ["build_train_loader", "build_val_loader", "check_tokenizer", "ensure_prepared"]

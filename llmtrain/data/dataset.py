@@ -1,81 +1,148 @@
-"""Memory-mapped reading of a tokenized dataset: fixed-length windows over the token stream.
+"""A tokenized dataset split seen as `num_samples` fixed-length samples of seq_len + 1 tokens.
 
-A shard's token values are one contiguous uint32 buffer inside the Arrow IPC file; the reader
-memory-maps the file and views that buffer with numpy, so reading a window copies only the window.
+Packing modes (`data.packing`):
+- `concat`: documents (each ending in EOS) are concatenated and cut into windows of seq_len + 1
+  tokens; consecutive windows share one token (the last target of one is the first input of the
+  next). Every position carries loss; a document may be split across samples.
+- `whole_documents`: documents are packed greedily, in order, into sequences of at most seq_len + 1
+  tokens without being split; the rest of a sequence is padding (pad_id input, loss masked). Only a
+  document longer than a sequence is cut, into seq_len + 1 pieces.
+Samples never straddle a record batch (format.BATCH_TOKENS), so a sample is one contiguous view.
 """
 
+from collections import OrderedDict
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Any
 
 import numpy as np
-import pyarrow as pa
 
-from llmtrain.data.format import DataError, DatasetIndex
+from llmtrain.data.errors import DataError
+from llmtrain.data.format import DatasetIndex
+from llmtrain.data.fs import Location, resolve
+from llmtrain.data.shard import ShardReader
+
+PACKING_MODES = ("concat", "whole_documents")
+LAYOUT_CACHE = 256
+"""whole_documents: packed layouts (two int64 per sequence) kept for this many record batches."""
 
 
 @dataclass
-class Window:
-    """seq_len + 1 tokens and, for document masking, the document start offsets inside them."""
+class Samples:
+    """n samples: tokens (n, seq_len + 1) int64, valid token count per sample (the rest is padding)
+    and, when asked for, the document index of every token within its sample (n, seq_len + 1)."""
 
     tokens: np.ndarray
-    doc_starts: np.ndarray
+    valid: np.ndarray
+    doc_ids: np.ndarray | None = None
 
 
-class ShardReader:
-    """One memory-mapped shard: flat token values plus document offsets."""
-
-    def __init__(self, path: Path, expected_tokens: int) -> None:
-        self.path = path
-        try:
-            source = pa.memory_map(str(path), "r")
-            reader = pa.ipc.open_file(source)
-            batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
-            col = (
-                pa.concat_arrays([b.column(0) for b in batches]) if len(batches) > 1 else batches[0].column(0)
-            )
-        except (OSError, pa.ArrowInvalid, IndexError) as e:
-            raise DataError(f"{path}: not a readable Arrow shard ({e})") from e
-        offsets = col.offsets.to_numpy(zero_copy_only=False)
-        self.values = col.values.to_numpy(zero_copy_only=len(batches) == 1)
-        self.doc_offsets = (offsets - offsets[0]).astype(np.int64)
-        if self.values.dtype != np.uint32:
-            raise DataError(f"{path}: tokens must be uint32, found {self.values.dtype}")
-        if len(self.values) != expected_tokens:
-            raise DataError(
-                f"{path}: holds {len(self.values)} tokens but index.json says {expected_tokens} (truncated or replaced?)"
-            )
-
-    def window(self, start: int, length: int) -> Window:
-        toks = np.asarray(self.values[start : start + length], dtype=np.int64)
-        lo, hi = np.searchsorted(self.doc_offsets, [start, start + length], side="right")
-        starts = self.doc_offsets[max(lo - 1, 0) : hi] - start
-        return Window(toks, np.clip(starts, 0, None))
+def pack_layout(offsets: np.ndarray, length: int) -> np.ndarray:
+    """Greedy in-order packing of documents into sequences of <= length tokens: (k, 2) [start, stop)
+    token ranges. A sequence ends at the last document end that fits; a document longer than
+    `length` is cut into `length`-token pieces. Sequences of fewer than 2 tokens carry no target and
+    are dropped."""
+    ends, total = offsets[1:].astype(np.int64), int(offsets[-1])
+    out, p = [], 0
+    while p < total:
+        k = int(np.searchsorted(ends, p + length, side="right")) - 1
+        q = int(ends[k]) if k >= 0 and ends[k] > p else min(p + length, total)
+        if q - p >= 2:
+            out.append((p, q))
+        p = q
+    return np.asarray(out, dtype=np.int64).reshape(-1, 2)
 
 
 class TokenDataset:
-    """A dataset split seen as `num_samples` windows of seq_len + 1 tokens (windows stay in a shard)."""
+    """Random access to the samples of one dataset split (a folder, URI or Location)."""
 
-    def __init__(self, folder: str | Path, seq_len: int) -> None:
-        self.folder = Path(folder)
-        self.index = DatasetIndex.load(self.folder)
-        self.seq_len = seq_len
-        per_shard = [max((s.num_tokens - 1) // seq_len, 0) for s in self.index.shards]
-        self.cum = np.concatenate([[0], np.cumsum(per_shard)]).astype(np.int64)
+    def __init__(
+        self,
+        folder: "str | Location",
+        seq_len: int,
+        *,
+        packing: str = "concat",
+        verify_checksums: bool = False,
+        filesystem: Any = None,
+    ) -> None:
+        if packing not in PACKING_MODES:
+            raise DataError(
+                f"data.packing={packing!r} is not allowed; choose one of: {', '.join(PACKING_MODES)}"
+            )
+        self.loc = folder if isinstance(folder, Location) else resolve(str(folder), filesystem)
+        self.index = DatasetIndex.load(self.loc)
+        self.seq_len, self.length, self.packing = seq_len, seq_len + 1, packing
+        self.verify = verify_checksums
+        self.pad_id = self.index.pad_id
+        self.segments = [
+            (s, b) for s, info in enumerate(self.index.shards) for b in range(len(info.batch_tokens))
+        ]
+        self._readers: dict[int, ShardReader] = {}
+        self._layouts: OrderedDict[int, np.ndarray] = OrderedDict()
+        if packing == "concat":
+            counts = [max((self.index.shards[s].batch_tokens[b] - 1) // seq_len, 0) for s, b in self.segments]
+        else:
+            counts = [len(self._layout(i)) for i in range(len(self.segments))]
+        self.cum = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).astype(np.int64)
         self.num_samples = int(self.cum[-1])
         if self.num_samples == 0:
-            raise DataError(f"{self.folder}: fewer than seq_len + 1 = {seq_len + 1} tokens per shard")
-        self._readers: dict[int, ShardReader] = {}
+            raise DataError(
+                f"{self.loc.uri}: no sample of seq_len + 1 = {self.length} tokens fits in any record batch"
+            )
 
-    def _reader(self, shard: int) -> ShardReader:
-        if shard not in self._readers:
-            info = self.index.shards[shard]
-            path = self.folder / info.file
-            if not path.is_file():
-                raise DataError(f"{path}: shard listed in {self.folder / 'index.json'} is missing")
-            self._readers[shard] = ShardReader(path, info.num_tokens)
-        return self._readers[shard]
+    def __len__(self) -> int:
+        return self.num_samples
 
-    def __getitem__(self, i: int) -> Window:
-        shard = int(np.searchsorted(self.cum, i, side="right") - 1)
-        local = i - int(self.cum[shard])
-        return self._reader(shard).window(local * self.seq_len, self.seq_len + 1)
+    def _batch(self, seg: int) -> tuple[np.ndarray, np.ndarray]:
+        shard, b = self.segments[seg]
+        reader = self._readers.get(shard)
+        if reader is None:
+            reader = self._readers[shard] = ShardReader(self.loc, self.index.shards[shard], self.verify)
+        return reader.batch(b)
+
+    def _layout(self, seg: int) -> np.ndarray:
+        lay = self._layouts.get(seg)
+        if lay is None:
+            lay = self._layouts[seg] = pack_layout(self._batch(seg)[1], self.length)
+            if len(self._layouts) > LAYOUT_CACHE:
+                self._layouts.popitem(last=False)
+        return lay
+
+    def locate(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Sample ids -> (record batch segment, sample number within it)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if len(ids) and (ids.min() < 0 or ids.max() >= self.num_samples):
+            raise IndexError(f"sample id out of range [0, {self.num_samples})")
+        seg = np.searchsorted(self.cum, ids, side="right") - 1
+        return seg, ids - self.cum[seg]
+
+    def target_tokens(self, sample: int) -> int:
+        """Loss-carrying tokens of one sample (seq_len unless it is padded)."""
+        if self.packing == "concat":
+            return self.seq_len
+        seg, j = self.locate(np.array([sample]))
+        p, q = self._layout(int(seg[0]))[int(j[0])]
+        return int(q - p - 1)
+
+    def read(self, ids: np.ndarray, doc_ids: bool = False) -> Samples:
+        """Copy the given samples into one (n, seq_len + 1) int64 array (the only copy made)."""
+        segs, local = self.locate(ids)
+        n, length = len(segs), self.length
+        tokens = np.empty((n, length), dtype=np.int64)
+        valid = np.full(n, length, dtype=np.int64)
+        docs = np.zeros((n, length), dtype=np.int32) if doc_ids else None
+        concat = self.packing == "concat"
+        for i, (seg, j) in enumerate(zip(segs.tolist(), local.tolist())):
+            values, offsets = self._batch(seg)
+            if concat:
+                p, q = j * self.seq_len, j * self.seq_len + length
+            else:
+                p, q = self._layout(seg)[j].tolist()
+                valid[i] = q - p
+                tokens[i, q - p :] = self.pad_id
+            tokens[i, : q - p] = values[p:q]
+            if docs is not None:
+                # document number of each token relative to the first; padding is one more document
+                docs[i, : q - p] = np.searchsorted(offsets, np.arange(p, q), side="right")
+                docs[i, : q - p] -= docs[i, 0]
+                docs[i, q - p :] = docs[i, q - p - 1] + 1
+        return Samples(tokens, valid, docs)

@@ -1,19 +1,30 @@
 """Deterministic, resumable batches for one data-parallel rank.
 
-The global sample order is a pure function of (seed, epoch); optimizer step k consumes global
-samples [k*G, (k+1)*G) and data-parallel rank r of D takes its micro-batches from that range. The
-state is therefore just the number of consumed samples, which resumes exactly and re-splits for any
-other D as long as the global batch G is unchanged.
+Global sample order: sample g of the run comes from source s(g) (MixSchedule) and is that source's
+c-th sample, c = how many samples the source gave before; its epoch is c // N_s and its position in
+the epoch is Permutation(N_s, key(seed, source, epoch))(c % N_s). Optimizer step k consumes global
+samples [k*G, (k+1)*G) and data-parallel rank r of D takes micro-batch m from positions
+k*G + (m*D + r)*mb ... + mb. Ranks of one model replica (tp/pp) pass the same dp_rank and so get the
+same batch.
+
+The state is the cursor after the last step the trainer took: the global sample count and the count
+per source. It is independent of D (resume under another dp size keeps the order) and of G (the
+order is per sample, so even the global batch may change). A background thread (`prefetch`) builds
+steps ahead, but the state only moves when `next_step` hands a step over.
 """
 
-from collections.abc import Iterator
+import queue
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from llmtrain.data.dataset import TokenDataset, Window
+from llmtrain.data.dataset import Samples, TokenDataset
+from llmtrain.data.errors import DataError
+from llmtrain.data.order import MixSchedule, Permutation, derive_key
 
 IGNORE_INDEX = -100
 
@@ -38,81 +49,243 @@ class Batch:
         return Batch(move(self.inputs), move(self.targets), move(self.positions), move(self.attn_mask))
 
 
-def collate(windows: list[Window], document_mask: bool) -> Batch:
-    """Stack windows into a Batch; with document_mask, restart positions and block cross-document attention."""
-    toks = torch.from_numpy(np.stack([w.tokens for w in windows]))
+def collate(s: Samples, document_mask: bool) -> Batch:
+    """Samples -> Batch. Targets past a sample's valid tokens (padding) are IGNORE_INDEX; with
+    document_mask, positions restart at each document and attention stays inside it."""
+    toks = torch.from_numpy(s.tokens)
     inputs, targets = toks[:, :-1].contiguous(), toks[:, 1:].contiguous()
+    seq = inputs.shape[1]
+    if (s.valid < seq + 1).any():
+        targets[torch.arange(seq).unsqueeze(0) >= torch.from_numpy(s.valid - 1).unsqueeze(1)] = IGNORE_INDEX
     if not document_mask:
         return Batch(inputs, targets)
-    seq = inputs.shape[1]
-    doc_ids = torch.zeros(len(windows), seq, dtype=torch.long)
-    for b, w in enumerate(windows):
-        for s in w.doc_starts[w.doc_starts > 0]:
-            if s < seq:
-                doc_ids[b, int(s) :] += 1
-    idx = torch.arange(seq)
-    first = torch.stack([torch.searchsorted(d, d, side="left") for d in doc_ids])
-    positions = idx.unsqueeze(0) - first
-    same_doc = doc_ids.unsqueeze(-1) == doc_ids.unsqueeze(-2)
+    assert s.doc_ids is not None, "document_mask needs Samples.doc_ids"
+    doc = torch.from_numpy(s.doc_ids[:, :-1].astype(np.int64))
+    first = torch.searchsorted(doc, doc, side="left")  # index of each token's document start
+    positions = torch.arange(seq).unsqueeze(0) - first
+    same_doc = doc.unsqueeze(-1) == doc.unsqueeze(-2)
     causal = torch.ones(seq, seq, dtype=torch.bool).tril()
     return Batch(inputs, targets, positions, (same_doc & causal).unsqueeze(1))
 
 
+@dataclass
+class Cursor:
+    """Position in the global sample stream: samples consumed in all, and per source."""
+
+    consumed: int
+    counts: list[int]
+    units: list[int]
+    """Schedule units per source: samples, or loss tokens when sequences are padded (MixSchedule)."""
+
+
 class DataLoader:
-    """Micro-batches for (dp_rank, dp_size) over one dataset, `state_dict` = consumed samples."""
+    """Micro-batches for (dp_rank, dp_size) over one or more weighted datasets."""
 
     def __init__(
         self,
-        dataset: TokenDataset,
+        datasets: TokenDataset | list[TokenDataset],
         *,
         micro_batch_size: int,
         grad_accum: int,
         dp_rank: int = 0,
         dp_size: int = 1,
+        weights: list[float] | None = None,
         seed: int = 0,
         shuffle: bool = True,
         document_mask: bool = False,
+        prefetch: int = 0,
     ) -> None:
-        self.ds, self.mb, self.accum = dataset, micro_batch_size, grad_accum
-        self.dp_rank, self.dp_size = dp_rank, dp_size
-        self.seed, self.shuffle, self.document_mask = seed, shuffle, document_mask
+        self.datasets = datasets if isinstance(datasets, list) else [datasets]
+        self.schedule = MixSchedule(weights or [1.0] * len(self.datasets))
+        if len(self.schedule.weights) != len(self.datasets):
+            raise ValueError(f"{len(weights or [])} weights for {len(self.datasets)} data.sources")
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError(f"dp_rank {dp_rank} outside [0, {dp_size})")
+        self.mb, self.accum, self.dp_rank, self.dp_size = micro_batch_size, grad_accum, dp_rank, dp_size
+        self.seed, self.shuffle, self.document_mask, self.prefetch = seed, shuffle, document_mask, prefetch
         self.global_batch = micro_batch_size * grad_accum * dp_size
-        self.consumed = 0
-        self._perm_epoch, self._perm = -1, np.arange(0)
+        padded = any(d.packing != "concat" for d in self.datasets)
+        self._cost = self._target_tokens if padded and len(self.datasets) > 1 else None
+        self._cursor = Cursor(0, [0] * len(self.datasets), [0] * len(self.datasets))
+        self._perms: dict[tuple[int, int], Permutation] = {}
+        self._prefetcher: _Prefetcher | None = None
 
-    def _sample_id(self, g: int) -> int:
-        epoch, i = divmod(g, self.ds.num_samples)
+    # -- order ---------------------------------------------------------------------------------
+    def _sample_ids(self, source: int, ordinals: np.ndarray) -> np.ndarray:
+        n = self.datasets[source].num_samples
+        epochs, pos = np.divmod(ordinals, n)
         if not self.shuffle:
-            return i
-        if epoch != self._perm_epoch:
-            rng = np.random.default_rng([self.seed, epoch])
-            self._perm, self._perm_epoch = rng.permutation(self.ds.num_samples), epoch
-        return int(self._perm[i])
+            return pos
+        out = np.empty_like(pos)
+        for e in np.unique(epochs).tolist():
+            key = (source, e)
+            if key not in self._perms:
+                if len(self._perms) > 8:
+                    self._perms.clear()
+                self._perms[key] = Permutation(n, derive_key(self.seed, source, e))
+            sel = epochs == e
+            out[sel] = self._perms[key](pos[sel])
+        return out
 
-    def next_step(self) -> list[Batch]:
-        """This rank's micro-batches for the next optimizer step; advances the state by one global batch."""
+    def _target_tokens(self, source: int, ordinal: int) -> int:
+        return self.datasets[source].target_tokens(int(self._sample_ids(source, np.array([ordinal]))[0]))
+
+    def _read(self, sources: np.ndarray, ordinals: np.ndarray) -> Samples:
+        if len(self.datasets) == 1:
+            return self.datasets[0].read(self._sample_ids(0, ordinals), self.document_mask)
+        parts: list[tuple[np.ndarray, Samples]] = []
+        for s in np.unique(sources).tolist():
+            sel = np.flatnonzero(sources == s)
+            parts.append((sel, self.datasets[s].read(self._sample_ids(s, ordinals[sel]), self.document_mask)))
+        n, length = len(sources), self.datasets[0].length
+        out = Samples(
+            np.empty((n, length), np.int64),
+            np.empty(n, np.int64),
+            np.empty((n, length), np.int32) if self.document_mask else None,
+        )
+        for sel, part in parts:
+            out.tokens[sel], out.valid[sel] = part.tokens, part.valid
+            if out.doc_ids is not None:
+                out.doc_ids[sel] = part.doc_ids
+        return out
+
+    def _build(self, cur: Cursor) -> tuple[list[Batch], Cursor]:
+        """This rank's micro-batches for the step starting at `cur`, and the cursor after it."""
+        sources, ordinals, counts, units = self.schedule.assign(
+            cur.counts, self.global_batch, cur.units, self._cost
+        )
         out = []
         for m in range(self.accum):
-            first = self.consumed + (m * self.dp_size + self.dp_rank) * self.mb
-            windows = [self.ds[self._sample_id(g)] for g in range(first, first + self.mb)]
-            out.append(collate(windows, self.document_mask))
-        self.consumed += self.global_batch
-        return out
+            first = (m * self.dp_size + self.dp_rank) * self.mb
+            sl = slice(first, first + self.mb)
+            out.append(collate(self._read(sources[sl], ordinals[sl]), self.document_mask))
+        return out, Cursor(cur.consumed + self.global_batch, counts, units)
+
+    # -- iteration -----------------------------------------------------------------------------
+    def next_step(self) -> list[Batch]:
+        """This rank's micro-batches for the next optimizer step; advances the state by one global batch."""
+        if self.prefetch > 0:
+            if self._prefetcher is None:
+                self._prefetcher = _Prefetcher(self._build, self._cursor, self.prefetch)
+            batches, self._cursor = self._prefetcher.get()
+        else:
+            batches, self._cursor = self._build(self._cursor)
+        return batches
 
     def __iter__(self) -> Iterator[list[Batch]]:
         while True:
             yield self.next_step()
 
+    def close(self) -> None:
+        """Stop the prefetch thread (it restarts from the current state on the next step)."""
+        if self._prefetcher is not None:
+            self._prefetcher.close()
+            self._prefetcher = None
+
+    # -- state ---------------------------------------------------------------------------------
+    @property
+    def consumed(self) -> int:
+        """Global samples handed to the trainer so far."""
+        return self._cursor.consumed
+
+    @consumed.setter
+    def consumed(self, value: int) -> None:
+        """Jump to global sample `value` (0 rewinds, e.g. to repeat the same validation batches)."""
+        self.close()
+        zeros = [0] * len(self.datasets)
+        _, _, counts, units = self.schedule.assign(zeros, value, zeros, self._cost)
+        self._cursor = Cursor(value, counts, units)
+
     @property
     def epoch(self) -> int:
-        return self.consumed // self.ds.num_samples
+        """Epoch of the first source (sources cycle independently: see `epochs`)."""
+        return self.epochs[0]
+
+    @property
+    def epochs(self) -> list[int]:
+        return [c // d.num_samples for c, d in zip(self._cursor.counts, self.datasets)]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"consumed": self.consumed, "global_batch": self.global_batch, "seed": self.seed}
+        """Small JSON-able state: the cursor plus what must match for the order to be the same."""
+        return {
+            "consumed": self._cursor.consumed,
+            "source_consumed": list(self._cursor.counts),
+            "source_units": list(self._cursor.units),
+            "seed": self.seed,
+            "num_samples": [d.num_samples for d in self.datasets],
+            "weights": list(self.schedule.weights),
+            "global_batch": self.global_batch,
+            "dp_size": self.dp_size,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume at a saved cursor; refuses when a change would alter the sample order."""
         if state.get("seed", self.seed) != self.seed:
-            raise ValueError(
+            raise DataError(
                 f"data.seed changed from {state['seed']} to {self.seed}: the sample order would differ"
             )
-        self.consumed = int(state["consumed"])
+        sizes = [d.num_samples for d in self.datasets]
+        if "num_samples" in state and list(state["num_samples"]) != sizes:
+            names = ", ".join(d.loc.uri for d in self.datasets)
+            raise DataError(
+                f"data.sources ({names}) hold {sizes} samples but the checkpoint was taken with "
+                f"{state['num_samples']} (changed data, data.seq_len or data.packing): the order would differ"
+            )
+        if "weights" in state and not np.allclose(
+            state["weights"], self.schedule.weights, rtol=0, atol=1e-12
+        ):
+            raise DataError(
+                f"data.sources weights changed from {state['weights']} to {self.schedule.weights}: "
+                "the mixing schedule would differ"
+            )
+        self.close()
+        counts = [int(c) for c in state.get("source_consumed", [state["consumed"]])]
+        units = [int(u) for u in state.get("source_units", counts)]
+        if len(counts) != len(self.datasets):
+            raise DataError(f"checkpoint has {len(counts)} data.sources, the config {len(self.datasets)}")
+        self._cursor = Cursor(int(state["consumed"]), counts, units)
+
+
+class _Prefetcher:
+    """Builds steps ahead in a daemon thread; hands them over, with the cursor after each, in order."""
+
+    def __init__(self, build: Callable[[Cursor], tuple[list[Batch], Cursor]], start: Cursor, depth: int):
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, args=(build, start), daemon=True, name="data-prefetch"
+        )
+        self._thread.start()
+
+    def _put(self, item: object) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def _run(self, build: Callable[[Cursor], tuple[list[Batch], Cursor]], cur: Cursor) -> None:
+        try:
+            while not self._stop.is_set():
+                item = build(cur)
+                cur = item[1]
+                self._put(item)
+        except BaseException as e:  # handed to the consumer, which re-raises it
+            self._put(e)
+
+    def get(self) -> tuple[list[Batch], Cursor]:
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            self.close()
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        self._thread.join()

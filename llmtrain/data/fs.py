@@ -1,0 +1,93 @@
+"""Where a dataset lives: a local folder, a pyarrow filesystem URI (`file://`, `s3://`, `gs://`,
+`hdfs://`) or any fsspec URI (`memory://`, ...), all seen through one `pyarrow.fs.FileSystem`.
+
+Local files (also behind `file://` or a `SubTreeFileSystem` over the local disk) are opened
+memory-mapped, so the reader views token buffers in the page cache without copying. Other
+filesystems are read record batch by record batch (one batch is the unit of I/O; see shard.py).
+"""
+
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from llmtrain.data.errors import DataError
+
+
+@dataclass(frozen=True)
+class Location:
+    """A folder on a filesystem; `mmap` is true when files open as zero-copy memory maps."""
+
+    fs: pafs.FileSystem
+    path: str
+    uri: str
+
+    @property
+    def mmap(self) -> bool:
+        return _is_local(self.fs)
+
+    def child(self, name: str) -> "Location":
+        """The file or folder `name` inside this folder."""
+        return Location(self.fs, str(PurePosixPath(self.path) / name), f"{self.uri.rstrip('/')}/{name}")
+
+    def exists(self) -> bool:
+        return self.fs.get_file_info(self.path).type != pafs.FileType.NotFound
+
+    def size(self) -> int:
+        return self.fs.get_file_info(self.path).size
+
+    def read_text(self) -> str:
+        with self.fs.open_input_stream(self.path) as f:
+            return f.read().decode("utf-8")
+
+    def open(self) -> pa.NativeFile:
+        """Random-access handle (a memory map for local files)."""
+        return self.fs.open_input_file(self.path)
+
+
+def _is_local(fs: pafs.FileSystem) -> bool:
+    if isinstance(fs, pafs.LocalFileSystem):
+        return True
+    return isinstance(fs, pafs.SubTreeFileSystem) and isinstance(fs.base_fs, pafs.LocalFileSystem)
+
+
+def _with_mmap(fs: pafs.FileSystem) -> pafs.FileSystem:
+    """The same filesystem, but opening local files as memory maps (zero-copy reads)."""
+    if isinstance(fs, pafs.LocalFileSystem):
+        return pafs.LocalFileSystem(use_mmap=True)
+    if isinstance(fs, pafs.SubTreeFileSystem) and isinstance(fs.base_fs, pafs.LocalFileSystem):
+        return pafs.SubTreeFileSystem(fs.base_path, pafs.LocalFileSystem(use_mmap=True))
+    return fs
+
+
+def as_pyarrow_fs(filesystem: Any) -> pafs.FileSystem:
+    """Accept a pyarrow FileSystem or an fsspec AbstractFileSystem."""
+    if isinstance(filesystem, pafs.FileSystem):
+        return _with_mmap(filesystem)
+    return pafs.PyFileSystem(pafs.FSSpecHandler(filesystem))
+
+
+def resolve(path: str, filesystem: Any = None) -> Location:
+    """Map a dataset path (plain path or URI, optionally relative to `filesystem`) to a Location."""
+    path = str(path)
+    if filesystem is not None:
+        return Location(as_pyarrow_fs(filesystem), path, path)
+    if "://" not in path:
+        return Location(pafs.LocalFileSystem(use_mmap=True), str(PurePosixPath(path)), path)
+    try:
+        fs, inner = pafs.FileSystem.from_uri(path)
+        return Location(_with_mmap(fs), inner, path)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+        try:
+            import fsspec
+        except ImportError:
+            raise DataError(
+                f"{path}: pyarrow does not know this URI scheme and fsspec is not installed"
+            ) from e
+        try:
+            ffs, inner = fsspec.core.url_to_fs(path)
+        except (ValueError, ImportError) as e2:
+            raise DataError(f"{path}: no pyarrow or fsspec filesystem for this URI ({e2})") from e2
+        return Location(as_pyarrow_fs(ffs), inner, path)

@@ -1,0 +1,68 @@
+"""One Arrow shard opened for reading: record batches as numpy views of the memory-mapped file.
+
+Opening checks what is cheap and always worth checking (file present, size as indexed, readable IPC
+footer, schema, batch count and per-batch token counts); `verify=True` also hashes the whole file
+against the index. On a local filesystem the views are zero-copy; elsewhere each record batch is read
+on first use and the last few are cached.
+"""
+
+import numpy as np
+import pyarrow as pa
+
+from llmtrain.data.errors import DataError
+from llmtrain.data.format import INDEX_NAME, SCHEMA, ShardInfo, verify_shard
+from llmtrain.data.fs import Location
+
+REMOTE_CACHE = 2
+"""Record batches kept per shard when the filesystem cannot be memory-mapped."""
+
+
+class ShardReader:
+    """Token values and document offsets of one shard, per record batch."""
+
+    def __init__(self, folder: Location, info: ShardInfo, verify: bool = False) -> None:
+        self.loc, self.info = folder.child(info.file), info
+        if not self.loc.exists():
+            raise DataError(f"{self.loc.uri}: shard listed in {INDEX_NAME} is missing")
+        size = self.loc.size()
+        if size != info.bytes:
+            raise DataError(
+                f"{self.loc.uri}: {size} bytes but {INDEX_NAME} says {info.bytes} (truncated or replaced?)"
+            )
+        if verify:
+            verify_shard(folder, info)
+        try:
+            self._reader = pa.ipc.open_file(self.loc.open())
+        except (OSError, pa.ArrowInvalid) as e:
+            raise DataError(f"{self.loc.uri}: not a readable Arrow IPC shard ({e})") from e
+        if not self._reader.schema.equals(SCHEMA):
+            raise DataError(f"{self.loc.uri}: schema {self._reader.schema} is not {SCHEMA}")
+        if self._reader.num_record_batches != len(info.batch_tokens):
+            raise DataError(
+                f"{self.loc.uri}: {self._reader.num_record_batches} record batches but {INDEX_NAME} "
+                f"lists {len(info.batch_tokens)}"
+            )
+        self._keep_all = folder.mmap
+        self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def batch(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """(uint32 token values, int32 document offsets starting at 0) of record batch i."""
+        hit = self._cache.get(i)
+        if hit is not None:
+            return hit
+        try:
+            col = self._reader.get_batch(i).column(0)
+            offsets = col.offsets.to_numpy()
+            values = col.values.to_numpy()
+        except (OSError, pa.ArrowException) as e:
+            raise DataError(f"{self.loc.uri}: record batch {i} is unreadable ({e})") from e
+        n = self.info.batch_tokens[i]
+        if values.dtype != np.uint32 or len(values) != n or offsets[0] != 0 or offsets[-1] != n:
+            raise DataError(
+                f"{self.loc.uri}: record batch {i} holds {len(values)} {values.dtype} tokens, "
+                f"{INDEX_NAME} says {n} uint32 (corrupt shard?)"
+            )
+        if not self._keep_all and len(self._cache) >= REMOTE_CACHE:
+            self._cache.pop(next(iter(self._cache)))
+        self._cache[i] = (values, offsets)
+        return values, offsets

@@ -1,0 +1,104 @@
+"""Raw text -> shards: formats, shard sizes, validation split, parallel determinism, idempotency, CLI."""
+
+import gzip
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from llmtrain.data import DatasetIndex
+from llmtrain.data.prepare import prepare_dataset
+from llmtrain.data.tokenizer import ByteTokenizer
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def docs_of(folder: Path) -> list[str]:
+    """Decode every document of a byte-tokenized split (checking its EOS)."""
+    index, tok, out = DatasetIndex.load(folder), ByteTokenizer(), []
+    for info in index.shards:
+        with pa.memory_map(str(folder / info.file)) as f:
+            for row in pa.ipc.open_file(f).read_all().column(0).to_pylist():
+                assert row[-1] == tok.eos_id
+                out.append(tok.decode(row[:-1]))
+    return out
+
+
+@pytest.fixture
+def texts() -> list[str]:
+    rng = np.random.default_rng(0)
+    words = ["alpha", "beta", "gamma", "délta", "ε", "\n", "zeta"]
+    return [" ".join(rng.choice(words, size=int(rng.integers(1, 300)))) for _ in range(120)]
+
+
+def test_every_input_format_round_trips(tmp_path: Path, texts: list[str]) -> None:
+    (tmp_path / "txt").mkdir()
+    for i, t in enumerate(texts[:5]):
+        (tmp_path / "txt" / f"{i:02d}.txt").write_text(t)
+    with gzip.open(tmp_path / "a.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps({"content": t, "id": i}) + "\n" for i, t in enumerate(texts))
+    pq.write_table(pa.table({"content": texts}), tmp_path / "a.parquet", row_group_size=17)
+    prepare_dataset(tmp_path / "txt", tmp_path / "o1")
+    assert docs_of(tmp_path / "o1") == texts[:5]
+    prepare_dataset(tmp_path / "a.jsonl.gz", tmp_path / "o2", text_field="content")
+    assert docs_of(tmp_path / "o2") == texts
+    prepare_dataset(tmp_path / "a.parquet", tmp_path / "o3", text_field="content")
+    assert docs_of(tmp_path / "o3") == texts
+
+
+def test_shards_validation_split_and_parallel_determinism(tmp_path: Path, texts: list[str]) -> None:
+    raw = tmp_path / "a.jsonl"
+    raw.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    kw = {"shard_tokens": 5000, "val_fraction": 0.1, "chunk_docs": 7}
+    one = prepare_dataset(raw, tmp_path / "w1", workers=1, **kw)
+    two = prepare_dataset(raw, tmp_path / "w2", workers=2, **kw)
+    assert [s.sha256 for s in one.shards] == [s.sha256 for s in two.shards]  # same bytes for any workers
+    val = DatasetIndex.load(tmp_path / "w1" / "val")
+    assert val.num_documents == 12 and one.num_documents == 108  # exactly 10%, spread evenly
+    assert docs_of(tmp_path / "w1" / "val") == texts[9::10]
+    longest = max(len(t.encode()) for t in texts) + 1
+    assert len(one.shards) > 3
+    for s in one.shards[:-1]:  # cut at the first document boundary at or past the target
+        assert 5000 <= s.num_tokens < 5000 + longest
+    assert one.num_tokens == sum(len(t.encode()) + 1 for i, t in enumerate(texts) if i % 10 != 9)
+    assert one.tokenizer == "byte-v1" and all(len(s.sha256) == 64 for s in one.shards)
+
+
+def test_rerun_is_idempotent_and_a_changed_input_rebuilds(tmp_path: Path, texts: list[str]) -> None:
+    raw = tmp_path / "a.jsonl"
+    raw.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    first = prepare_dataset(raw, tmp_path / "o", shard_tokens=4000)
+    stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "o").iterdir()}
+    again = prepare_dataset(raw, tmp_path / "o", shard_tokens=4000)
+    assert again == first
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "o").iterdir()} == stamps  # nothing rewritten
+    raw.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[:10]))
+    rebuilt = prepare_dataset(raw, tmp_path / "o", shard_tokens=4000)
+    assert rebuilt.num_documents == 10 and len(rebuilt.shards) < len(first.shards)
+    assert sorted(p.name for p in (tmp_path / "o").glob("*.arrow")) == [s.file for s in rebuilt.shards]
+
+
+def test_cli_prepares_verifies_and_reports_errors(tmp_path: Path, texts: list[str]) -> None:
+    for i in range(2):
+        (tmp_path / f"{i}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[i::2]))
+    tool = [sys.executable, str(ROOT / "tools" / "prepare_data.py")]
+    out = tmp_path / "ds"
+    run = subprocess.run(
+        [*tool, str(tmp_path / "0.jsonl"), str(tmp_path / "1.jsonl"), "--out", str(out), "--workers", "2",
+         "--val-fraction", "0.05", "--shard-mb", "0.01"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert "120 documents" not in run.stdout and "114 documents" in run.stdout
+    assert docs_of(out) + docs_of(out / "val") != [] and len(docs_of(out)) == 114
+    assert sorted(docs_of(out) + docs_of(out / "val")) == sorted(texts[0::2] + texts[1::2])
+    check = subprocess.run([*tool, "--verify", str(out)], capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0 and "verified" in check.stdout
+    (out / "shard_00000.arrow").write_bytes(b"garbage")
+    bad = subprocess.run([*tool, "--verify", str(out)], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "shard_00000.arrow" in bad.stderr
