@@ -1,0 +1,105 @@
+"""Measured peak tensor memory of real training steps on CPU, to validate the planner's estimate.
+
+`torch.cuda.max_memory_allocated` has no CPU counterpart, and process RSS mixes in the allocator's
+caching, the Python heap and libraries. `PeakTensorMemory` counts what the GPU counter counts: the
+bytes of every live tensor storage created inside it (a TorchDispatchMode sees each op's outputs;
+a weak reference on each storage says when it is freed).
+"""
+
+import weakref
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.checkpoint import checkpoint
+
+
+class PeakTensorMemory(TorchDispatchMode):
+    """Tracks live and peak bytes of tensor storages allocated while the mode is active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: dict[int, int] = {}
+        self.current = 0
+        self.peak = 0
+
+    def _free(self, key: int) -> None:
+        self.current -= self.live.pop(key, 0)
+
+    def track(self, t: torch.Tensor) -> None:
+        st = t.untyped_storage()
+        key = st._cdata
+        if key in self.live or st.device.type == "meta":
+            return
+        self.live[key] = st.nbytes()
+        self.current += st.nbytes()
+        self.peak = max(self.peak, self.current)
+        weakref.finalize(st, self._free, key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.track(t)
+        return out
+
+
+class _Checkpointed(torch.nn.Module):
+    """Non-reentrant activation checkpoint of one block (used when the engine does not apply it)."""
+
+    def __init__(self, block: torch.nn.Module) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, *args: Any) -> torch.Tensor:
+        return checkpoint(self.block, *args, use_reentrant=False)
+
+
+def measure_train_peak(
+    model_cfg: Any,
+    *,
+    seq_len: int,
+    micro_batch_size: int,
+    grad_accum: int = 1,
+    precision: str = "fp32",
+    activation_checkpoint: str = "none",
+    steps: int = 3,
+) -> int:
+    """Peak tensor bytes over `steps` single-process optimizer steps (weights, grads, AdamW state,
+    activations and temporaries) through the trainer's own `train_step` and optimizer."""
+    from llmtrain.config.optim import OptimConfig
+    from llmtrain.data.loader import Batch
+    from llmtrain.models.build import build_model
+    from llmtrain.train.optim import build_optimizer
+    from llmtrain.train.step import train_step
+
+    gen = torch.Generator().manual_seed(0)
+    vocab = model_cfg.vocab_size
+    with PeakTensorMemory() as mem:
+        model = build_model(model_cfg, device="cpu")
+        model.init_weights(0)
+        for i, key in enumerate(list(model.layers)):
+            if activation_checkpoint == "full" or (activation_checkpoint == "selective" and i % 2 == 1):
+                model.layers[key] = _Checkpointed(model.layers[key])
+        optimizer = build_optimizer(model, OptimConfig())
+        dtype = torch.bfloat16 if precision == "bf16" else None
+        autocast = (lambda: torch.autocast("cpu", dtype=dtype)) if dtype else nullcontext
+        for _ in range(steps):
+            batches = []
+            for _ in range(grad_accum):
+                toks = torch.randint(0, vocab, (micro_batch_size, seq_len + 1), generator=gen)
+                batches.append(Batch(toks[:, :-1].contiguous(), toks[:, 1:].contiguous()))
+            train_step(
+                model,
+                optimizer,
+                batches,
+                dp_size=1,
+                dp_group=None,
+                grad_clip=1.0,
+                autocast=autocast,
+                no_sync=nullcontext,
+            )
+            del batches
+    return mem.peak

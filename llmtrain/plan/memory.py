@@ -1,0 +1,245 @@
+"""Per-GPU memory of a training layout, derived from what this code base actually allocates.
+
+Bytes per parameter (parameters stay fp32 under `trainer.precision=bf16`, autocast casts them):
+fp32 weights 4, fp32 gradients 4, AdamW moments 8. ZeRO shards over the dp_shard group: stage 1
+the optimizer state, 2 also the gradients, 3 also the weights (FSDP2 then holds the unsharded
+weights of about two blocks at a time, in parallel.param_dtype). Plain DDP (zero_stage 0, dp > 1)
+keeps gradient buckets as big as the gradients (`gradient_as_bucket_view` is off).
+
+Saved activations per token and block, read off the autograd graph of `llmtrain.models.llama`
+(d = dim, q = n_heads * head_dim, f = ffn hidden, h = n_heads; GQA keys/values are saved after
+`repeat_interleave`, so they cost q each whatever n_kv_heads is):
+- fp32: 4 * (6d + 4q + 4f + h + 2): two norms keep input, 1/rms, normalized x and the weighted
+  output (the linear input); SDPA keeps q, k, v, out and the log-sum-exp; SwiGLU keeps w1 x, w3 x,
+  silu(w1 x) and the product;
+- bf16 autocast: 16d + 8 (fp32 norm region) + 10d (every linear saves its own bf16 cast of its
+  input: 3 for q/k/v, 2 for w1/w3) + 8q + 8f + 4h, plus a bf16 copy of the block's weights (the
+  autocast cast that backward needs), per micro-batch in flight.
+With tensor parallelism the q/f/h terms divide by tp, the norm region only with sequence
+parallel; linear inputs stay full size. Checkpointed blocks keep only their fp32 input (4d) and
+one block is rebuilt at a time in backward. The loss adds a transient of vocab-sized tensors per
+token (logits, their fp32 copy, log-softmax and its gradient) on the last pipeline stage.
+Pipeline stages hold the activations of the micro-batches in flight: pp for 1F1B (first stage),
+all of them for GPipe. Validated against measured peak tensor memory: see docs/performance.md.
+"""
+
+import math
+from dataclasses import dataclass, fields
+
+from llmtrain.models.llama import TransformerArgs
+
+GIB = 1024**3
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+@dataclass(kw_only=True)
+class Layout:
+    """One parallel layout with its micro-batch; mirrors the parallel.* and trainer.* keys."""
+
+    dp_replicate: int = 1
+    dp_shard: int = 1
+    tp: int = 1
+    pp: int = 1
+    zero_stage: int = 0
+    activation_checkpoint: str = "none"
+    sequence_parallel: bool = True
+    pp_schedule: str = "1f1b"
+    pp_microbatches: int | None = None
+    pp_virtual_stages: int = 1
+    param_dtype: str = "fp32"
+    micro_batch_size: int = 1
+
+    @property
+    def dp(self) -> int:
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def world(self) -> int:
+        return self.dp * self.tp * self.pp
+
+    def describe(self) -> str:
+        parts = [
+            f"dp{self.dp_replicate}x{self.dp_shard}",
+            f"tp{self.tp}",
+            f"pp{self.pp}",
+            f"z{self.zero_stage}",
+        ]
+        return " ".join([*parts, f"ac:{self.activation_checkpoint}", f"mbs{self.micro_batch_size}"])
+
+
+@dataclass(kw_only=True)
+class MemoryEstimate:
+    """Peak bytes on the most loaded GPU (the first or last pipeline stage), by category."""
+
+    weights: float
+    grads: float
+    optimizer: float
+    activations: float
+    loss: float
+    buffers: float
+    dynamic: float
+    """max(activations + loss [+ gradients when accumulating], gradients): the part that peaks."""
+    params_local: float
+    """Parameters held by that GPU before ZeRO sharding (after tp/pp splitting)."""
+
+    @property
+    def total(self) -> float:
+        """Peak: what stays allocated (weights, optimizer state, buffers) plus the dynamic peak."""
+        return self.weights + self.optimizer + self.buffers + self.dynamic
+
+    def as_gib(self) -> dict[str, float]:
+        out = {f.name: getattr(self, f.name) / GIB for f in fields(self) if f.name != "params_local"}
+        return {**out, "total": self.total / GIB}
+
+
+def block_params(args: TransformerArgs) -> tuple[int, int]:
+    """(matrix weights, norm weights) of one transformer block."""
+    d, hd = args.dim, args.head_dim
+    q, kv = args.n_heads * hd, args.kv_heads * hd
+    return d * q + 2 * d * kv + q * d + 3 * d * args.hidden_dim, 2 * d
+
+
+def total_params(args: TransformerArgs) -> int:
+    """Unique parameters (a tied output head is counted once), as `count_params` reports."""
+    mats, norms = block_params(args)
+    head = 0 if args.tie_embeddings else args.vocab_size * args.dim
+    return args.n_layers * (mats + norms) + args.vocab_size * args.dim + head + args.dim
+
+
+def stage_params(args: TransformerArgs, tp: int, pp: int, stage: str) -> tuple[float, int]:
+    """(parameters on one GPU of a pipeline stage, its block count). `stage` is "first" (holds the
+    embedding) or "last" (final norm and head; its own copy of a tied head when pp > 1); with pp = 1
+    the one stage holds all. Matrices and the vocabulary split over tp, norms are replicated."""
+    mats, norms = block_params(args)
+    vd = args.vocab_size * args.dim / tp
+    layers = math.ceil(args.n_layers / pp)
+    blocks = layers * (mats / tp + norms)
+    if pp == 1:
+        return blocks + vd + (0 if args.tie_embeddings else vd) + args.dim, layers
+    return (blocks + vd, layers) if stage == "first" else (blocks + vd + args.dim, layers)
+
+
+def act_bytes_per_token(args: TransformerArgs, precision: str, tp: int, sp: bool) -> float:
+    """Saved activation bytes per token of one (not checkpointed) block; see the module docstring."""
+    d, q, f, h = args.dim, args.n_heads * args.head_dim, args.hidden_dim, args.n_heads
+    norm_div = tp if (sp and tp > 1) else 1
+    if precision == "bf16":
+        return (16 * d + 8) / norm_div + 10 * d + (8 * q + 8 * f + 4 * h) / tp
+    return 4 * (4 * d + 2) / norm_div + 4 * 2 * d + 4 * (4 * q + 4 * f + h) / tp
+
+
+def in_flight_microbatches(layout: Layout, stage: str) -> int:
+    """Micro-batches whose activations a pipeline stage holds at its peak: one without pipelining,
+    all of them under GPipe, pp on the first stage of 1F1B (1 on the last)."""
+    if layout.pp == 1:
+        return 1
+    m = layout.pp_microbatches or 2 * layout.pp
+    if layout.pp_schedule == "gpipe":
+        return m
+    if stage == "last":
+        return 1
+    if layout.pp_schedule == "interleaved_1f1b":
+        v = max(layout.pp_virtual_stages, 1)
+        return min(m, math.ceil(layout.pp * (1 + (layout.pp - 1) / (layout.pp * v))))
+    return min(m, layout.pp)
+
+
+def estimate_memory(
+    args: TransformerArgs, seq_len: int, layout: Layout, *, precision: str = "bf16", grad_accum: int = 1
+) -> MemoryEstimate:
+    """Peak per-GPU memory of a training step in steady state (optimizer state already allocated),
+    on the most loaded GPU: the first or the last pipeline stage."""
+    stages = ("first", "last") if layout.pp > 1 else ("last",)
+    ests = [_estimate_stage(args, seq_len, layout, precision, grad_accum, stage) for stage in stages]
+    return max(ests, key=lambda e: e.total)
+
+
+def _estimate_stage(
+    args: TransformerArgs, seq_len: int, layout: Layout, precision: str, grad_accum: int, stage: str
+) -> MemoryEstimate:
+    p_local, layers = stage_params(args, layout.tp, layout.pp, stage)
+    has_loss = stage == "last"
+    shard, z = layout.dp_shard, layout.zero_stage
+    weights = 4 * p_local / (shard if z >= 3 else 1)
+    grads = 4 * p_local / (shard if z >= 2 else 1)
+    optimizer = 8 * p_local / (shard if z >= 1 else 1)
+    mats, norms = block_params(args)
+    layer_local = mats / layout.tp + norms
+    buffers = args.max_seq_len * args.head_dim * 4  # RoPE table
+    if z >= 3 and shard > 1:  # FSDP2: two unsharded blocks (current + prefetch) and a grad reduce buffer
+        buffers += 2 * layer_local * DTYPE_BYTES[layout.param_dtype] + 4 * layer_local
+    elif z == 2 and shard > 1:
+        buffers += 4 * layer_local
+    if z == 0 and layout.dp > 1:
+        buffers += 4 * p_local  # DDP gradient buckets
+
+    tokens = layout.micro_batch_size * seq_len
+    in_flight = in_flight_microbatches(layout, stage)
+    per_block = act_bytes_per_token(args, precision, layout.tp, layout.sequence_parallel) * tokens
+    # under bf16 autocast each block saves a bf16 cast of its weights (the head one of its own)
+    cast_dtype = precision == "bf16" and not (z >= 3 and layout.param_dtype == "bf16")
+    cast_block = 2 * mats / layout.tp if cast_dtype else 0.0
+    ckpt = checkpointed_blocks(layout.activation_checkpoint, layers)
+    kept = [in_flight * (4 * args.dim * tokens if c else per_block + cast_block) for c in ckpt]
+    vocab = args.vocab_size / layout.tp
+    # logits, log-softmax output, its gradient and the logits gradient (vocab-sized, per token)
+    loss = tokens * (vocab * 12 + args.dim * 12) if has_loss else 0.0
+    loss += 2 * vocab * args.dim if cast_dtype and has_loss else 0.0
+    grad_div = shard if z >= 2 else 1
+    grad_layer = 4 * layer_local / grad_div
+    grad_head = 4 * vocab * args.dim / grad_div if has_loss else 0.0  # allocated first in backward
+    dynamic = backward_sweep(
+        kept,
+        ckpt,
+        per_block + cast_block,
+        loss,
+        grad_layer,
+        grad_head,
+        grads,
+        accumulating=grad_accum > 1 or layout.pp > 1,
+        flow=2 * 4 * args.dim * tokens,  # gradient of the residual stream in and out of a block
+    )
+    return MemoryEstimate(
+        weights=weights,
+        grads=grads,
+        optimizer=optimizer,
+        activations=sum(kept),
+        loss=loss,
+        buffers=buffers,
+        dynamic=dynamic,
+        params_local=p_local,
+    )
+
+
+def checkpointed_blocks(mode: str, layers: int) -> list[bool]:
+    """Which blocks activation checkpointing wraps: all (full), every other one (selective)."""
+    return [mode == "full" or (mode == "selective" and i % 2 == 1) for i in range(layers)]
+
+
+def backward_sweep(
+    kept: list[float],
+    ckpt: list[bool],
+    rebuilt: float,
+    loss: float,
+    grad_layer: float,
+    grad_head: float,
+    grads: float,
+    *,
+    accumulating: bool,
+    flow: float = 0.0,
+) -> float:
+    """Peak of activations + gradients over one micro-batch's backward, block by block.
+
+    At the loss every block's saved tensors and the loss transient are alive. Then block i (last
+    first) rebuilds its activations (`rebuilt` bytes) if checkpointed, and frees them once its
+    gradients exist, so gradients grow while activations shrink. When accumulating (or pipelining)
+    the gradients of earlier micro-batches are all alive already; the optimizer step sees the
+    gradients alone. `flow` is the residual-stream gradient passed between blocks.
+    """
+    base = grads if accumulating else 0.0
+    peak = max(grads, sum(kept) + loss + base)
+    for i in range(len(kept) - 1, -1, -1):
+        grown = base if accumulating else grad_head + (len(kept) - 1 - i) * grad_layer
+        alive = sum(kept[: i + 1]) + (rebuilt if ckpt[i] else 0.0) + flow
+        peak = max(peak, alive + grown + grad_layer)
+    return peak
