@@ -1,0 +1,166 @@
+"""DeepSpeed engine: ZeRO 0/1/2/3 (+ CPU/NVMe offload), bf16, accumulation and clipping by DeepSpeed.
+
+What stays ours: ranks (torchrun or SLURM, never the `deepspeed` launcher), the model and its
+layout-independent init, the data loader, the LR schedule (set on the optimizer every step), the loss
+math of `llmtrain.train.step` and the checkpoint layout (DeepSpeed writes its files into the folder our
+checkpoint manager hands us, inside its atomic tmp -> rename -> COMPLETE protocol).
+
+Loss math. step.py backpropagates  sum(ce over a micro-batch) * dp / N  (N = global target tokens of
+the step) and lets data parallelism *average* the gradients. DeepSpeed also averages over dp, and by
+default divides the loss by gradient_accumulation_steps; we call `backward(..., scale_wrt_gas=False)` so
+the gradient is exactly dL/dw of the token-weighted global mean, whatever the micro-batch token counts.
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():
+    # Must be set before deepspeed is imported: its accelerator is chosen at import time.
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import deepspeed
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
+
+from llmtrain.config import Config, batch_geometry
+from llmtrain.config.validate import ConfigError
+from llmtrain.data.loader import Batch
+from llmtrain.models import build_model
+from llmtrain.parallel.backends.ds_config import deepspeed_config
+from llmtrain.parallel.dims import ParallelDims
+from llmtrain.parallel.engine import Engine
+from llmtrain.train.optim import param_groups
+from llmtrain.train.step import StepResult, global_token_count, token_loss_sum
+
+CKPT_TAG = "deepspeed"
+
+
+def _skip_shm_comm_build() -> None:
+    """DeepSpeed's CPU comm backend JIT-compiles a shared-memory all-reduce op (`deepspeed_shm_comm`,
+    ~25 s of g++ on first start, needs a compiler at run time). We communicate through torch's gloo
+    group anyway, so make the op builder return None, which DeepSpeed treats as "op unavailable"
+    (see ../shared/FACTS.md). Only relevant on the CPU accelerator."""
+    mod = sys.modules.get("deepspeed.comm.torch")
+    if mod is not None and hasattr(mod, "build_shm_op"):
+        mod.build_shm_op = lambda: None
+
+
+def _ensure_process_group(device: torch.device) -> None:
+    """DeepSpeed needs torch.distributed even on one process; the launcher only creates it for > 1."""
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        os.environ.setdefault("LOCAL_RANK", "0")  # read by deepspeed.initialize (torchrun sets it)
+    if device.type == "cpu":
+        _skip_shm_comm_build()
+    deepspeed.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False, verbose=False)
+
+
+class DeepSpeedEngine(Engine):
+    """Our Transformer wrapped by `deepspeed.initialize` with a torch AdamW and a generated config."""
+
+    def __init__(self, cfg: Config, dims: ParallelDims, mesh: DeviceMesh | None, device: torch.device) -> None:
+        if dims.tp_enabled or dims.pp_enabled:
+            raise ConfigError(
+                f"parallel.backend=deepspeed runs data parallel / ZeRO only (got {dims.describe()}); "
+                "use parallel.backend=native or megatron for tp/pp"
+            )
+        if dims.dp_replicate_enabled and dims.dp_shard_enabled:
+            raise ConfigError(
+                f"parallel.backend=deepspeed shards ZeRO over all {dims.dp} data-parallel ranks; set "
+                f"parallel.dp_replicate=1 or parallel.dp_shard=1 (got {dims.describe()})"
+            )
+        self.cfg, self.dims, self.device = cfg, dims, device
+        self.grad_accum = batch_geometry(cfg, dims.dp)
+        self.ds_config = deepspeed_config(cfg, dims.dp, self.grad_accum)
+        _ensure_process_group(device)
+        self.dp_group = mesh["dp"].get_group() if dims.dp_enabled and mesh is not None else None
+        self._write_config()
+        model = build_model(cfg.model, device)
+        model.init_weights(cfg.trainer.seed, buffer_device=device)
+        # A torch optimizer (not DeepSpeed's fused CPU Adam): identical update rule to the native engine.
+        base = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
+                                 betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps, foreach=False)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=base, config=self.ds_config, dist_init_required=False
+        )
+        self.base_optimizer = base
+        self.model = self.engine.module
+        if self.engine.bfloat16_enabled():  # bf16 params, but keep the RoPE table exact
+            self.model.rope = self.model.rope.float()
+        self.modules = [self.model]
+
+    def _write_config(self) -> None:
+        """The generated JSON, next to the resolved config, so users see exactly what DeepSpeed got."""
+        if dist.get_rank() == 0:
+            run_dir = Path(self.cfg.run.root) / self.cfg.run.name
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "deepspeed_config.json").write_text(json.dumps(self.ds_config, indent=2) + "\n")
+
+    def _forward_loss_sum(self, batch: Batch) -> torch.Tensor:
+        logits = self.engine(batch.inputs, positions=batch.positions, attn_mask=batch.attn_mask)
+        return token_loss_sum(logits, batch.targets)
+
+    def train_step(self, batches: list[Batch], lr: float) -> StepResult:
+        if len(batches) != self.grad_accum:
+            raise ValueError(f"deepspeed engine got {len(batches)} micro-batches, its config says "
+                             f"gradient_accumulation_steps={self.grad_accum}")
+        for g in self.base_optimizer.param_groups:
+            g["lr"] = lr
+        n_global = global_token_count(batches, self.dp_group)
+        scale = self.dims.dp / max(n_global, 1)  # see the module docstring
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        grad_norm: float | None = None
+        for i, batch in enumerate(batches):
+            loss = self._forward_loss_sum(batch)
+            self.engine.backward(loss * scale, scale_wrt_gas=False)
+            loss_sum += loss.detach().double().cpu()
+            if i == len(batches) - 1 and self.ds_config["zero_optimization"]["stage"] == 0:
+                grad_norm = self._plain_grad_norm()  # ZeRO-0 does not report it; grads are reduced here
+            self.engine.step()  # a no-op until the accumulation boundary; then clip + AdamW step
+        if grad_norm is None:
+            grad_norm = float(self.engine.get_global_grad_norm())
+        if self.dp_group is not None:
+            dist.all_reduce(loss_sum, group=self.dp_group)
+        return StepResult(float(loss_sum) / max(n_global, 1), grad_norm, n_global)
+
+    def _plain_grad_norm(self) -> float:
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        return float(torch.nn.utils.get_total_norm(grads, foreach=False))
+
+    @torch.no_grad()
+    def evaluate(self, batches: list[Batch]) -> float:
+        self.engine.eval()
+        totals = torch.zeros(2, dtype=torch.float64)
+        for batch in batches:
+            totals[0] += self._forward_loss_sum(batch).double().cpu()
+            totals[1] += batch.num_tokens
+        self.engine.train()
+        if self.dp_group is not None:
+            dist.all_reduce(totals, group=self.dp_group)
+        return float(totals[0] / totals[1].clamp(min=1))
+
+    def save(self, folder: Path) -> None:
+        """DeepSpeed's own sharded format (model states + one ZeRO shard per rank) inside our folder."""
+        self.engine.save_checkpoint(str(folder), tag=CKPT_TAG, save_latest=False)
+
+    def load(self, folder: Path, *, load_optimizer: bool = True) -> None:
+        """Same world size for optimizer state (ZeRO shards are per rank); weights-only loads also work
+        under another data-parallel size for ZeRO 0-2."""
+        path, _ = self.engine.load_checkpoint(
+            str(folder), tag=CKPT_TAG, load_optimizer_states=load_optimizer,
+            load_lr_scheduler_states=False, load_module_only=not load_optimizer,
+        )
+        if path is None:
+            raise FileNotFoundError(f"{folder}: no DeepSpeed checkpoint (tag {CKPT_TAG!r})")
+
+    def full_model_state(self) -> dict[str, torch.Tensor]:
+        """Whole fp32 weights under the native names (ZeRO-3 shards are gathered)."""
+        params = list(self.model.parameters())
+        enabled = self.ds_config["zero_optimization"]["stage"] == 3
+        with deepspeed.zero.GatheredParameters(params, enabled=enabled):
+            return {k: v.detach().float().cpu().clone() for k, v in self.model.state_dict().items()}
