@@ -81,6 +81,10 @@ def _worker(
         pass
     sys.stdout.flush()
     sys.stderr.flush()
+    # os._exit skips the queue's feeder thread: wait until the result is really sent (a fast teardown,
+    # e.g. after DeepSpeed replaced the comm backend, otherwise loses it: "exited without reporting").
+    results.close()
+    results.join_thread()
     os._exit(code)
 
 

@@ -38,5 +38,5 @@ def test_nvme_offload_needs_a_path_and_unknown_options_fail(make_config) -> None
     ok = deepspeed_config(make_config(*base, "+parallel.engine_options.offload_param=nvme",
                                       "+parallel.engine_options.offload_nvme_path=/nvme"), 2, 2)
     assert ok["zero_optimization"]["offload_param"] == {"device": "nvme", "pin_memory": False, "nvme_path": "/nvme"}
-    with pytest.raises(ConfigError, match="unknown keys.*offload_optimiser"):
+    with pytest.raises(ConfigError, match=r"unknown keys.*offload_optimiser"):
         deepspeed_config(make_config(*base, "+parallel.engine_options.offload_optimiser=cpu"), 2, 2)
