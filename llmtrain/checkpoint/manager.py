@@ -1,158 +1,289 @@
-"""Checkpoint manager: sharded model+optimizer through torch.distributed.checkpoint (DCP), plus
-trainer state as JSON and per-rank RNG states, written atomically.
+"""Checkpoint manager: atomic sharded saves (optionally in the background), retention, safe loading.
 
-Layout (DESIGN.md "Checkpoints"):
-  <run_dir>/checkpoints/step_<N>/        complete checkpoint (renamed into place, then COMPLETE marker)
-      model_optim/  DCP shards + .metadata (loadable under another layout)
-      trainer_state.json                 step, tokens, data state per rank, config, tracking run id
-      rng/rank_<r>.pt                    RNG tensors (loaded with weights_only=True)
-      COMPLETE                           written last; only marked folders count as checkpoints
-  <run_dir>/checkpoints/step_<N>.tmp-*   in-progress save; ignored and cleaned up
+A save, on every rank at the same step (see layout.py for the folder layout):
+  1. the engine writes its (sharded) state into a per-rank *staging* folder: `<tmp>/.rank_<r>` on the
+     checkpoint disk, or for `async_save` a RAM disk (/dev/shm) so the step is blocked only for the
+     device->host copy and its serialization to memory;
+  2. each rank moves/copies its own files into the shared temporary folder `step_<N>.tmp-<id>` and
+     fsyncs them (each writer flushes its own data: correct on network filesystems too);
+  3. the ranks agree that every rank succeeded; rank 0 renames the folder to `step_<N>`, writes the
+     COMPLETE manifest last, then applies retention.
+A SIGKILL anywhere before the manifest leaves a folder that is never listed; a failed write (full disk)
+removes the temporary folder and raises CheckpointError on every rank; the previous checkpoint stays.
+For `async_save`, steps 2-3 run in a background thread that talks over its own gloo group, and the next
+save (or `wait()` at the end of the run) waits for it.
 """
 
+import hashlib
 import json
+import logging
 import os
-import re
 import shutil
+import tempfile
+import threading
 import time
 import uuid
+import warnings
+from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
+
+from llmtrain.checkpoint.dcp_io import verify_dcp
+from llmtrain.checkpoint.layout import (
+    COMPLETE,
+    ENGINE_DIR,
+    FORMAT,
+    RNG_DIR,
+    STATE_FILE,
+    TMP_MARK,
+    CheckpointError,
+    fault_point,
+    fsync_path,
+    list_checkpoints,
+    resolve_checkpoint_path,
+    step_dir,
+    verify_manifest,
+    write_manifest,
+)
+from llmtrain.checkpoint.rng import restore_rng, save_torch_rng
 
 if TYPE_CHECKING:
     from llmtrain.parallel.engine import Engine
 
-COMPLETE = "COMPLETE"
-STATE_FILE = "trainer_state.json"
-_STEP_RE = re.compile(r"^step_(\d+)$")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the message names the path."""
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
+log = logging.getLogger("llmtrain")
 
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            with open(Path(dirpath) / name, "rb") as f:
-                os.fsync(f.fileno())
-        fd = os.open(dirpath, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+@dataclass
+class SaveResult:
+    """What a save did: where the checkpoint goes, how long the training loop was blocked."""
+
+    step: int
+    path: Path
+    blocked_s: float
+    done: Future
 
 
-def list_checkpoints(folder: str | Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints in `folder`, oldest first."""
-    folder = Path(folder)
-    out = []
-    if folder.is_dir():
-        for p in folder.iterdir():
-            m = _STEP_RE.match(p.name)
-            if m and (p / COMPLETE).is_file():
-                out.append((int(m.group(1)), p))
-    return sorted(out)
-
-
-def latest_checkpoint(folder: str | Path) -> Path | None:
-    ckpts = list_checkpoints(folder)
-    return ckpts[-1][1] if ckpts else None
-
-
-def capture_rng() -> dict[str, torch.Tensor]:
-    state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def restore_rng(state: dict[str, torch.Tensor]) -> None:
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+def retained_steps(steps: list[int], keep_last: int, keep_every: int) -> set[int]:
+    """Steps to keep: the newest `keep_last`, every multiple of `keep_every`, and always the newest."""
+    steps = sorted(steps)
+    keep = set(steps[-max(keep_last, 1):])
+    if keep_every:
+        keep |= {s for s in steps if s % keep_every == 0}
+    return keep
 
 
 class CheckpointManager:
-    """Save/load/retention for one run folder. All ranks call save/load collectively."""
+    """Save/load/retention for one run's checkpoint folder. Every rank calls save/load together."""
 
-    def __init__(self, folder: str | Path, keep_last: int = 3, keep_every: int = 0) -> None:
+    def __init__(self, folder: str | Path, keep_last: int = 3, keep_every: int = 0, async_save: bool = False,
+                 staging_dir: str | None = None) -> None:
         self.folder = Path(folder)
-        self.keep_last, self.keep_every = keep_last, keep_every
+        self.keep_last, self.keep_every, self.async_save = keep_last, keep_every, async_save
+        self._pending: Future | None = None
+        self._group = None
+        if async_save:
+            root = Path(staging_dir or ("/dev/shm" if Path("/dev/shm").is_dir() else tempfile.gettempdir()))
+            run_id = hashlib.sha1(str(self.folder.resolve()).encode()).hexdigest()[:12]
+            self._staging_root = root / f"llmtrain-{run_id}"
+            shutil.rmtree(self._staging_root / f"rank_{_rank():05d}", ignore_errors=True)  # a killed save's
+            if dist.is_initialized():  # the background thread must not share the training group
+                self._group = dist.new_group(backend="gloo")
 
-    def save(self, step: int, engine: "Engine", state: dict[str, Any], rank_state: dict[str, Any]) -> Path:
-        """Write checkpoint `step`. `state` (JSON) comes from rank 0; `rank_state` (JSON) is gathered
-        from every rank into state['ranks']."""
-        final = self.folder / f"step_{step:08d}"
+    # -- save ---------------------------------------------------------------------------------------
+    def save(self, step: int, engine: "Engine", state: dict[str, Any], rank_state: dict[str, Any]) -> SaveResult:
+        """Collective. `state` (JSON) from rank 0 plus every rank's `rank_state` (JSON) become
+        trainer_state.json. Returns once this rank may continue training (async: after staging)."""
+        t0 = time.perf_counter()
+        self.wait()
+        rank, tmp = _rank(), self._agree_tmp_folder(step)
+        stage = (self._staging_root / f"rank_{rank:05d}") if self.async_save else tmp / f".rank_{rank:05d}"
+        error = None
+        try:
+            shutil.rmtree(stage, ignore_errors=True)
+            stage.mkdir(parents=True)
+            fault_point("begin", step, rank)
+            with warnings.catch_warnings():  # DCP warns that a single process saves without a group
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                engine.save(stage / ENGINE_DIR)
+            save_torch_rng(stage / RNG_DIR / f"rank_{rank:05d}.pt")
+        except (Exception, CheckpointException) as e:  # DCP re-raises a failed write on every rank
+            error = f"rank {rank}: {_describe(e)}"
+        ranks = self._gather(rank_state, None)
+        if rank == 0 and error is None:
+            full = dict(state, format=FORMAT, step=step, ranks=ranks, saved_at=time.time())
+            try:
+                (stage / STATE_FILE).write_text(json.dumps(full))
+            except OSError as e:
+                error = f"rank 0: {e}"
+        fault_point("staged", step, rank)
+        blocked = time.perf_counter() - t0
+        if not self.async_save:
+            self._commit(step, tmp, stage, error, move=True, group=None)
+            done: Future = Future()
+            done.set_result(step_dir(self.folder, step))
+            return SaveResult(step, step_dir(self.folder, step), blocked, done)
+        done = Future()
+        thread = threading.Thread(target=self._background, args=(done, step, tmp, stage, error),
+                                  name=f"ckpt-save-{step}", daemon=True)
+        thread.start()
+        self._pending = done
+        return SaveResult(step, step_dir(self.folder, step), blocked, done)
+
+    def wait(self) -> Path | None:
+        """Block until the in-flight background save (if any) is complete; re-raise its error."""
+        pending, self._pending = self._pending, None
+        return pending.result() if pending is not None else None
+
+    def _background(self, done: Future, step: int, tmp: Path, stage: Path, error: str | None) -> None:
+        try:
+            self._commit(step, tmp, stage, error, move=False, group=self._group)
+            done.set_result(step_dir(self.folder, step))
+        except BaseException as e:
+            done.set_exception(e)
+
+    def _agree_tmp_folder(self, step: int) -> Path:
         token = uuid.uuid4().hex[:8] if _rank() == 0 else ""
         if dist.is_initialized():
             box = [token]
             dist.broadcast_object_list(box, src=0)
             token = box[0]
-        tmp = self.folder / f"step_{step:08d}.tmp-{token}"
+        tmp = self.folder / f"step_{step:08d}{TMP_MARK}{token}"
         tmp.mkdir(parents=True, exist_ok=True)
-        _barrier()
-        engine.save(tmp / "model_optim")
-        (tmp / "rng").mkdir(exist_ok=True)
-        torch.save(capture_rng(), tmp / "rng" / f"rank_{_rank():05d}.pt")
-        ranks = [rank_state]
-        if dist.is_initialized():
-            ranks = [None] * dist.get_world_size()
-            dist.all_gather_object(ranks, rank_state)
-        if _rank() == 0:
-            full = dict(state, step=step, ranks=ranks, saved_at=time.time())
-            (tmp / STATE_FILE).write_text(json.dumps(full))
-        _barrier()
-        if _rank() == 0:
-            _fsync_tree(tmp)
-            if final.exists():  # a stale incomplete folder of the same step (no marker) from a crash
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            marker = final / COMPLETE
-            marker.write_text(str(step))
-            _fsync_tree(final)
-            self._retain()
-        _barrier()
-        return final
+        return tmp
 
-    def _retain(self) -> None:
+    def _gather(self, obj: Any, group: Any) -> list[Any]:
+        if not dist.is_initialized():
+            return [obj]
+        out: list[Any] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(out, obj, group=group)
+        return out
+
+    def _commit(self, step: int, tmp: Path, stage: Path, error: str | None, move: bool, group: Any) -> None:
+        """Per rank: bring own files into tmp and fsync them; then rank 0 publishes atomically."""
+        rank = _rank()
+        if error is None:
+            try:
+                _transfer(stage, tmp, move)
+                fault_point("written", step, rank)
+            except OSError as e:
+                error = f"rank {rank}: {e}"
+        shutil.rmtree(stage, ignore_errors=True)
+        errors = [e for e in self._gather(error, group) if e]
+        if not errors and rank == 0:
+            try:
+                self._publish(step, tmp)
+            except OSError as e:
+                errors = [f"rank 0: {e}"]
+        if dist.is_initialized():  # everyone learns whether rank 0 published
+            errors = [e for e in self._gather(errors[0] if errors else None, group) if e]
+        if errors:
+            if rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(f"checkpoint step {step} into {self.folder} failed, the previous checkpoint "
+                                  f"is kept: {'; '.join(errors)}")
+
+    def _publish(self, step: int, tmp: Path) -> None:
+        final = step_dir(self.folder, step)
+        fsync_path(tmp)
+        for sub in (tmp / ENGINE_DIR, tmp / RNG_DIR):
+            if sub.is_dir():
+                fsync_path(sub)
+        fault_point("renaming", step, 0)
+        if final.exists():  # same step again (an incomplete leftover, or a re-run of that step): replace
+            trash = final.with_name(final.name + TMP_MARK + "old")
+            os.replace(final, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        os.replace(tmp, final)
+        fsync_path(self.folder)
+        fault_point("renamed", step, 0)
+        write_manifest(final, step)
+        fault_point("complete", step, 0)
+        self.apply_retention()
+
+    # -- retention ----------------------------------------------------------------------------------
+    def apply_retention(self) -> list[Path]:
+        """Delete complete checkpoints outside keep-last/keep-every (never the newest) and leftovers
+        of killed saves. Rank 0 only; returns what was deleted."""
         ckpts = list_checkpoints(self.folder)
-        keep = {s for s, _ in ckpts[-self.keep_last :]}
-        if self.keep_every:
-            keep |= {s for s, _ in ckpts if s % self.keep_every == 0}
-        for step, path in ckpts[:-1]:  # never the newest
-            if step not in keep:
-                shutil.rmtree(path, ignore_errors=True)
-        for p in self.folder.glob("step_*.tmp-*"):
+        keep = retained_steps([s for s, _ in ckpts], self.keep_last, self.keep_every)
+        deleted = [p for s, p in ckpts if s not in keep]
+        for p in deleted:
+            # unmark first: a deletion killed half-way leaves an unlisted folder, not a broken checkpoint
+            (p / COMPLETE).unlink(missing_ok=True)
             shutil.rmtree(p, ignore_errors=True)
+        deleted += self.clean_stale()
+        return deleted
 
+    def clean_stale(self) -> list[Path]:
+        """Remove temporary folders of saves that never completed (rank 0, no save in flight)."""
+        stale = [p for p in self.folder.glob(f"step_*{TMP_MARK}*") if p.is_dir()] if self.folder.is_dir() else []
+        stale += [p for p in self.folder.glob("step_*") if p.is_dir() and not (p / COMPLETE).exists()
+                  and p not in stale]
+        for p in stale:
+            shutil.rmtree(p, ignore_errors=True)
+        return stale
+
+    # -- load ---------------------------------------------------------------------------------------
     def load(self, path: str | Path, engine: "Engine", load_optimizer: bool = True) -> dict[str, Any]:
-        """Load model (+ optimizer) in place; return the trainer state with this rank's RNG restored."""
-        path = Path(path)
-        state_file = path / STATE_FILE
-        if not (path / COMPLETE).is_file() or not state_file.is_file():
-            raise CheckpointError(f"{path}: not a complete llmtrain checkpoint (no {COMPLETE} or {STATE_FILE})")
+        """Verify, then load model (+ optimizer) in place; returns trainer_state.json's content."""
+        path = resolve_checkpoint_path(path)
+        state = read_state(path)
+        if (path / ENGINE_DIR / ".metadata").is_file():
+            verify_dcp(path / ENGINE_DIR)
         try:
-            state = json.loads(state_file.read_text())
-        except ValueError as e:
-            raise CheckpointError(f"{state_file}: unreadable trainer state ({e})") from e
-        try:
-            engine.load(path / "model_optim", load_optimizer=load_optimizer)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                engine.load(path / ENGINE_DIR, load_optimizer=load_optimizer)
         except Exception as e:
-            raise CheckpointError(f"{path / 'model_optim'}: cannot load sharded model/optimizer ({e})") from e
-        rng = path / "rng" / f"rank_{_rank():05d}.pt"
-        if rng.is_file():
-            restore_rng(torch.load(rng, weights_only=True))
+            raise CheckpointError(f"{path / ENGINE_DIR}: cannot load model/optimizer state "
+                                  f"({type(e).__name__}: {e})") from e
+        state["path"] = str(path)
         return state
+
+    def restore_rng(self, state: dict[str, Any]) -> None:
+        """Put this rank's generators back where they were at the save (exact resume)."""
+        rank, ranks = _rank(), state.get("ranks") or []
+        torch_file = Path(state["path"]) / RNG_DIR / f"rank_{rank:05d}.pt"
+        restore_rng(torch_file, ranks[rank].get("rng") if rank < len(ranks) else None)
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """trainer_state.json of a verified checkpoint (plain JSON; format checked)."""
+    verify_manifest(path)
+    f = path / STATE_FILE
+    try:
+        state = json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{f}: unreadable trainer state ({e})") from e
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{f}: not an llmtrain trainer state (format {FORMAT!r} expected)")
+    return state
+
+
+def _transfer(stage: Path, tmp: Path, move: bool) -> None:
+    """Move (same disk) or copy (from RAM) every staged file into tmp, then fsync it there."""
+    for src in sorted(p for p in stage.rglob("*") if p.is_file()):
+        dst = tmp / src.relative_to(stage)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if dst.exists():
+            raise OSError(f"{dst} was written by two ranks (engine file names must be unique per rank)")
+        if move:
+            os.replace(src, dst)
+        else:
+            shutil.copyfile(src, dst)
+        fsync_path(dst)
+
+
+def _describe(e: BaseException) -> str:
+    """One line for an error; DCP's CheckpointException carries per-rank errors with tracebacks."""
+    if isinstance(e, CheckpointException):
+        return "; ".join(f"{type(x).__name__}: {x}" for x, *_ in e.failures.values())
+    return f"{type(e).__name__}: {e}"

@@ -19,11 +19,30 @@ class CheckpointConfig:
     """Also keep permanently every checkpoint whose step is a multiple of M (0 disables)."""
     async_save: bool = False
     """Block the step only for the device-to-host copy; write in the background."""
+    async_staging_dir: str | None = None
+    """RAM-backed folder for async staging (None = /dev/shm, else the system temp folder)."""
     save_at_end: bool = True
     """Save when training finishes or is interrupted by a signal."""
     resume: str = "auto"
-    """auto = newest complete checkpoint in the run folder; none = start fresh; or a checkpoint path."""
+    """auto = newest complete checkpoint in the run folder; none (or false) = start fresh (refused when the
+    run folder holds checkpoints); or a checkpoint path, used while the run has no checkpoint of its own."""
     init_from: str | None = None
     """Fine-tuning: load model weights (only) from this checkpoint when the run has none of its own."""
     init_load_optimizer: bool = False
     """With init_from, also load the optimizer state."""
+
+
+RESUME_OFF = ("none", "false", "no", "off")
+RESUME_AUTO = ("auto", "true", "yes", "on")
+
+
+def resume_mode(value: object) -> str:
+    """Normalize checkpoint.resume: 'auto', 'none', or a path (YAML may hand us a bool)."""
+    text = str(value).strip()
+    if text.lower() in RESUME_OFF:
+        return "none"
+    if text.lower() in RESUME_AUTO:
+        return "auto"
+    if not text:
+        raise ValueError("checkpoint.resume: empty; allowed: auto, none (false) or a checkpoint path")
+    return text

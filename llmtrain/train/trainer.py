@@ -9,7 +9,9 @@ from typing import Any
 
 import torch
 
-from llmtrain.checkpoint import CheckpointManager, latest_checkpoint
+from llmtrain.checkpoint import CheckpointManager, SaveResult, latest_checkpoint, read_state
+from llmtrain.checkpoint.policy import SaveSchedule, check_model_matches, plan_resume
+from llmtrain.checkpoint.rng import capture_host_rng
 from llmtrain.config import Config, batch_geometry
 from llmtrain.config.io import to_dict
 from llmtrain.data import build_train_loader, build_val_loader
@@ -59,7 +61,9 @@ class Trainer:
         self.val_loader = build_val_loader(cfg.data, micro_batch_size=t.micro_batch_size, dp_rank=dp_rank,
                                            dp_size=self.dims.dp)
         ck = cfg.checkpoint
-        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", ck.keep_last, ck.keep_every)
+        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", ck.keep_last, ck.keep_every, ck.async_save,
+                                      ck.async_staging_dir)
+        self.save_schedule, self.saving = SaveSchedule(ck.every_steps, ck.every_minutes), None
         self.console = ConsoleLogger(env.is_main)
         self.stop = StopFlag()
         self.stop.install()
@@ -107,6 +111,7 @@ class Trainer:
             self.validate()
         if self.cfg.checkpoint.enabled and self.cfg.checkpoint.save_at_end and self.last_saved != self.step:
             self.save()
+        self.finish_save()
         self.tracker.finish(status, model_dir=latest_checkpoint(self.ckpt.folder))
         self.summarize(status)
         return {"step": self.step, "status": status, "history": self.history, "run_dir": str(self.run_dir),
@@ -154,34 +159,58 @@ class Trainer:
         return loss
 
     def should_save(self) -> bool:
-        c = self.cfg.checkpoint
-        if not c.enabled:
-            return False
-        by_step = c.every_steps and self.step % c.every_steps == 0
-        by_time = c.every_minutes and time.time() - self.last_save_time >= 60 * c.every_minutes
-        return bool(by_step or by_time)
+        """Step cadence and/or wall-clock cadence (decided on rank 0, so every rank agrees)."""
+        return self.cfg.checkpoint.enabled and self.save_schedule.due(self.step)
 
     def save(self) -> None:
-        t0 = time.perf_counter()
+        """Checkpoint now (collective). With checkpoint.async_save only the staging blocks the loop."""
+        self.finish_save()  # a background save still in flight completes (or raises) first
+        o = self.cfg.optim
         state = {"tokens_seen": self.tokens_seen, "config": to_dict(self.cfg), "mlflow_run_id": self.tracker.run_id,
-                 "world_size": self.env.world_size, "layout": self.dims.describe()}
-        path = self.ckpt.save(self.step, self.engine, state, {"data": self.train_loader.state_dict()})
-        self.last_saved, self.last_save_time = self.step, time.time()
+                 "run_dir": str(self.run_dir.resolve()), "world_size": self.env.world_size,
+                 "layout": self.dims.describe(), "engine": self.cfg.parallel.backend,
+                 "lr_schedule": {"step": self.step, "max_steps": self.cfg.trainer.max_steps,
+                                 "next_lr": o.lr * lr_factor(self.step, o, self.cfg.trainer.max_steps)}}
+        rank_state = {"data": self.train_loader.state_dict(), "rng": capture_host_rng()}
+        self.saving = self.ckpt.save(self.step, self.engine, state, rank_state)
+        self.last_saved = self.step
+        self.save_schedule.saved()
+        if self.cfg.checkpoint.async_save:
+            self.console.info(f"checkpoint step {self.step}: loop blocked {self.saving.blocked_s:.2f}s, "
+                              "writing in the background")
+        else:
+            self.finish_save()
+
+    def finish_save(self) -> None:
+        """Wait for the pending save, then report it (size, time) to the console and tracking."""
+        res: SaveResult | None = self.saving
+        if res is None:
+            return
+        self.saving = None
+        path = res.done.result()
         size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if self.env.is_main else 0
-        self.console.info(f"saved {path} ({size / 1e6:.1f} MB) in {time.perf_counter() - t0:.2f}s")
-        self.tracker.log_checkpoint(self.step, path, size)
+        self.console.info(f"saved {path} ({size / 1e6:.1f} MB; loop blocked {res.blocked_s:.2f}s)")
+        self.tracker.log_checkpoint(res.step, path, size)
 
     def maybe_resume(self) -> str | None:
-        """Auto-resume from the newest complete checkpoint (checkpoint.resume=auto|none|<path>)."""
+        """Start state per llmtrain.checkpoint.policy (auto-resume, resume=<path>, init_from, fresh).
+        Returns the tracking run id to continue (only when resuming this very run)."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        mode = self.cfg.checkpoint.resume
-        path = latest_checkpoint(self.ckpt.folder) if mode == "auto" else None if mode == "none" else Path(mode)
-        if path is None:
+        if self.env.is_main:
+            self.ckpt.clean_stale()  # leftovers of a save that was killed
+        plan = plan_resume(self.cfg.checkpoint, self.ckpt.folder)
+        if plan.path is None:
             return None
-        state = self.ckpt.load(path, self.engine)
+        check_model_matches(read_state(plan.path).get("config"), self.cfg.model, plan.path)
+        state = self.ckpt.load(plan.path, self.engine, load_optimizer=plan.load_optimizer)
+        self.console.info(f"{plan.reason} (step {state['step']})")
+        if not plan.full_state:
+            return None
         self.step, self.tokens_seen, self.last_saved = state["step"], state["tokens_seen"], state["step"]
         ranks = state["ranks"]
-        data_state = ranks[self.env.rank if self.env.rank < len(ranks) else 0]["data"]
-        self.train_loader.load_state_dict(data_state)
-        self.console.info(f"resumed from {path} at step {self.step}")
-        return state.get("mlflow_run_id")
+        self.train_loader.load_state_dict(ranks[self.env.rank if self.env.rank < len(ranks) else 0]["data"])
+        self.ckpt.restore_rng(state)
+        if state.get("world_size") != self.env.world_size:
+            self.console.info(f"checkpoint saved on {state.get('world_size')} ranks [{state.get('layout')}], "
+                              f"resharded onto {self.env.world_size} [{self.dims.describe()}]")
+        return state.get("mlflow_run_id") if state.get("run_dir") == str(self.run_dir.resolve()) else None

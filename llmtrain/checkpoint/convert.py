@@ -1,0 +1,68 @@
+"""Checkpoint <-> Hugging Face folder conversion (the logic behind tools/export_hf.py, import_hf.py)."""
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmtrain.checkpoint.dcp_io import read_tensors, tensor_shapes, write_tensors
+from llmtrain.checkpoint.hf import from_hf, hf_config, load_hf, model_config_from_hf, save_hf, to_hf
+from llmtrain.checkpoint.layout import (
+    ENGINE_DIR,
+    FORMAT,
+    STATE_FILE,
+    CheckpointError,
+    resolve_checkpoint_path,
+    write_manifest,
+)
+from llmtrain.checkpoint.manager import read_state
+from llmtrain.models.llama import TransformerArgs
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _hidden_dim(model: dict[str, Any]) -> int:
+    fields = TransformerArgs.__dataclass_fields__
+    return TransformerArgs(**{k: v for k, v in model.items() if k in fields and k != "name"}).hidden_dim
+
+
+def export_hf(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", max_shard_gb: float = 5.0) -> Path:
+    """Write the model of an llmtrain checkpoint (any parallel layout) as an HF Llama folder."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}; allowed: {', '.join(DTYPES)}")
+    path = resolve_checkpoint_path(checkpoint)
+    model = (read_state(path).get("config") or {}).get("model")
+    if not model:
+        raise CheckpointError(f"{path / STATE_FILE}: no model config recorded")
+    names = sorted(tensor_shapes(path / ENGINE_DIR))
+    tensors = read_tensors(path / ENGINE_DIR, names)
+    tensors = {k: v.to(DTYPES[dtype]) for k, v in tensors.items()}
+    out = Path(out)
+    save_hf(out, to_hf(tensors, model), hf_config(model, _hidden_dim(model), DTYPES[dtype]),
+            max_shard_bytes=int(max_shard_gb * (1 << 30)))
+    return out
+
+
+def import_hf(hf_folder: str | Path, out: str | Path) -> dict[str, Any]:
+    """Write an HF Llama folder as an llmtrain checkpoint (weights only, step 0) for
+    `checkpoint.init_from=<out>`; returns the `model.*` values the run must use."""
+    hf_folder, out = Path(hf_folder), Path(out)
+    tensors, config = load_hf(hf_folder)
+    model = model_config_from_hf(config)
+    ours = {k: v.float() for k, v in from_hf(tensors, config).items()}
+    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write_tensors(tmp / ENGINE_DIR, ours)
+    state = {"format": FORMAT, "step": 0, "tokens_seen": 0, "ranks": [], "saved_at": time.time(),
+             "config": {"model": model}, "source": str(hf_folder.resolve())}
+    (tmp / STATE_FILE).write_text(json.dumps(state))
+    if out.exists():
+        raise CheckpointError(f"{out}: exists; choose a new output folder")
+    os.replace(tmp, out)
+    write_manifest(out, 0)
+    return model

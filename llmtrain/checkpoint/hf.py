@@ -1,0 +1,178 @@
+"""Hugging Face Llama interop: parameter names, the RoPE row permutation, config.json, safetensors.
+
+Our attention rotates interleaved pairs (x[2i], x[2i+1]) (Meta's layout); HF's LlamaAttention rotates
+halves (x[i], x[i + d/2]) (`rotate_half`). Both give the same attention scores if the rows of wq/wk
+inside each head are reordered: HF row j < d/2 is our row 2j, HF row d/2 + j is our row 2j + 1. That
+is the permutation HF's own `convert_llama_weights_to_hf.py` applies; `to_hf`/`from_hf` do it and its
+inverse. Everything is written as safetensors + JSON, never pickle.
+"""
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from llmtrain.checkpoint.layout import CheckpointError
+
+_LAYER = {
+    "attention.wq.weight": "self_attn.q_proj.weight",
+    "attention.wk.weight": "self_attn.k_proj.weight",
+    "attention.wv.weight": "self_attn.v_proj.weight",
+    "attention.wo.weight": "self_attn.o_proj.weight",
+    "attention_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "feed_forward.w1.weight": "mlp.gate_proj.weight",
+    "feed_forward.w3.weight": "mlp.up_proj.weight",
+    "feed_forward.w2.weight": "mlp.down_proj.weight",
+}
+_TOP = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+        "output.weight": "lm_head.weight"}
+
+
+def interleaved_to_halves(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Reorder the rows of each head from (x0, x1, x2, x3, ...) pairs to (x0, x2, ... | x1, x3, ...)."""
+    rows, cols = w.shape
+    return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def halves_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Inverse of `interleaved_to_halves`."""
+    rows, cols = w.shape
+    return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def hf_name(name: str) -> str:
+    if name in _TOP:
+        return _TOP[name]
+    _, idx, rest = name.split(".", 2)  # layers.<i>.<rest>
+    return f"model.layers.{idx}.{_LAYER[rest]}"
+
+
+def to_hf(state: dict[str, torch.Tensor], model: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Our full state dict -> HF LlamaForCausalLM names and q/k row order (model = config['model'])."""
+    kv = model.get("n_kv_heads") or model["n_heads"]
+    out = {}
+    for name, t in state.items():
+        if name == "output.weight" and model.get("tie_embeddings"):
+            continue
+        if name.endswith("attention.wq.weight"):
+            t = interleaved_to_halves(t, model["n_heads"])
+        elif name.endswith("attention.wk.weight"):
+            t = interleaved_to_halves(t, kv)
+        out[hf_name(name)] = t.contiguous()
+    return out
+
+
+def from_hf(state: dict[str, torch.Tensor], hf_config: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """HF Llama tensors -> our names and interleaved q/k rows."""
+    reverse = {v: k for k, v in _TOP.items()}
+    n_heads = hf_config["num_attention_heads"]
+    kv = hf_config.get("num_key_value_heads") or n_heads
+    out = {}
+    for name, t in state.items():
+        if name in reverse:
+            ours = reverse[name]
+        else:
+            parts = name.split(".", 3)  # model.layers.<i>.<rest>
+            rest = {v: k for k, v in _LAYER.items()}.get(parts[3] if len(parts) == 4 else "")
+            if parts[:2] != ["model", "layers"] or rest is None:
+                if "rotary_emb" in name:
+                    continue
+                raise CheckpointError(f"unexpected tensor {name!r}: not a plain Llama checkpoint")
+            ours = f"layers.{parts[2]}.{rest}"
+        if ours.endswith("attention.wq.weight"):
+            t = halves_to_interleaved(t, n_heads)
+        elif ours.endswith("attention.wk.weight"):
+            t = halves_to_interleaved(t, kv)
+        out[ours] = t.contiguous()
+    if "output.weight" not in out and "tok_embeddings.weight" in out:
+        out["output.weight"] = out["tok_embeddings.weight"]  # tied embeddings
+    return out
+
+
+def hf_config(model: dict[str, Any], hidden_dim: int, dtype: torch.dtype) -> dict[str, Any]:
+    """config.json for LlamaForCausalLM from our model config (a dict of ModelConfig)."""
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": model["dim"], "intermediate_size": hidden_dim,
+        "num_hidden_layers": model["n_layers"], "num_attention_heads": model["n_heads"],
+        "num_key_value_heads": model.get("n_kv_heads") or model["n_heads"],
+        "head_dim": model["dim"] // model["n_heads"], "vocab_size": model["vocab_size"],
+        "max_position_embeddings": model["max_seq_len"], "rms_norm_eps": model["norm_eps"],
+        "rope_theta": model["rope_theta"],
+        "rope_parameters": {"rope_type": "default", "rope_theta": model["rope_theta"]},
+        "tie_word_embeddings": bool(model.get("tie_embeddings")), "hidden_act": "silu",
+        "attention_bias": False, "mlp_bias": False, "initializer_range": model.get("init_std", 0.02),
+        "torch_dtype": str(dtype).removeprefix("torch."), "dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+def model_config_from_hf(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Our `model.*` values for an HF Llama config.json (refuses variants we do not implement)."""
+    if cfg.get("model_type") != "llama":
+        raise CheckpointError(f"config.json: model_type {cfg.get('model_type')!r}; only 'llama' is supported")
+    for key, ok in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
+        if cfg.get(key, ok) != ok:
+            raise CheckpointError(f"config.json: {key}={cfg[key]!r} is not supported (needs {ok!r})")
+    scaling = cfg.get("rope_scaling") or {}
+    rope = cfg.get("rope_parameters") or {}
+    if scaling or rope.get("rope_type", "default") != "default":
+        raise CheckpointError(f"config.json: rope scaling {scaling or rope} is not supported")
+    dim, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+    if cfg.get("head_dim", dim // heads) != dim // heads:
+        raise CheckpointError(f"config.json: head_dim {cfg['head_dim']} != hidden_size / num_attention_heads")
+    return {"dim": dim, "n_layers": cfg["num_hidden_layers"], "n_heads": heads,
+            "n_kv_heads": cfg.get("num_key_value_heads") or heads, "vocab_size": cfg["vocab_size"],
+            "ffn_dim": cfg["intermediate_size"], "norm_eps": cfg.get("rms_norm_eps", 1e-5),
+            "rope_theta": rope.get("rope_theta", cfg.get("rope_theta", 10000.0)),
+            "max_seq_len": cfg.get("max_position_embeddings", 2048),
+            "tie_embeddings": bool(cfg.get("tie_word_embeddings", False))}
+
+
+def save_hf(folder: Path, tensors: dict[str, torch.Tensor], config: dict[str, Any],
+            max_shard_bytes: int = 5 << 30) -> list[Path]:
+    """safetensors shards (+ index when more than one) and config.json, HF's sharded layout."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    files = []
+    for i, shard in enumerate(shards):
+        fname = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(folder / fname), metadata={"format": "pt"})
+        files.append(folder / fname)
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+                 "weight_map": {n: f.name for f, s in zip(files, shards) for n in s}}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return files
+
+
+def load_hf(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Tensors and config.json of an HF model folder (single or sharded safetensors)."""
+    cfg_file = folder / "config.json"
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{cfg_file}: missing (not a Hugging Face model folder)")
+    config = json.loads(cfg_file.read_text())
+    index = folder / "model.safetensors.index.json"
+    names = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [
+        "model.safetensors"]
+    tensors: dict[str, torch.Tensor] = {}
+    for name in names:
+        f = folder / name
+        if not f.is_file():
+            raise CheckpointError(f"{f}: missing safetensors file (only .safetensors weights are read)")
+        try:
+            tensors.update(load_file(str(f)))
+        except Exception as e:
+            raise CheckpointError(f"{f}: unreadable safetensors ({e})") from e
+    return tensors, config

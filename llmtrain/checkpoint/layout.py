@@ -1,0 +1,129 @@
+"""On-disk layout of a checkpoint folder, the completion manifest, and durable-write helpers.
+
+    <run_dir>/checkpoints/step_<N:08d>/      complete checkpoint (renamed into place, then COMPLETE)
+        model_optim/                         engine state (DCP shards + .metadata for the native engine)
+        trainer_state.json                   step, tokens, LR position, per-rank data/RNG state, config, run id
+        rng/rank_<r>.pt                      torch RNG tensors of rank r (loaded with weights_only=True)
+        COMPLETE                             JSON manifest {step, files: {relative path: size}}; written last
+    <run_dir>/checkpoints/step_<N>.tmp-<id>  a save in progress (or killed): never listed, cleaned up
+
+A folder counts as a checkpoint only when its manifest exists and parses; loading re-checks every
+listed file's size, so a truncated file is reported by name instead of failing deep inside torch.
+"""
+
+import json
+import os
+import re
+import signal
+from pathlib import Path
+
+FORMAT = "llmtrain-checkpoint/1"
+COMPLETE = "COMPLETE"
+STATE_FILE = "trainer_state.json"
+ENGINE_DIR = "model_optim"
+RNG_DIR = "rng"
+STEP_RE = re.compile(r"^step_(\d+)$")
+TMP_MARK = ".tmp-"
+FAULT_ENV = "LLMTRAIN_CKPT_FAULT"
+"""Test hook: `<kill|term>:<phase>:<step>[:<rank>]` sends SIGKILL/SIGTERM to this rank at that phase."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used or written; the message names the file or folder."""
+
+
+def step_dir(folder: Path, step: int) -> Path:
+    return folder / f"step_{step:08d}"
+
+
+def list_checkpoints(folder: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints in `folder` (those with a COMPLETE manifest), oldest first."""
+    folder = Path(folder)
+    out = []
+    if folder.is_dir():
+        for p in folder.iterdir():
+            m = STEP_RE.match(p.name)
+            if m and (p / COMPLETE).is_file():
+                out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def latest_checkpoint(folder: str | Path) -> Path | None:
+    """Newest complete checkpoint in `folder`, or None."""
+    ckpts = list_checkpoints(folder)
+    return ckpts[-1][1] if ckpts else None
+
+
+def resolve_checkpoint_path(path: str | Path) -> Path:
+    """A checkpoint folder as given, or the newest complete one inside a checkpoints/ or run folder."""
+    path = Path(path)
+    if (path / COMPLETE).is_file() or STEP_RE.match(path.name):
+        return path
+    for folder in (path, path / "checkpoints"):
+        newest = latest_checkpoint(folder)
+        if newest is not None:
+            return newest
+    raise CheckpointError(f"{path}: no complete llmtrain checkpoint here (expected a step_<N> folder with a "
+                          f"{COMPLETE} file, or a run/checkpoints folder holding one)")
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file and directory under root (data first, then the directory entries)."""
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            fsync_path(Path(dirpath) / name)
+        fsync_path(Path(dirpath))
+
+
+def tree_sizes(root: Path) -> dict[str, int]:
+    """{relative path: size} of every file under root (the manifest content)."""
+    return {str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def write_manifest(folder: Path, step: int) -> None:
+    """Write COMPLETE last and durably: its presence is what makes the folder a checkpoint."""
+    files = {k: v for k, v in tree_sizes(folder).items() if k != COMPLETE}
+    tmp = folder / (COMPLETE + ".tmp")
+    tmp.write_text(json.dumps({"format": FORMAT, "step": step, "files": files}))
+    fsync_path(tmp)
+    os.replace(tmp, folder / COMPLETE)
+    fsync_path(folder)
+
+
+def verify_manifest(folder: Path) -> dict:
+    """Check every file listed in COMPLETE exists with its recorded size; returns the manifest."""
+    marker = folder / COMPLETE
+    if not marker.is_file():
+        raise CheckpointError(f"{folder}: not a complete llmtrain checkpoint (no {COMPLETE} file)")
+    try:
+        manifest = json.loads(marker.read_text())
+        files = manifest["files"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{marker}: unreadable completion manifest ({e})") from e
+    if manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{marker}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    for rel, size in files.items():
+        p = folder / rel
+        if not p.is_file():
+            raise CheckpointError(f"{p}: listed in {marker} but missing")
+        if p.stat().st_size != size:
+            raise CheckpointError(f"{p}: {p.stat().st_size} bytes, the manifest recorded {size} (truncated?)")
+    return manifest
+
+
+def fault_point(phase: str, step: int, rank: int) -> None:
+    """Fault injection for the atomicity tests (see FAULT_ENV); a no-op unless the variable is set."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    action, want_phase, want_step, *want_rank = spec.split(":")
+    if want_phase == phase and int(want_step) == step and (not want_rank or int(want_rank[0]) == rank):
+        os.kill(os.getpid(), signal.SIGKILL if action == "kill" else signal.SIGTERM)

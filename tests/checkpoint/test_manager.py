@@ -1,0 +1,148 @@
+"""CheckpointManager in one process: round trip, retention, resume policy, cadence, bad input."""
+
+import json
+import os
+import pickle
+import time
+
+import pytest
+import torch
+
+from llmtrain.checkpoint import CheckpointError, CheckpointManager, latest_checkpoint, list_checkpoints
+from llmtrain.checkpoint.dcp_io import read_metadata
+from llmtrain.checkpoint.layout import COMPLETE, write_manifest
+from llmtrain.checkpoint.manager import retained_steps
+from llmtrain.checkpoint.policy import SaveSchedule, check_model_matches, plan_resume
+from tests.checkpoint.common import TINY, assert_same, make_engine, snapshot, step
+
+
+@pytest.fixture
+def cfg(make_config):
+    torch.set_num_threads(1)
+    return make_config(*TINY)
+
+
+def _save(mgr, engine, s):
+    return mgr.save(s, engine, {"tokens_seen": s * 10, "config": {}}, {"data": {"consumed": s}})
+
+
+def test_round_trip_restores_model_and_optimizer_exactly(cfg, tmp_path):
+    eng = make_engine(cfg)
+    step(eng)
+    mgr = CheckpointManager(tmp_path, keep_last=2)
+    res = _save(mgr, eng, 1)
+    assert res.done.result() == tmp_path / "step_00000001" and list_checkpoints(tmp_path) == [(1, res.path)]
+    saved = snapshot(eng)
+    manifest = json.loads((res.path / COMPLETE).read_text())
+    assert {"trainer_state.json", "rng/rank_00000.pt", "model_optim/.metadata"} <= set(manifest["files"])
+    step(eng, seed=1)  # move away, then load back into a fresh engine and into the moved one
+    for target in (make_engine(cfg), eng):
+        state = mgr.load(res.path, target)
+        assert (state["step"], state["tokens_seen"], state["ranks"]) == (1, 10, [{"data": {"consumed": 1}}])
+        assert_same(snapshot(target), saved)
+    fresh = make_engine(cfg)
+    mgr.load(res.path, fresh, load_optimizer=False)  # weights only: optimizer stays empty
+    assert not fresh.optimizer.state and torch.equal(fresh.model.output.weight, eng.model.output.weight)
+
+
+def test_retention_keep_last_and_keep_every(cfg, tmp_path):
+    assert retained_steps([10, 20, 30, 40, 50], 2, 0) == {40, 50}
+    assert retained_steps([10, 20, 30, 40, 50], 2, 20) == {20, 40, 50}
+    assert retained_steps([7], 1, 5) == {7}  # the newest survives whatever the policy
+    eng = make_engine(cfg)
+    mgr = CheckpointManager(tmp_path, keep_last=2, keep_every=3)
+    (tmp_path / "step_00000099.tmp-dead").mkdir(parents=True)  # a killed save's leftover
+    (tmp_path / "step_00000098").mkdir()  # renamed but never marked complete
+    for s in range(1, 8):
+        _save(mgr, eng, s)
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [3, 6, 7]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000003", "step_00000006", "step_00000007"]
+
+
+def test_resume_policy(cfg, tmp_path):
+    eng = make_engine(cfg)
+    other = CheckpointManager(tmp_path / "other")
+    _save(other, eng, 5)
+    ck, own = cfg.checkpoint, tmp_path / "own"
+    assert plan_resume(ck, own).path is None
+    ck.init_from = str(tmp_path / "other")  # a run folder resolves to its newest checkpoint
+    plan = plan_resume(ck, own)
+    assert (plan.path.name, plan.full_state, plan.load_optimizer) == ("step_00000005", False, False)
+    ck.resume = str(tmp_path / "other" / "step_00000005")
+    assert plan_resume(ck, own).full_state
+    _save(CheckpointManager(own), eng, 2)
+    assert plan_resume(ck, own).path == own / "step_00000002"  # the run's own checkpoint wins
+    ck.resume = "none"
+    with pytest.raises(CheckpointError, match="already holds checkpoints"):
+        plan_resume(ck, own)
+    ck.resume = str(tmp_path / "nothing")
+    with pytest.raises(CheckpointError, match="nothing"):
+        plan_resume(ck, tmp_path / "empty")
+
+
+def test_model_shape_mismatch_names_the_keys(cfg, tmp_path):
+    with pytest.raises(CheckpointError, match=r"model.dim: checkpoint 64 vs run 32"):
+        check_model_matches({"model": {"dim": 64, "n_layers": 2}}, cfg.model, tmp_path)
+    check_model_matches({"model": {"dim": 32, "max_seq_len": 4}}, cfg.model, tmp_path)
+
+
+def test_time_based_schedule(monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    sched = SaveSchedule(every_steps=0, every_minutes=2)
+    assert not sched.due(1)
+    now[0] += 121
+    assert sched.due(2)
+    sched.saved()
+    assert not sched.due(3)
+    assert SaveSchedule(every_steps=5, every_minutes=0).due(10)
+
+
+def test_truncated_or_foreign_checkpoints_name_the_file(cfg, tmp_path):
+    eng = make_engine(cfg)
+    mgr = CheckpointManager(tmp_path / "ck")
+    path = _save(mgr, eng, 1).path
+    with pytest.raises(CheckpointError, match="no complete llmtrain checkpoint"):
+        mgr.load(tmp_path / "somewhere", eng)
+    foreign = tmp_path / "hf" / "step_00000001"
+    foreign.mkdir(parents=True)
+    (foreign / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match=f"{foreign}.*no COMPLETE"):
+        mgr.load(foreign, eng)
+    shard = path / "model_optim" / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match=f"{shard}: 1000 bytes, the manifest recorded"):
+        mgr.load(path, eng)
+    write_manifest(path, 1)  # even with a consistent manifest the byte ranges are checked
+    with pytest.raises(CheckpointError, match=f"{shard}: 1000 bytes, but item .* needs"):
+        mgr.load(path, eng)
+    (path / "trainer_state.json").write_text('{"step": 1}')
+    write_manifest(path, 1)
+    with pytest.raises(CheckpointError, match="trainer_state.json: not an llmtrain trainer state"):
+        mgr.load(path, eng)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_loading_never_unpickles_arbitrary_objects(cfg, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    eng = make_engine(cfg)
+    mgr = CheckpointManager(tmp_path / "ck")
+    path = _save(mgr, eng, 1).path
+    assert read_metadata(path / "model_optim").state_dict_metadata  # the real metadata passes
+    (path / "model_optim" / ".metadata").write_bytes(pickle.dumps(_Evil()))
+    write_manifest(path, 1)  # a tampered folder that is otherwise consistent
+    with pytest.raises(CheckpointError, match=r"\.metadata: unreadable or foreign DCP metadata.*posix.system"):
+        mgr.load(path, eng)
+    assert not (tmp_path / "pwned").exists()
+    rng = path / "rng" / "rank_00000.pt"
+    torch.save({"cpu": _Evil()}, rng)
+    with pytest.raises(pickle.UnpicklingError):  # the RNG file goes through weights_only=True
+        from llmtrain.checkpoint.rng import restore_rng
+
+        restore_rng(rng, None)
+    assert not (tmp_path / "pwned").exists()
+    assert latest_checkpoint(tmp_path / "ck") == path

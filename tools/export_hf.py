@@ -1,0 +1,37 @@
+"""Export the model of an llmtrain checkpoint as a Hugging Face LlamaForCausalLM folder.
+
+    python tools/export_hf.py runs/<name>/checkpoints/step_00001000 hf_out/ [--dtype bf16]
+    python tools/export_hf.py runs/<name> hf_out/        # newest complete checkpoint of the run
+
+Writes model.safetensors (sharded with an index past --max-shard-gb) and config.json; load it with
+`transformers.LlamaForCausalLM.from_pretrained("hf_out")`. The tokenizer is not exported.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from llmtrain.checkpoint import CheckpointError
+from llmtrain.checkpoint.convert import DTYPES, export_hf
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("checkpoint", help="a step_<N> folder, a run's checkpoints/ folder, or a run folder")
+    ap.add_argument("out", help="output folder")
+    ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    ap.add_argument("--max-shard-gb", type=float, default=5.0)
+    args = ap.parse_args(argv)
+    try:
+        out = export_hf(args.checkpoint, args.out, args.dtype, args.max_shard_gb)
+    except CheckpointError as e:
+        print(f"export_hf: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out} ({', '.join(sorted(p.name for p in out.iterdir()))})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
