@@ -60,6 +60,7 @@ class Tracker:
         if not is_main or tc.backend == "none":
             return
         run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
         id_file = run_dir / RUN_ID_FILE
         if run_id is None and id_file.is_file():
             run_id = id_file.read_text().strip() or None

@@ -1,0 +1,139 @@
+"""Against a real `mlflow server`: a training job whose server is down at start and again mid-run
+loses no point; a run that ends during an outage is replayed by tools/mlflow_replay.py; sweep members
+nest under one parent run; tools/plot_runs.py draws what MLflow holds."""
+
+import logging
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from llmtrain.config.io import to_dict
+from llmtrain.tracking.params import flatten
+from llmtrain.tracking.records import SPILL_FILE
+from llmtrain.tracking.tracker import Tracker
+from tests.tracking.conftest import ENV, TINY, HookedTrainer, free_port, train_log
+from tools.mlflow_replay import replay
+from tools.plot_runs import collect, render
+
+pytestmark = [pytest.mark.mlflow_server, pytest.mark.timeout(240)]
+TRAIN_KEYS = ["train/loss", "train/lr", "train/grad_norm", "train/tokens_seen", "perf/tokens_per_s",
+              "perf/step_time_s", "perf/data_wait_s", "perf/mfu", "sys/mem_gb"]  # fmt: skip
+
+
+def wait_for(cond, what: str, timeout: float = 60.0) -> None:
+    deadline = time.time() + timeout
+    while not cond():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_outages_at_start_and_mid_run_lose_no_point(mlflow_server, make_config, caplog):
+    caplog.set_level(logging.WARNING, logger="llmtrain")
+    server = mlflow_server
+    server.stop()  # unreachable when the job starts
+    cfg = make_config(*TINY, f"tracking.uri={server.uri}", "run.name=outage", "trainer.max_steps=24",
+                      "tracking.max_buffer=20", "checkpoint.enabled=true", "checkpoint.every_steps=12",
+                      "tracking.log_model=true")  # fmt: skip
+    run_dir = Path(cfg.run.root) / "outage"
+    seen = {}
+
+    def server_back(t):
+        wait_for(lambda: (run_dir / SPILL_FILE).is_file(), "params spilled to disk while unreachable")
+        seen["run_id_while_down"] = t.tracker.run_id
+        server.start()
+        wait_for(lambda: t.tracker.mlflow.connected and not (run_dir / SPILL_FILE).exists(), "reconnect")
+
+    def server_back_again(t):
+        wait_for(lambda: (run_dir / SPILL_FILE).is_file(), "spill to disk during the mid-run outage")
+        seen["spilled_mid_run"] = True
+        server.start()
+
+    trainer = HookedTrainer(cfg, ENV)
+    trainer.hooks = {6: server_back, 12: lambda t: server.stop(), 18: server_back_again}
+    out = trainer.train()
+
+    assert seen == {"run_id_while_down": None, "spilled_mid_run": True}
+    run_id = out["mlflow"]["run_id"]
+    assert run_id and (run_dir / "mlflow_run_id.txt").read_text() == run_id
+    assert not (run_dir / SPILL_FILE).exists()
+    messages = " ".join(r.getMessage() for r in caplog.records)
+    assert "unreachable" in messages and "answers again" in messages
+
+    client = MlflowClient(server.uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params == flatten(to_dict(cfg))
+    for tag in ("git_commit", "hostname", "world_size", "layout", "engine", "slurm_job_id"):
+        assert tag in run.data.tags
+    assert run.data.tags["world_size"] == "1" and run.data.tags["engine"] == "native"
+    losses = {e["step"]: e["loss"] for e in train_log(run_dir)}
+    for key in TRAIN_KEYS:
+        steps = [m.step for m in client.get_metric_history(run_id, key)]
+        assert sorted(steps) == list(range(1, 25)), key
+    history = sorted(client.get_metric_history(run_id, "train/loss"), key=lambda m: m.step)
+    assert [m.value for m in history] == [losses[s] for s in range(1, 25)]
+    assert [m.step for m in client.get_metric_history(run_id, "val/loss")] == [24]
+    sys_steps = [m.step for m in client.get_metric_history(run_id, "system/cpu_percent")]
+    assert sys_steps and len(set(sys_steps)) == len(sys_steps)
+    assert sorted(m.step for m in client.get_metric_history(run_id, "checkpoint/size_gb")) == [12, 24]
+    assert '"step": 12' in run.data.tags["checkpoint.step_12"]
+    assert [a.path for a in client.list_artifacts(run_id, "model")] == ["model/step_00000024"]
+
+
+def test_run_ended_during_outage_is_replayed(mlflow_server, make_config):
+    cfg = make_config(*TINY, f"tracking.uri=http://127.0.0.1:{free_port()}", "run.name=replayed",
+                      "checkpoint.enabled=false")  # fmt: skip
+    run_dir = Path(cfg.run.root) / "replayed"
+    run_dir.mkdir(parents=True)
+    tracker = Tracker(cfg, run_dir, True, None, {"engine": "native"})
+    expected = {s: 1.0 / s for s in range(1, 51)}
+    for s, v in expected.items():
+        tracker.log_metrics({"train/loss": v}, s)
+    tracker.finish("FINISHED")
+    assert tracker.run_id is None and (run_dir / SPILL_FILE).is_file()
+
+    out = replay(run_dir / SPILL_FILE, mlflow_server.uri)
+    assert out["left"] == 0 and not (run_dir / SPILL_FILE).exists()
+    assert (run_dir / "mlflow_run_id.txt").read_text() == out["run_id"]
+    client = MlflowClient(mlflow_server.uri)
+    run = client.get_run(out["run_id"])
+    assert run.info.status == "FINISHED" and run.info.run_name == "replayed"
+    assert run.data.params == flatten(to_dict(cfg)) and run.data.tags["engine"] == "native"
+    got = {m.step: m.value for m in client.get_metric_history(out["run_id"], "train/loss")}
+    assert got == expected and len(client.get_metric_history(out["run_id"], "train/loss")) == 50
+
+
+def test_sweep_members_are_siblings_under_one_parent(mlflow_server, make_config, tmp_path):
+    ids = []
+    for name in ("sweep-lr_1", "sweep-lr_2"):
+        cfg = make_config("tracking=mlflow", f"tracking.uri={mlflow_server.uri}", f"run.name={name}",
+                          "tracking.parent_run=sweep-20261123", "tracking.system_metrics=false")  # fmt: skip
+        tracker = Tracker(cfg, tmp_path / name, True, None, {})
+        tracker.finish()
+        ids.append(tracker.run_id)
+    client = MlflowClient(mlflow_server.uri)
+    parents = {client.get_run(i).data.tags["mlflow.parentRunId"] for i in ids}
+    assert len(parents) == 1 and len(set(ids)) == 2
+    parent = client.get_run(parents.pop())
+    assert parent.info.run_name == "sweep-20261123" and parent.data.tags["llmtrain_role"] == "sweep"
+
+
+def test_plot_runs_draws_latest_point_per_step(mlflow_server, tmp_path):
+    from mlflow.entities import Metric
+
+    client = MlflowClient(mlflow_server.uri)
+    exp = client.get_experiment_by_name("plots") or client.create_experiment("plots")
+    exp_id = exp if isinstance(exp, str) else exp.experiment_id
+    run_id = client.create_run(exp_id, run_name="plotted").info.run_id
+    points = [Metric("train/loss", 5.0 - 0.1 * s, 1000 + s, s) for s in range(1, 21)]
+    points += [Metric("perf/tokens_per_s", 1000.0 + s, 1000 + s, s) for s in range(1, 21)]
+    points.append(Metric("train/loss", 0.5, 5000, 10))  # a later point at step 10 supersedes 4.0
+    client.log_batch(run_id, metrics=points)
+    runs = [client.get_run(run_id)]
+    data = collect(client, runs, [["train/loss"], ["perf/tokens_per_s"]])
+    steps, values = data["plotted"]["train/loss"]
+    assert steps == list(range(1, 21)) and values[9] == 0.5 and values[0] == pytest.approx(4.9)
+    png = render(data, [["train/loss"], ["perf/tokens_per_s"]], tmp_path / "runs.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
