@@ -1,0 +1,137 @@
+"""Will this config fit, how long will it take, and which layouts fit?
+
+    python tools/plan.py model=8b parallel=zero3 data.seq_len=8192 trainer.global_batch_size=256 \
+        --gpus 8 --nodes 2 --gpu-mem 80 [--gpu "NVIDIA H100 80GB HBM3" | --peak-tflops 989] [--mfu 0.4]
+
+Arguments with `=` are Hydra overrides of the training config (same as `llmtrain ...`); the
+options describe the cluster. Prints the estimate for the configured layout and a table of
+layouts that fit, fastest first. Memory model and its measured error: docs/performance.md.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from llmtrain.models import model_args
+from llmtrain.plan.fit import Cluster, Plan, describe_model, layout_from_config, plan_layout, suggest_layouts
+from llmtrain.plan.memory import GIB
+from llmtrain.train.flops import lookup_peak_tflops
+
+
+def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gpus", type=int, default=8, help="GPUs per node")
+    ap.add_argument("--nodes", type=int, default=1)
+    ap.add_argument("--gpu-mem", type=float, default=80.0, help="memory per GPU in GiB")
+    ap.add_argument("--gpu", default="NVIDIA H100 80GB HBM3", help="device name for the peak-FLOPs table")
+    ap.add_argument(
+        "--peak-tflops", type=float, default=None, help="dense bf16 peak per GPU (overrides --gpu)"
+    )
+    ap.add_argument("--mfu", type=float, default=0.4, help="assumed MFU before recompute and pipeline bubble")
+    ap.add_argument("--headroom", type=float, default=0.1, help="share of GPU memory kept free")
+    ap.add_argument("--top", type=int, default=8, help="layouts to suggest")
+    ap.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
+    opts, rest = ap.parse_known_args(argv)
+    bad = [a for a in rest if "=" not in a]
+    if bad:
+        ap.error(f"unrecognized arguments {bad}: config overrides look like key=value")
+    return opts, rest
+
+
+def row(p: Plan) -> str:
+    lo, m = p.layout, p.memory
+    return (
+        f"{lo.dp_replicate:>4}x{lo.dp_shard:<4} {lo.tp:>3} {lo.pp:>3} {lo.zero_stage:>5} {lo.activation_checkpoint:>9} "
+        f"{lo.micro_batch_size:>4} {p.grad_accum:>5} {m.total / GIB:>8.1f} {p.step_time_s:>8.2f} "
+        f"{p.tokens_per_s:>11,.0f} {100 * p.mfu:>5.1f}%"
+    )
+
+
+HEADER = (
+    f"{'dp rxs':>9} {'tp':>3} {'pp':>3} {'zero':>5} {'ckpt':>9} {'mbs':>4} {'accum':>5} {'GiB/GPU':>8} "
+    f"{'step s':>8} {'tokens/s':>11} {'MFU':>6}"
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts, overrides = parse(sys.argv[1:] if argv is None else argv)
+    from llmtrain.testing import compose_config
+
+    cfg = compose_config(overrides)
+    peak = opts.peak_tflops or (lookup_peak_tflops(opts.gpu) or (None, None))[1]
+    if peak is None:
+        raise SystemExit(f"--gpu {opts.gpu!r} is not in the peak table; pass --peak-tflops")
+    cluster = Cluster(
+        nodes=opts.nodes,
+        gpus_per_node=opts.gpus,
+        gpu_mem_gib=opts.gpu_mem,
+        peak_tflops=peak,
+        mfu=opts.mfu,
+        headroom=opts.headroom,
+    )
+    args, seq, gbs = model_args(cfg.model), cfg.data.seq_len, cfg.trainer.global_batch_size
+    prec = cfg.trainer.precision
+    counts = describe_model(args)
+    print(
+        f"model {cfg.model.name}: {counts['params'] / 1e9:.3f} B parameters "
+        f"({counts['params_non_embedding'] / 1e9:.3f} B without the input embedding), seq {seq}, "
+        f"global batch {gbs} x {seq} = {gbs * seq:,} tokens/step, precision {prec}"
+    )
+    print(
+        f"cluster: {opts.nodes} node(s) x {opts.gpus} GPUs, {opts.gpu_mem:g} GiB each "
+        f"({100 * (1 - opts.headroom):.0f}% usable), peak {peak:g} TFLOP/s, assumed MFU {opts.mfu:.0%}"
+    )
+    report: dict = {
+        "model": cfg.model.name,
+        "params": counts["params"],
+        "cluster": vars(opts) | {"json": None},
+    }
+    try:
+        plan = plan_layout(args, seq, gbs, layout_from_config(cfg, cluster.world), cluster, prec)
+    except ValueError as e:
+        print(f"\nconfigured layout: not valid on {cluster.world} GPUs: {e}")
+        plan = None
+    if plan is not None:
+        m = plan.memory
+        print(f"\nconfigured layout {plan.layout.describe()} (accumulation {plan.grad_accum}):")
+        for k, v in m.as_gib().items():
+            print(f"  {k:<12} {v:10.2f} GiB")
+        print(
+            f"  -> {'FITS' if plan.fits else 'DOES NOT FIT'} in {cluster.usable_bytes / GIB:.1f} GiB usable"
+        )
+        print(f"  FLOPs/step: model {plan.model_flops_per_step:.3e}, hardware {plan.hw_flops_per_step:.3e}")
+        steps = cfg.trainer.max_steps
+        print(
+            f"  step {plan.step_time_s:.2f} s, {plan.tokens_per_s:,.0f} tokens/s, MFU {plan.mfu:.1%}; "
+            f"{steps} steps = {steps * plan.step_time_s / 3600:.2f} h"
+        )
+        report["configured"] = {
+            "layout": plan.layout.describe(),
+            "fits": plan.fits,
+            "memory_gib": m.as_gib(),
+            "step_time_s": plan.step_time_s,
+            "mfu": plan.mfu,
+        }
+    fits = suggest_layouts(args, seq, gbs, cluster, prec, top=opts.top)
+    print(f"\nlayouts that fit ({len(fits)} shown, fastest first):")
+    print(HEADER)
+    for p in fits:
+        print(row(p))
+    if fits:
+        print(f"\nbest: {fits[0].overrides()}")
+    else:
+        print("none: add GPUs, lower data.seq_len or trainer.global_batch_size, or use more memory per GPU")
+    report["suggestions"] = [
+        {"overrides": p.overrides(), "gib": p.memory.total / GIB, "step_time_s": p.step_time_s, "mfu": p.mfu}
+        for p in fits
+    ]
+    if opts.json:
+        opts.json.write_text(json.dumps(report, indent=2, default=str))
+    return 0 if (plan is None or plan.fits or fits) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
