@@ -19,6 +19,8 @@ class LauncherConfig:
     """torchrun: this node's rank."""
     rdzv_endpoint: str = "127.0.0.1:29500"
     """torchrun: host:port of the rendezvous (node 0)."""
+    rdzv_backend: str = "static"
+    """torchrun: static (node_rank fixes the ranks) or c10d (elastic; node_rank ignored)."""
     partition: str | None = None
     """SLURM partition."""
     account: str | None = None

@@ -43,18 +43,32 @@ def run_as_rank(cfg: Config) -> int:
     return 0
 
 
+def check_multinode(cfg: Config) -> None:
+    """launcher=torchrun with nnodes > 1: the same command runs on every node with its node_rank."""
+    from llmtrain.config import ConfigError
+
+    lc = cfg.launcher
+    if lc.rdzv_backend not in ("static", "c10d"):
+        raise ConfigError(f"launcher.rdzv_backend={lc.rdzv_backend!r} is not allowed; choose one of: static, c10d")
+    if not 0 <= lc.node_rank < lc.nnodes:
+        raise ConfigError(f"launcher.node_rank={lc.node_rank} must be in [0, launcher.nnodes={lc.nnodes})")
+    host, _, port = lc.rdzv_endpoint.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"launcher.rdzv_endpoint={lc.rdzv_endpoint!r} must be host:port of node 0")
+
+
 def torchrun_command(cfg: Config, config_path: Path) -> list[str]:
     """torchrun argv for local (single node, free port) or multi-node (rendezvous endpoint) use."""
     lc = cfg.launcher
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={lc.nproc}"]
     if lc.name == "torchrun" and lc.nnodes > 1:
-        cmd += [
-            f"--nnodes={lc.nnodes}",
-            f"--node_rank={lc.node_rank}",
-            "--rdzv_backend=c10d",
-            f"--rdzv_endpoint={lc.rdzv_endpoint}",
-            f"--rdzv_id={cfg.run.name}",
-        ]
+        check_multinode(cfg)
+        cmd += [f"--nnodes={lc.nnodes}", f"--node_rank={lc.node_rank}"]
+        if lc.rdzv_backend == "static":  # classic: node_rank fixes the ranks, node 0 hosts the store
+            host, port = lc.rdzv_endpoint.rsplit(":", 1)
+            cmd += [f"--master_addr={host}", f"--master_port={port}"]
+        else:  # elastic: ranks in order of arrival; node_rank is ignored by torchrun
+            cmd += ["--rdzv_backend=c10d", f"--rdzv_endpoint={lc.rdzv_endpoint}", f"--rdzv_id={cfg.run.name}"]
     else:
         cmd += ["--standalone" if lc.name == "torchrun" else f"--master_port={free_port()}"]
         if lc.name != "torchrun":

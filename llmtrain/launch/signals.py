@@ -20,6 +20,8 @@ class StopFlag:
     def __init__(self) -> None:
         self._event = threading.Event()
         self.signal_name: str | None = None
+        self.received: set[str] = set()
+        """Every signal seen by this process (the SLURM launcher requeues on USR1/USR2, not TERM)."""
 
     def install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -29,6 +31,7 @@ class StopFlag:
 
     def _handler(self, signum: int, frame: object) -> None:
         self.signal_name = signal.Signals(signum).name
+        self.received.add(self.signal_name)
         self._event.set()
 
     def set(self, reason: str = "requested") -> None:

@@ -1,0 +1,134 @@
+"""SLURM launcher: check the request, prepare the run folder, submit with submitit, say how to watch.
+
+    llmtrain launcher=slurm launcher.partition=gpu launcher.nodes=4 launcher.gpus_per_node=8 ...
+    llmtrain -m launcher=slurm optim.lr=1e-3,3e-4      # one job per sweep member, one run folder each
+
+Runs on the login node. Data is tokenized here (first use) and the resolved config written to
+`<run_dir>/config.yaml` before sbatch, so the job only reads. The job itself is
+`llmtrain.launch.slurm_job.TrainJob`: one task per GPU (or CPU rank), pre-timeout signal, requeue.
+"""
+
+import logging
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from llmtrain.config import Config, ConfigError
+from llmtrain.launch.runs import ACTIVE_STATES, JobRecord, job_records, job_states, record_job
+from llmtrain.launch.slurm_checks import check_cluster, check_static, query_partitions, tasks_per_node
+from llmtrain.launch.slurm_job import TrainJob
+
+log = logging.getLogger("llmtrain")
+
+
+def _sweep_id() -> str | None:
+    """Members of one Hydra multirun share the sweep folder's name (a timestamp)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return Path(HydraConfig.get().sweep.dir).name
+    return None
+
+
+def slurm_parameters(cfg: Config, partition: str | None) -> dict[str, Any]:
+    """submitit SlurmExecutor parameters derived from the typed config (never kept by hand)."""
+    lc = cfg.launcher
+    params: dict[str, Any] = {
+        "job_name": cfg.run.name,
+        "partition": partition,
+        "time": lc.time_min,
+        "nodes": lc.nodes,
+        "ntasks_per_node": tasks_per_node(cfg),
+        "cpus_per_task": lc.cpus_per_task,
+        "signal_delay_s": lc.signal_delay_s,  # -> --signal=USR2@<s>
+        "setup": list(lc.setup),
+        "srun_args": list(lc.srun_args),
+        "additional_parameters": {"requeue": True, **dict(lc.sbatch_args)},
+    }
+    if lc.gpus_per_node:
+        params["gpus_per_node"] = lc.gpus_per_node
+    optional = {
+        "account": lc.account,
+        "qos": lc.qos,
+        "constraint": lc.constraint,
+        "mem": f"{lc.mem_gb}GB" if lc.mem_gb else None,
+        "exclusive": True if lc.exclusive else None,
+    }
+    params.update({k: v for k, v in optional.items() if v is not None})
+    return params
+
+
+def _refuse_duplicate(run_dir: Path) -> None:
+    """Two live jobs writing one run folder would corrupt it: refuse before sbatch."""
+    ids = [r.job_id for r in job_records(run_dir)]
+    live = {j: s for j, s in job_states(ids[-3:]).items() if s in ACTIVE_STATES}
+    if live:
+        jobs = ", ".join(f"{j} ({s})" for j, s in live.items())
+        raise ConfigError(
+            f"run.name={run_dir.name!r} already has a live SLURM job: {jobs}. Wait for it, cancel it "
+            f"(python tools/runs.py cancel {run_dir}) or choose another run.name"
+        )
+
+
+def submit_job(cfg: Config) -> Any:
+    """Validate, prepare and submit; return the submitit Job (tests and tools wait on it)."""
+    import submitit
+
+    from llmtrain.launch.local import prepare_run
+
+    check_static(cfg)
+    part = check_cluster(cfg, query_partitions())
+    cfg = replace(cfg, run=replace(cfg.run, root=str(Path(cfg.run.root).resolve())))
+    run_dir = Path(cfg.run.root) / cfg.run.name
+    _refuse_duplicate(run_dir)
+    run_dir = prepare_run(cfg)
+    folder = Path(cfg.launcher.logs_dir).resolve() if cfg.launcher.logs_dir else run_dir / "slurm"
+    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=cfg.launcher.max_requeues)
+    executor.update_parameters(**slurm_parameters(cfg, cfg.launcher.partition or part.name))
+    job = executor.submit(
+        TrainJob(str(run_dir / "config.yaml"), cfg.launcher.max_requeues, cfg.launcher.time_min)
+    )
+    rec = JobRecord(
+        job_id=job.job_id,
+        run_name=cfg.run.name,
+        run_dir=str(run_dir),
+        sweep=_sweep_id(),
+        submitted_at=time.time(),
+        stdout=str(job.paths.stdout).replace("%t", "0"),
+        stderr=str(job.paths.stderr).replace("%t", "0"),
+    )
+    record_job(rec, run_dir / "slurm")
+    _announce(cfg, rec, part.name)
+    return job
+
+
+def _announce(cfg: Config, rec: JobRecord, partition: str) -> None:
+    lc = cfg.launcher
+    here = Path.cwd()
+    tools = Path(__file__).resolve().parents[2] / "tools" / "runs.py"
+    runs_cmd = (
+        f"python {os.path.relpath(tools, here)}" if tools.is_file() else "python -m llmtrain.launch.runs_cli"
+    )
+    lines = [
+        f"submitted SLURM job {rec.job_id}: run {cfg.run.name!r} on partition {partition}, "
+        f"{lc.nodes} node(s) x {tasks_per_node(cfg)} task(s), {lc.time_min} min, "
+        f"up to {lc.max_requeues} requeue(s)",
+        f"  run folder: {rec.run_dir}",
+        f"  logs (rank 0): {rec.stdout}",
+        f"                 {rec.stderr}",
+        f"  follow:  tail -F {rec.stdout} {rec.stderr}",
+        f"  status:  {runs_cmd} status {rec.run_dir}",
+        f"  cancel:  {runs_cmd} cancel {rec.run_dir}",
+    ]
+    if rec.sweep:
+        lines.append(f"  sweep:   {runs_cmd} list --root {cfg.run.root} --sweep {rec.sweep}")
+    print("\n".join(lines), flush=True)
+
+
+def submit(cfg: Config) -> int:
+    """CLI entry for launcher=slurm: returns 0 once the job is queued (errors raise ConfigError)."""
+    submit_job(cfg)
+    return 0

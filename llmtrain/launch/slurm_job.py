@@ -1,0 +1,172 @@
+"""The submitit callable that every SLURM task runs (STYLE.md §10), and its requeue logic.
+
+One task per GPU (or per CPU rank). Each task derives torch.distributed's env:// variables from
+SLURM: RANK=SLURM_PROCID, LOCAL_RANK=SLURM_LOCALID, WORLD_SIZE=SLURM_NTASKS, MASTER_ADDR = first
+host of SLURM_JOB_NODELIST, MASTER_PORT = a port derived from the job id (a requeued job keeps its
+id, so it keeps its port; two jobs on one node get different ports).
+
+Stopping and requeueing. sbatch asks for `--signal=USR2@<launcher.signal_delay_s>`; SLURM delivers it
+to every task. submitit would only let the rank-0 task act (its handler calls `checkpoint()` there and
+requeues at once, before anything is saved), so this callable installs the trainer's StopFlag
+handlers first thing instead. Every rank then agrees at the next step boundary, saves, and returns
+from `Trainer.train()` with status KILLED. Rank 0 decides whether to requeue (a USR1/USR2 warning,
+under launcher.max_requeues; a bare SIGTERM is a `scancel` or a scheduler preemption that requeues
+by itself), broadcasts the decision, dumps `checkpoint()`'s DelayedSubmission of this same callable
+over submitit's pickle and runs `scontrol requeue`. The next allocation resumes from the newest
+complete checkpoint in the same run folder, and the tracker reopens the MLflow run recorded there.
+"""
+
+import atexit
+import logging
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger("llmtrain")
+
+WARNING_SIGNALS = frozenset({"SIGUSR1", "SIGUSR2"})
+PORT_BASE, PORT_SPAN = 15000, 10000  # below the Linux ephemeral range (32768+)
+_exit_code = 0
+
+
+def rendezvous_port(job_id: str) -> int:
+    """Deterministic port for a job: the same on every task and after every requeue."""
+    return PORT_BASE + int(job_id.split("_")[0]) % PORT_SPAN
+
+
+def first_host(nodelist: str) -> str:
+    """First host of a SLURM node list (`gpu[003-004,010],cpu1` -> `gpu003`)."""
+    from submitit.slurm.slurm import _parse_node_list
+
+    return _parse_node_list(nodelist)[0] if nodelist else "127.0.0.1"
+
+
+def set_dist_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """Fill RANK/LOCAL_RANK/WORLD_SIZE/LOCAL_WORLD_SIZE/MASTER_ADDR/MASTER_PORT from SLURM_*."""
+    env = os.environ if environ is None else environ
+    ntasks, nnodes = int(env["SLURM_NTASKS"]), int(env.get("SLURM_JOB_NUM_NODES", "1"))
+    values = {
+        "RANK": env["SLURM_PROCID"],
+        "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+        "WORLD_SIZE": str(ntasks),
+        "LOCAL_WORLD_SIZE": str(ntasks // nnodes),
+        "MASTER_ADDR": first_host(env.get("SLURM_JOB_NODELIST", "")),
+        "MASTER_PORT": str(rendezvous_port(env["SLURM_JOB_ID"])),
+    }
+    env.update(values)
+    return values
+
+
+def _hard_exit() -> None:
+    """Skip interpreter teardown: gloo can abort it and turn a finished job into FAILED (FACTS.md)."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(_exit_code)
+
+
+@dataclass
+class TrainJob:
+    """Picklable callable: `TrainJob(<resolved config.yaml>)()` trains one rank of the run."""
+
+    config_path: str
+    max_requeues: int
+    time_min: int
+
+    def __call__(self) -> dict[str, Any]:
+        global _exit_code
+        from llmtrain.launch.signals import StopFlag
+
+        early = StopFlag()  # replaces submitit's USR2 handler before anything slow happens
+        early.install()
+        atexit.register(_hard_exit)
+        _exit_code = 1
+        result = self._train(early)
+        _exit_code = 0
+        return result
+
+    def _train(self, early: Any) -> dict[str, Any]:
+        from llmtrain.config import load_config
+        from llmtrain.launch.env import detect_env, shutdown_distributed
+        from llmtrain.launch.worker import setup_logging
+        from llmtrain.train.trainer import Trainer
+
+        set_dist_env()
+        env = detect_env()
+        setup_logging(env.rank, env.world_size)
+        cfg = load_config(self.config_path)
+        if not cfg.trainer.num_threads:  # os.cpu_count() sees the whole node, not the allocation
+            cfg.trainer.num_threads = int(os.environ.get("SLURM_CPUS_PER_TASK", "1"))
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+        log.info("SLURM job %s, allocation %d, %s", os.environ.get("SLURM_JOB_ID"), restarts + 1, env)
+        trainer = Trainer(cfg, env)
+        if early.local():  # signalled while building: hand the flag over to the trainer's
+            trainer.stop.received |= early.received
+            trainer.stop.set(early.signal_name or "signal")
+        result = trainer.train()
+        outcome = self._agree_outcome(result["status"], trainer.stop.received, restarts)
+        if outcome == "requeue" and env.rank == 0:
+            self._requeue(restarts)
+        shutdown_distributed()  # after the requeue call: clusters with KillOnBadExit kill siblings
+        if outcome == "finished":
+            return result
+        if outcome == "requeue":
+            raise SystemExit(-1)  # no result pickle: the job is not over
+        if outcome == "terminated":  # scancel, or the scheduler preempting (then it requeues itself)
+            log.warning("stopped at step %d on SIGTERM after saving; not requeueing myself", result["step"])
+            raise SystemExit(1)  # no result pickle: a scheduler requeue will still produce one
+        raise RuntimeError(
+            f"run stopped at step {result['step']} on a pre-timeout/preemption signal and is not requeued: "
+            f"launcher.max_requeues={self.max_requeues} reached; submit the same command again to resume "
+            "from its last checkpoint"
+        )
+
+    OUTCOMES = ("finished", "requeue", "terminated", "exhausted")
+
+    def _agree_outcome(self, status: str, received: set[str], restarts: int) -> str:
+        """Rank 0 decides how the job ends and broadcasts it: all ranks must leave the same way.
+
+        finished: trained to max_steps. requeue: stopped on USR1/USR2 (pre-timeout, or submitit-style
+        preemption) with requeues left. terminated: stopped on SIGTERM alone. exhausted: requeues used up.
+        """
+        import torch
+        import torch.distributed as dist
+
+        if status == "FINISHED":
+            outcome = "finished"
+        elif received == {"SIGTERM"}:
+            outcome = "terminated"
+        elif restarts >= self.max_requeues:
+            log.warning("not requeueing: launcher.max_requeues=%d reached", self.max_requeues)
+            outcome = "exhausted"
+        else:
+            outcome = "requeue"
+        code = torch.tensor([self.OUTCOMES.index(outcome)], dtype=torch.int32)
+        if dist.is_initialized():
+            dist.broadcast(code, src=0)
+        return self.OUTCOMES[int(code.item())]
+
+    def checkpoint(self) -> Any:
+        """submitit's Checkpointable hook: resubmit this same callable (the state is on disk)."""
+        from submitit.helpers import DelayedSubmission
+
+        return DelayedSubmission(TrainJob(self.config_path, self.max_requeues, self.time_min))
+
+    def _requeue(self, restarts: int) -> None:
+        """Do what submitit does on rank 0, but after the checkpoint is complete."""
+        import submitit
+
+        job_env = submitit.JobEnvironment()
+        delayed = self.checkpoint()
+        delayed.set_timeout(self.time_min, self.max_requeues)
+        tmp = job_env.paths.submitted_pickle.with_suffix(".requeue.pkl")
+        delayed.dump(tmp)
+        tmp.replace(job_env.paths.submitted_pickle)
+        job_id = job_env.job_id
+        left = self.max_requeues - restarts - 1
+        log.info("requeueing SLURM job %s (%d requeue(s) left after this one)", job_id, left)
+        out = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
+        if out.returncode != 0:
+            log.error("scontrol requeue %s failed: %s", job_id, out.stderr.strip())
