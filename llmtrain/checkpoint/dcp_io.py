@@ -9,6 +9,7 @@ already proven to hold plain data, and a truncated shard is reported by file nam
 
 import io
 import pickle
+import warnings
 from pathlib import Path
 
 import torch
@@ -96,10 +97,14 @@ def read_tensors(folder: Path, names: list[str], prefix: str = "model.") -> dict
         raise CheckpointError(f"{folder}: no tensors {missing[:5]} under '{prefix}' (foreign layout?)")
     out = {n: torch.empty(shapes[n][0], dtype=shapes[n][1]) for n in names}
     nested = {prefix.rstrip("."): out} if prefix else out
-    dcp.load(nested, checkpoint_id=str(folder), no_dist=True)
+    with warnings.catch_warnings():  # no_dist is what we ask for; DCP warns about it anyway
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(nested, checkpoint_id=str(folder), no_dist=True)
     return out
 
 
 def write_tensors(folder: Path, tensors: dict[str, torch.Tensor], key: str = "model") -> None:
     """Write full tensors as a single-process DCP checkpoint ({key: tensors}, loadable under any layout)."""
-    dcp.save({key: tensors}, checkpoint_id=str(folder), no_dist=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save({key: tensors}, checkpoint_id=str(folder), no_dist=True)

@@ -118,7 +118,7 @@ def test_truncated_or_foreign_checkpoints_name_the_file(cfg, tmp_path):
         mgr.load(path, eng)
     (path / "trainer_state.json").write_text('{"step": 1}')
     write_manifest(path, 1)
-    with pytest.raises(CheckpointError, match="trainer_state.json: not an llmtrain trainer state"):
+    with pytest.raises(CheckpointError, match=r"trainer_state\.json: not an llmtrain trainer state"):
         mgr.load(path, eng)
 
 

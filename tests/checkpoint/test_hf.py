@@ -1,0 +1,92 @@
+"""Hugging Face interop: exported checkpoints load in transformers' LlamaForCausalLM with our logits;
+import_hf brings the weights back bit-exactly; the RoPE row permutation is its own inverse pair."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmtrain.checkpoint import CheckpointError, CheckpointManager
+from llmtrain.checkpoint.convert import import_hf
+from llmtrain.checkpoint.dcp_io import read_tensors, tensor_shapes
+from llmtrain.checkpoint.hf import halves_to_interleaved, interleaved_to_halves, load_hf, save_hf
+from llmtrain.checkpoint.policy import check_model_matches
+from tests.checkpoint.common import TINY, make_engine, step
+
+ROOT = Path(__file__).resolve().parents[2]
+GQA = [*TINY, "model.dim=64", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_dim=96"]
+
+
+def _tool(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.main
+
+
+@pytest.fixture
+def trained(make_config, tmp_path):
+    """A real llmtrain checkpoint of a GQA model after two optimizer steps, and its engine."""
+    torch.set_num_threads(1)
+    cfg = make_config(*GQA)
+    eng = make_engine(cfg)
+    step(eng), step(eng, seed=1)
+    from llmtrain.config.io import to_dict
+
+    res = CheckpointManager(tmp_path / "ck").save(2, eng, {"tokens_seen": 0, "config": to_dict(cfg)}, {})
+    return cfg, eng, res.path
+
+
+def test_rope_permutation_round_trip():
+    w = torch.arange(8 * 3, dtype=torch.float32).view(8, 3)  # 2 heads of head_dim 4
+    h = interleaved_to_halves(w, 2)
+    assert h[:, 0].tolist() == [0, 6, 3, 9, 12, 18, 15, 21]  # per head: rows 0,2 | 1,3
+    assert torch.equal(halves_to_interleaved(h, 2), w)
+
+
+def test_export_loads_in_transformers_with_the_same_logits(trained, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg, eng, path = trained
+    assert _tool("export_hf")([str(path.parent.parent / "ck"), str(tmp_path / "hf")]) == 0
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf", torch_dtype=torch.float32).eval()
+    tokens = torch.randint(0, cfg.model.vocab_size, (2, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ours, theirs = eng.model(tokens), hf(tokens).logits
+    err = (ours - theirs).abs().max().item()
+    assert err < 2e-5, err
+    assert ours.abs().max() > 0.1  # the comparison is not between two zero tensors
+
+
+def test_import_round_trip_and_init_from(trained, tmp_path, make_config):
+    cfg, eng, path = trained
+    out = tmp_path / "hf"
+    assert _tool("export_hf")([str(path), str(out)]) == 0
+    model = import_hf(out, tmp_path / "imported")
+    check_model_matches({"model": model}, cfg.model, out)
+    names = sorted(tensor_shapes(path / "model_optim"))
+    original = read_tensors(path / "model_optim", names)
+    back = read_tensors(tmp_path / "imported" / "model_optim", names)
+    for n in names:
+        assert torch.equal(original[n], back[n]), n
+    fresh = make_engine(cfg)
+    CheckpointManager(tmp_path / "x").load(tmp_path / "imported", fresh, load_optimizer=False)
+    for (n, a), b in zip(eng.model.state_dict().items(), fresh.model.state_dict().values()):
+        assert torch.equal(a, b), n
+
+
+def test_sharded_export_and_bad_hf_folders(tmp_path):
+    tensors = {f"t{i}": torch.full((256,), float(i)) for i in range(4)}
+    files = save_hf(tmp_path / "s", tensors, {"model_type": "llama"}, max_shard_bytes=2048)
+    assert len(files) == 2 and (tmp_path / "s" / "model.safetensors.index.json").is_file()
+    got, _ = load_hf(tmp_path / "s")
+    assert all(torch.equal(got[k], v) for k, v in tensors.items())
+    with pytest.raises(CheckpointError, match=r"config\.json: missing"):
+        import_hf(tmp_path / "nothing", tmp_path / "o1")
+    (tmp_path / "s" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(CheckpointError, match="only 'llama'"):
+        import_hf(tmp_path / "s", tmp_path / "o2")
+    (tmp_path / "s" / "model-00002-of-00002.safetensors").write_bytes(b"\x00" * 10)
+    with pytest.raises(CheckpointError, match=r"model-00002-of-00002\.safetensors: unreadable"):
+        load_hf(tmp_path / "s")
