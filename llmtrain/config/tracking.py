@@ -24,7 +24,7 @@ class TrackingConfig:
     max_buffer: int = 100_000
     """Metric points held in memory while the server is unreachable before spilling to disk."""
     log_model: bool = False
-    """Upload the final checkpoint folder as a run artifact at the end of training."""
+    """Upload the final model (HF safetensors export of the last checkpoint) as run artifact "model"."""
     request_timeout_s: int = 10
     """Seconds before an MLflow HTTP request counts as failed (the uploader then buffers and retries)."""
     parent_run: str | None = None

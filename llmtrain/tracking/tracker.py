@@ -40,6 +40,21 @@ def artifact_root(uri: str, runs_root: str | Path) -> str | None:
     return None
 
 
+def export_model(checkpoint: Path) -> tuple[Path, str]:
+    """The final model as a Hugging Face folder (tools/export_hf.py) to upload as artifact "model";
+    the raw checkpoint folder ("checkpoint/<step>") when the export is not possible for this model."""
+    out = checkpoint.parent.parent / "export_hf"
+    try:
+        from llmtrain.checkpoint.convert import export_hf
+
+        return export_hf(checkpoint, out), "model"
+    except Exception as e:
+        log.warning(
+            "mlflow: HF export of %s failed (%s); logging the checkpoint folder instead", checkpoint, e
+        )
+        return checkpoint, f"checkpoint/{checkpoint.name}"
+
+
 class Tracker:
     """Forwards metrics, tags and checkpoints to MLflow on rank 0 when enabled."""
 
@@ -137,7 +152,8 @@ class Tracker:
             self.sampler.stop()
         if self.mlflow:
             if self.log_model and model_dir is not None:
-                self.mlflow.log_artifacts(Path(model_dir), f"model/{Path(model_dir).name}")
+                folder, name = export_model(Path(model_dir))
+                self.mlflow.log_artifacts(folder, name)
             elif self.log_model:
                 log.warning("tracking.log_model=true but no checkpoint was saved (checkpoint.enabled?)")
             self.mlflow.finish(status)

@@ -79,7 +79,10 @@ def test_outages_at_start_and_mid_run_lose_no_point(mlflow_server, make_config, 
     assert sys_steps and len(set(sys_steps)) == len(sys_steps)
     assert sorted(m.step for m in client.get_metric_history(run_id, "checkpoint/size_gb")) == [12, 24]
     assert '"step": 12' in run.data.tags["checkpoint.step_12"]
-    assert [a.path for a in client.list_artifacts(run_id, "model")] == ["model/step_00000024"]
+    assert {a.path for a in client.list_artifacts(run_id, "model")} >= {
+        "model/config.json",
+        "model/model.safetensors",
+    }
 
 
 def test_run_ended_during_outage_is_replayed(mlflow_server, make_config):
