@@ -8,8 +8,10 @@ from llmtrain.config.checkpoint import CheckpointConfig
 from llmtrain.config.data import DataConfig, DataSourceConfig
 from llmtrain.config.launcher import LauncherConfig
 from llmtrain.config.model import ModelConfig
+from llmtrain.config.objective import ObjectiveConfig
 from llmtrain.config.optim import OptimConfig
 from llmtrain.config.parallel import ParallelConfig
+from llmtrain.config.peft import PeftConfig
 from llmtrain.config.tracking import TrackingConfig
 from llmtrain.config.trainer import TrainerConfig
 
@@ -37,6 +39,8 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
 
 
 GROUP_SCHEMAS = {
@@ -48,6 +52,8 @@ GROUP_SCHEMAS = {
     "checkpoint": CheckpointConfig,
     "tracking": TrackingConfig,
     "launcher": LauncherConfig,
+    "objective": ObjectiveConfig,
+    "peft": PeftConfig,
 }
 
 

@@ -14,11 +14,10 @@ from llmtrain.checkpoint.policy import SaveSchedule, check_model_matches, plan_r
 from llmtrain.checkpoint.rng import capture_host_rng
 from llmtrain.config import Config, batch_geometry
 from llmtrain.config.io import to_dict
-from llmtrain.data import build_train_loader, build_val_loader
-from llmtrain.data.build import check_tokenizer
 from llmtrain.launch.env import DistEnv, init_distributed, pick_device
 from llmtrain.launch.signals import StopFlag
 from llmtrain.models import model_args
+from llmtrain.objectives import build_objective
 from llmtrain.parallel import ParallelDims
 from llmtrain.parallel.engine import build_engine
 from llmtrain.tracking import ConsoleLogger
@@ -53,13 +52,12 @@ class Trainer:
         self.dims = ParallelDims(p.dp_replicate, p.dp_shard, p.tp, p.pp, env.world_size)
         self.mesh = self.dims.build_mesh(self.device.type) if env.world_size > 1 else None
         self.grad_accum = batch_geometry(cfg, self.dims.dp)
-        check_tokenizer(cfg.data, cfg.model.vocab_size)
         self.engine = build_engine(cfg, self.dims, self.mesh, self.device)
         dp_rank = self.dims.coords(env.rank)["dp"]
-        self.train_loader = build_train_loader(cfg.data, micro_batch_size=t.micro_batch_size,
-                                               grad_accum=self.grad_accum, dp_rank=dp_rank, dp_size=self.dims.dp)
-        self.val_loader = build_val_loader(cfg.data, micro_batch_size=t.micro_batch_size, dp_rank=dp_rank,
-                                           dp_size=self.dims.dp)
+        # objective.name: its data loaders, per-step batch transform and (optionally) loss function
+        self.objective = build_objective(cfg, self.engine, self.dims, self.mesh, self.device, dp_rank)
+        self.train_loader, self.val_loader = self.objective.build_loaders(micro_batch_size=t.micro_batch_size,
+                                                                          grad_accum=self.grad_accum)
         ck = cfg.checkpoint
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", ck.keep_last, ck.keep_every, ck.async_save,
                                       ck.async_staging_dir)
@@ -93,7 +91,7 @@ class Trainer:
                 self.console.info(f"stop requested ({self.stop.signal_name}) at step {self.step}")
                 break
             t0 = time.perf_counter()
-            batches = [b.to(self.device) for b in self.train_loader.next_step()]
+            batches = self.objective.prepare([b.to(self.device) for b in self.train_loader.next_step()], self.step)
             t_data = time.perf_counter() - t0
             lr = self.cfg.optim.lr * lr_factor(self.step, self.cfg.optim, max_steps)
             res = self.engine.train_step(batches, lr)
@@ -150,8 +148,8 @@ class Trainer:
         if self.val_loader is None:
             return None
         self.val_loader.consumed = 0
-        batches = [b.to(self.device) for _ in range(self.cfg.trainer.val_batches)
-                   for b in self.val_loader.next_step()]
+        batches = self.objective.prepare([b.to(self.device) for _ in range(self.cfg.trainer.val_batches)
+                                          for b in self.val_loader.next_step()], None)
         loss = self.engine.evaluate(batches)
         ppl = float(torch.tensor(loss).exp())
         self.console.info(f"validation at step {self.step}: loss {loss:.4f} | ppl {ppl:.2f}")

@@ -1,0 +1,141 @@
+"""Using a trained checkpoint: rebuild its model under a layout, evaluate it, sample from it.
+
+`load_checkpoint_engine` builds the engine exactly as training does (so any parallel layout, and LoRA
+adapters on their base, load through DCP) with the checkpoint's own resolved config, optionally
+overridden. The tools `tools/evaluate.py` and `tools/generate.py` are thin command lines over this.
+"""
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmtrain.config import Config
+from llmtrain.data.dataset import TokenDataset
+from llmtrain.data.loader import DataLoader
+from llmtrain.launch.env import DistEnv, init_distributed, pick_device
+from llmtrain.objectives.checkpoints import (
+    MODEL_FOLDER,
+    checkpoint_config,
+    checkpoint_state,
+    resolve_checkpoint,
+)
+from llmtrain.parallel import ParallelDims
+from llmtrain.parallel.engine import Engine, build_engine
+
+log = logging.getLogger("llmtrain")
+
+
+@dataclasses.dataclass
+class LoadedCheckpoint:
+    """An engine holding a checkpoint's weights, with the config and trainer state it was saved with."""
+
+    path: Path
+    cfg: Config
+    state: dict[str, Any]
+    engine: Engine
+    dims: ParallelDims
+    device: torch.device
+
+    @property
+    def model(self) -> nn.Module:
+        return self.engine.modules[0]
+
+
+def load_checkpoint_engine(
+    path: str | Path, env: DistEnv, *, device: str = "auto", **sections: Any
+) -> LoadedCheckpoint:
+    """Collective: build the checkpoint's model (layout = data parallel over env.world_size unless
+    `parallel=` is given) and load its weights. `sections` replace config sections (e.g. data=...)."""
+    ckpt = resolve_checkpoint(path, "checkpoint")
+    cfg = checkpoint_config(ckpt)
+    parallel = sections.pop("parallel", None) or dataclasses.replace(
+        cfg.parallel, dp_replicate=-1, dp_shard=1, tp=1, pp=1, zero_stage=0
+    )
+    trainer = dataclasses.replace(cfg.trainer, device=device)
+    cfg = dataclasses.replace(cfg, parallel=parallel, trainer=trainer, **sections)
+    dev = pick_device(device, env.local_rank)
+    init_distributed(env, dev)
+    p = cfg.parallel
+    dims = ParallelDims(p.dp_replicate, p.dp_shard, p.tp, p.pp, env.world_size)
+    mesh = dims.build_mesh(dev.type) if env.world_size > 1 else None
+    engine = build_engine(cfg, dims, mesh, dev)
+    engine.load(ckpt / MODEL_FOLDER, load_optimizer=False)
+    return LoadedCheckpoint(ckpt, cfg, checkpoint_state(ckpt), engine, dims, dev)
+
+
+def evaluate_checkpoint(
+    loaded: LoadedCheckpoint, data_path: str | Path, *, env: DistEnv, num_batches: int, micro_batch_size: int
+) -> dict[str, float]:
+    """Mean token loss and perplexity on held-out Arrow data, each dp rank reading its own part.
+
+    The checkpoint's objective applies (a masked-LM checkpoint is scored on its fixed validation
+    masks); `num_batches` micro-batches per rank, unshuffled, from the start of the data."""
+    from llmtrain.objectives import MaskedLM, Objective
+
+    cfg, dims = loaded.cfg, loaded.dims
+    dp_rank = dims.coords(env.rank)["dp"]
+    # a masked-LM model is scored on masked tokens; every other objective on next-token cross-entropy
+    masked = cfg.objective.name == "masked_lm"
+    objective = MaskedLM(cfg, dp_rank, dims.dp) if masked else Objective(cfg, dp_rank, dims.dp)
+    ds = TokenDataset(data_path, cfg.data.seq_len)
+    loader = DataLoader(
+        ds,
+        micro_batch_size=micro_batch_size,
+        grad_accum=1,
+        dp_rank=dp_rank,
+        dp_size=dims.dp,
+        shuffle=False,
+        document_mask=cfg.data.document_mask,
+    )
+    batches = [b.to(loaded.device) for _ in range(num_batches) for b in loader.next_step()]
+    loss = loaded.engine.evaluate(objective.prepare(batches, None))
+    tokens = sum(b.num_tokens for b in batches) * dims.dp
+    return {"loss": loss, "ppl": float(torch.tensor(loss).exp()), "tokens": float(tokens)}
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    prompt: list[int],
+    *,
+    max_new_tokens: int,
+    max_seq_len: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    eos_id: int | None = None,
+    seed: int = 0,
+) -> list[int]:
+    """Continue `prompt`: greedy when temperature == 0, else nucleus (top-p) sampling at temperature.
+
+    No KV cache: the whole window is re-run per token, which is fine for a quick look at a small
+    model and keeps the model code free of inference state."""
+    device = next(model.parameters()).device
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    ids = list(prompt)
+    model.eval()
+    for _ in range(max_new_tokens):
+        window = torch.tensor([ids[-max_seq_len:]], device=device)
+        logits = model(window)[0, -1].float().cpu()
+        nxt = int(logits.argmax()) if temperature <= 0 else sample_top_p(logits / temperature, top_p, gen)
+        ids.append(nxt)
+        if nxt == eos_id:
+            break
+    return ids[len(prompt) :]
+
+
+def sample_top_p(logits: torch.Tensor, top_p: float, gen: torch.Generator) -> int:
+    """Sample from the smallest set of tokens whose probabilities sum to at least top_p."""
+    probs = F.softmax(logits, dim=-1)
+    sorted_p, order = probs.sort(descending=True)
+    keep = sorted_p.cumsum(0) - sorted_p < top_p  # always keeps the most likely token
+    sorted_p = torch.where(keep, sorted_p, torch.zeros_like(sorted_p))
+    choice = torch.multinomial(sorted_p / sorted_p.sum(), 1, generator=gen)
+    return int(order[choice])
+
+
+__all__ = ["LoadedCheckpoint", "evaluate_checkpoint", "generate", "load_checkpoint_engine"]

@@ -1,0 +1,62 @@
+"""Fold a LoRA run's adapters into its base weights as a plain llmtrain checkpoint.
+
+A LoRA checkpoint holds only the adapters (peft.adapters_only_checkpoint) and names its frozen base
+in `checkpoint.init_from`. `merge_lora_checkpoint` reads both in one process (no process group, any
+saved layout), computes W' = W + (alpha / r) B A and writes a weights-only checkpoint of the plain
+model, which `tools/export_hf.py` exports and `checkpoint.init_from` / `tools/evaluate.py` accept.
+"""
+
+import copy
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from llmtrain.checkpoint import CheckpointError, read_state, resolve_checkpoint_path
+from llmtrain.checkpoint.dcp_io import read_tensors, tensor_shapes, write_tensors
+from llmtrain.checkpoint.layout import ENGINE_DIR, FORMAT, STATE_FILE, write_manifest
+from llmtrain.peft.lora import is_adapter, merge_lora_state
+
+
+def merge_lora_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
+    """Write the merged plain model of a LoRA checkpoint to `out` (a new folder); returns it."""
+    path = resolve_checkpoint_path(checkpoint)
+    state = read_state(path)
+    cfg = state.get("config") or {}
+    peft = cfg.get("peft") or {}
+    if peft.get("method") != "lora":
+        raise CheckpointError(f"{path}: not a LoRA checkpoint (peft.method={peft.get('method')!r})")
+    own = sorted(tensor_shapes(path / ENGINE_DIR))
+    tensors = read_tensors(path / ENGINE_DIR, own)
+    if not any(not is_adapter(k) for k in own):  # adapters only: the base comes from init_from
+        base_spec = (cfg.get("checkpoint") or {}).get("init_from")
+        if not base_spec:
+            raise CheckpointError(f"{path}: adapters-only checkpoint without checkpoint.init_from (no base)")
+        base = resolve_checkpoint_path(base_spec)
+        names = [k for k in tensor_shapes(base / ENGINE_DIR) if not is_adapter(k)]
+        tensors = {**read_tensors(base / ENGINE_DIR, names), **tensors}
+    merged = merge_lora_state(tensors, float(peft["alpha"]) / int(peft["rank"]))
+    plain_cfg = copy.deepcopy(cfg)
+    plain_cfg["peft"] = {**peft, "method": "none"}
+    plain_cfg.setdefault("checkpoint", {})["init_from"] = None
+    out = Path(out)
+    if out.exists():
+        raise CheckpointError(f"{out}: exists; choose a new output folder")
+    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write_tensors(tmp / ENGINE_DIR, merged)
+    new_state = {
+        "format": FORMAT,
+        "step": state.get("step", 0),
+        "tokens_seen": state.get("tokens_seen", 0),
+        "ranks": [],
+        "saved_at": time.time(),
+        "config": plain_cfg,
+        "source": f"lora-merge:{path.resolve()}",
+    }
+    (tmp / STATE_FILE).write_text(json.dumps(new_state))
+    os.replace(tmp, out)
+    write_manifest(out, int(new_state["step"]))
+    return out

@@ -1,0 +1,128 @@
+"""LoRA: only adapters train and are checkpointed, merged weights reproduce base + adapters, runs
+resume exactly, and a merged checkpoint exports/evaluates like the adapted model."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmtrain.models import build_model
+from llmtrain.objectives.checkpoints import saved_model_keys
+from llmtrain.peft.lora import LoRALinear, apply_lora, init_lora, is_adapter, merge_lora, merge_lora_state
+from llmtrain.testing import compose_config
+from llmtrain.train.optim import param_groups
+from tests.objectives.common import losses, tiny_config, train
+
+MODEL = ["model.dim=32", "model.n_layers=2", "model.n_heads=2", "model.n_kv_heads=1", "model.ffn_dim=64"]
+
+
+def lora_model(targets: list[str], seed: int = 0) -> torch.nn.Module:
+    model = build_model(compose_config(MODEL).model, device="meta")
+    apply_lora(model, rank=4, alpha=8.0, dropout=0.0, target_modules=targets)
+    model.to_empty(device="cpu")
+    model.init_weights(seed)
+    init_lora(model, seed)
+    return model
+
+
+def test_only_adapters_are_trainable_and_optimized() -> None:
+    model = lora_model(["wq", "wv", "w2"])
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(is_adapter(n) for n in trainable)
+    assert len(trainable) == 2 * 3 * 2  # A and B x 3 targets x 2 layers
+    optimized = {id(p) for g in param_groups(model, 0.1) for p in g["params"]}
+    assert optimized == {id(p) for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_adapters_start_at_zero_update_and_merge_exactly() -> None:
+    base = build_model(compose_config(MODEL).model, device="cpu")
+    base.init_weights(0)
+    model = lora_model(["wq", "wk", "wv", "wo", "w1", "w2", "w3", "output"])
+    tokens = torch.randint(0, 258, (2, 16), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(model(tokens), base(tokens))  # B = 0 and the same base init: the base model
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_B.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+    adapted = model(tokens)
+    assert not torch.allclose(adapted, base(tokens))
+    state = merge_lora_state({k: v.clone() for k, v in model.state_dict().items()}, scaling=8.0 / 4)
+    merged = merge_lora(model)
+    assert not any(isinstance(m, LoRALinear) for m in merged.modules())
+    torch.testing.assert_close(merged(tokens), adapted, rtol=1e-5, atol=1e-5)
+    assert state.keys() == merged.state_dict().keys()
+    for k, v in merged.state_dict().items():
+        torch.testing.assert_close(state[k], v)
+
+
+def test_no_target_matches_names_the_key() -> None:
+    model = build_model(compose_config(MODEL).model, device="meta")
+    with pytest.raises(ValueError, match="peft.target_modules"):
+        apply_lora(model, 4, 8.0, 0.0, ["q_proj"])
+
+
+def test_lora_config_validation(shakespeare_dir, tmp_path) -> None:
+    from llmtrain.config import ConfigError
+
+    with pytest.raises(ConfigError, match="peft.target_modules"):
+        tiny_config(
+            shakespeare_dir, tmp_path, "peft=lora", "peft.target_modules=[q_proj]", "checkpoint.init_from=x"
+        )
+    with pytest.raises(ConfigError, match="checkpoint.init_from"):
+        tiny_config(shakespeare_dir, tmp_path, "peft=lora")
+    with pytest.raises(ConfigError, match="peft.method"):
+        tiny_config(shakespeare_dir, tmp_path, "peft=lora", "parallel=tp2", "model.n_kv_heads=2", "checkpoint.init_from=x")
+
+
+def lora_run(data: Path, root: Path, base: Path, name: str, steps: int, *extra: str) -> dict:
+    return train(
+        tiny_config(
+            data,
+            root,
+            "peft=lora",
+            f"checkpoint.init_from={base}",
+            f"run.name={name}",
+            f"trainer.max_steps={steps}",
+            "optim.lr=1e-2",
+            "optim.warmup_steps=0",
+            "optim.schedule=constant",
+            *extra,
+        )
+    )
+
+
+def test_lora_run_trains_adapters_only_checkpoints_them_and_resumes(
+    shakespeare_dir, tmp_path, pretrained_run
+) -> None:
+    from llmtrain.checkpoint import latest_checkpoint
+
+    straight = losses(lora_run(shakespeare_dir, tmp_path, pretrained_run, "straight", 8))
+    first = losses(lora_run(shakespeare_dir, tmp_path, pretrained_run, "resumed", 5))
+    second = losses(lora_run(shakespeare_dir, tmp_path, pretrained_run, "resumed", 8))
+    assert first + second == straight  # bitwise: the base is reloaded from init_from, adapters from the run
+    assert straight[-1] < straight[0]
+    ckpt = latest_checkpoint(tmp_path / "straight" / "checkpoints")
+    keys = saved_model_keys(ckpt / "model_optim")
+    assert keys and all(is_adapter(k) for k in keys)
+    base_size = sum(f.stat().st_size for f in (latest_checkpoint(pretrained_run / "checkpoints")).rglob("*"))
+    assert sum(f.stat().st_size for f in ckpt.rglob("*")) < base_size / 2
+
+
+def test_merged_checkpoint_matches_the_adapted_model(shakespeare_dir, tmp_path, pretrained_run) -> None:
+    from llmtrain.launch.env import DistEnv
+    from llmtrain.objectives.inference import load_checkpoint_engine
+    from llmtrain.peft.export import merge_lora_checkpoint
+
+    lora_run(shakespeare_dir, tmp_path, pretrained_run, "ft", 4, "peft.target_modules=[wq,wv,w2,output]")
+    merged = merge_lora_checkpoint(tmp_path / "ft", tmp_path / "merged")
+    adapted = load_checkpoint_engine(tmp_path / "ft", DistEnv(0, 0, 1, 1), device="cpu")
+    plain = load_checkpoint_engine(merged, DistEnv(0, 0, 1, 1), device="cpu")
+    assert not any(isinstance(m, LoRALinear) for m in plain.model.modules())
+    tokens = torch.randint(0, 258, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(plain.model(tokens), adapted.model(tokens), rtol=1e-5, atol=1e-5)
+    exported = adapted.engine.full_model_state()  # what an export sees: adapters folded in
+    assert not any(is_adapter(k) for k in exported)
+    for k, v in plain.model.state_dict().items():
+        if k in exported:
+            torch.testing.assert_close(exported[k], v)
