@@ -6,9 +6,10 @@ while a step runs*:
 - stage 3: parameters, gradients and optimizer state. Parameters are all-gathered before each
   block's forward and again before its backward (`reshard_after_forward=True`); gradients are
   reduce-scattered per micro-batch.
-- stage 2: gradients and optimizer state. Parameters stay unsharded from the forward through the
-  backward (`reshard_after_forward=False`: one all-gather per micro-batch, not two); gradients are
-  reduce-scattered per micro-batch, so only a 1/dp_shard slice of them is ever kept.
+- stage 2: gradients and optimizer state. Parameters stay unsharded from the first forward of a step
+  to its last backward (`reshard_after_forward=False`, and no resharding after the backward of all
+  but the last micro-batch: one all-gather per step); gradients are reduce-scattered per
+  micro-batch, so only a 1/dp_shard slice of them is kept between micro-batches.
 - stage 1: optimizer state only. Like stage 2, and in addition the gradient reduction and the
   resharding are deferred to the last micro-batch of the step (`set_requires_gradient_sync(False)`,
   `set_reshard_after_backward(False)` before the others): full gradients accumulate locally exactly
@@ -69,13 +70,15 @@ def apply_fsdp(
     fully_shard(model, reshard_after_forward=zero_stage == 3, **kwargs)
 
 
-def set_fsdp_accumulating(modules: list[nn.Module], accumulating: bool) -> None:
-    """ZeRO-1: keep full unsharded gradients and parameters while `accumulating` (every micro-batch
-    but the last), then reduce-scatter once and reshard on the last one."""
+def set_fsdp_accumulating(modules: list[nn.Module], accumulating: bool, zero_stage: int) -> None:
+    """Between the micro-batches of a step (`accumulating`), keep the unsharded parameters (stages 1
+    and 2: one all-gather per step) and, for stage 1, the full unsharded gradients too (one
+    reduce-scatter per step). The last micro-batch runs with both back on."""
     for m in modules:
         if isinstance(m, FSDPModule):
-            m.set_requires_gradient_sync(not accumulating)
             m.set_reshard_after_backward(not accumulating)
+            if zero_stage == 1:
+                m.set_requires_gradient_sync(not accumulating)
 
 
 def allreduce_grads(modules: list[nn.Module], dp_group: dist.ProcessGroup, dp_size: int) -> None:

@@ -87,8 +87,8 @@ class NativeEngine(Engine):
         self.reduce_grads = None
         if pm.grad_sync == "ddp":
             self.no_sync = self.model.no_sync
-        elif pm.grad_sync == "fsdp" and p.zero_stage == 1:
-            self.no_sync = self._zero1_accumulate
+        elif pm.grad_sync == "fsdp" and p.zero_stage in (1, 2):
+            self.no_sync = self._zero12_accumulate
         elif pm.grad_sync == "allreduce":
             assert self.dp_group is not None
             self.reduce_grads = lambda: allreduce_grads(self.modules, self.dp_group, dims.dp)
@@ -99,13 +99,14 @@ class NativeEngine(Engine):
             self.pipeline = PipelineRunner(p.pp_schedule, stages, pipeline_microbatches(cfg, dims), self.loss_fn)
 
     @contextmanager
-    def _zero1_accumulate(self):
-        """ZeRO-1 (see data_parallel): no reduce-scatter/reshard until the step's last micro-batch."""
-        set_fsdp_accumulating(self.modules, True)
+    def _zero12_accumulate(self):
+        """ZeRO-1/2 (see data_parallel): no reshard (and for stage 1 no reduce-scatter) until the
+        step's last micro-batch."""
+        set_fsdp_accumulating(self.modules, True, self.cfg.parallel.zero_stage)
         try:
             yield
         finally:
-            set_fsdp_accumulating(self.modules, False)
+            set_fsdp_accumulating(self.modules, False, self.cfg.parallel.zero_stage)
 
     def train_step(self, batches: list[Batch], lr: float) -> StepResult:
         for g in self.optimizer.param_groups:

@@ -43,6 +43,10 @@ LAYOUTS_2 = {
         "parallel.pp_schedule=interleaved_1f1b",
         "parallel.pp_virtual_stages=2",
     ],
+    "pp2_uneven_1_3": ["parallel=pp2", "parallel.pp_layers_per_stage=[1,3]"],
+    "zero3_dp2_ac_full": ["parallel=zero3", "parallel.activation_checkpoint=full"],
+    "tp2_ac_selective": ["parallel=tp2", "parallel.activation_checkpoint=selective"],
+    "zero3_dp2_bf16": ["parallel=zero3", "parallel.param_dtype=bf16"],
 }
 LAYOUTS_4 = {
     "tp2_dp2": ["parallel=tp2"],
@@ -68,7 +72,7 @@ def train_layout(
     skip: int = 0,
     save: Path | None = None,
     load: Path | None = None,
-    want_state: bool = False,
+    want_state: Path | None = None,
 ) -> dict[str, Any]:
     """Build the engine for `cfg` on `world_size` ranks (world 1: no process group), optionally load a
     checkpoint, skip `skip` steps of data, train `steps` steps; losses/grad norms per step, and the
@@ -100,10 +104,17 @@ def train_layout(
     if save is not None:
         engine.save(save)
     out: dict[str, Any] = {"loss": losses, "grad_norm": norms}
-    if want_state:
+    if want_state is not None:
+        # large results go through a file: the result queue of a spawned rank is for small payloads
         state = engine.full_model_state()
-        out["state"] = state if rank == 0 else {}
+        if rank == 0:
+            torch.save(state, want_state)
+        out["state"] = str(want_state)
     return out
+
+
+def load_state(path: str) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)
 
 
 def rel_err(a: list[float], b: list[float]) -> float:
