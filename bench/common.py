@@ -1,0 +1,105 @@
+"""Shared bench helpers: the minimal hand-written reference loop, tables and JSON results."""
+
+import json
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from llmtrain.models.llama import Transformer, TransformerArgs
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+class ReferenceLoop:
+    """What a careful engineer writes by hand: the same Transformer, AdamW, clipping, mean CE loss,
+    optional bf16 autocast, torch.compile, fused AdamW and per-block checkpointing. No framework."""
+
+    def __init__(
+        self,
+        args: TransformerArgs,
+        device: torch.device,
+        *,
+        lr: float = 3e-4,
+        weight_decay: float = 0.1,
+        grad_clip: float = 1.0,
+        precision: str = "fp32",
+        compile: bool = False,
+        fused: bool = False,
+        checkpoint: bool = False,
+        seed: int = 42,
+    ) -> None:
+        with torch.device(device):
+            model = Transformer(args)
+        model.init_weights(seed, buffer_device=device)
+        if checkpoint:
+            from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+            for key in list(model.layers):
+                model.layers[key] = checkpoint_wrapper(model.layers[key])
+        if compile:
+            for key in list(model.layers):
+                model.layers[key].compile()
+        self.model, self.grad_clip, self.device = model, grad_clip, device
+        extra = {"fused": True} if fused else {}
+        self.opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, **extra)
+        self.dtype = torch.bfloat16 if precision == "bf16" else None
+
+    def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
+            logits = self.model(inputs)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(0, 1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+
+def timed(fn: Callable[[], Any], device: torch.device) -> float:
+    """Wall seconds of fn(), synchronizing the accelerator on both ends."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
+
+
+def print_table(rows: list[dict[str, Any]], cols: list[str]) -> str:
+    """Markdown table of rows (floats to 4 significant digits); printed and returned."""
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
+    text = "\n".join(lines)
+    print(text)
+    return text
+
+
+def machine() -> dict[str, Any]:
+    """Where the numbers came from."""
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def write_results(name: str, payload: dict[str, Any]) -> Path:
+    """bench/results/<name>.json with the machine description added."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(
+        json.dumps({"machine": machine(), "date": time.strftime("%Y-%m-%d"), **payload}, indent=2)
+    )
+    print(f"wrote {path}")
+    return path
