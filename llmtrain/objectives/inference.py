@@ -26,6 +26,7 @@ from llmtrain.objectives.checkpoints import (
 )
 from llmtrain.parallel import ParallelDims
 from llmtrain.parallel.engine import Engine, build_engine
+from llmtrain.train.step import global_token_count
 
 log = logging.getLogger("llmtrain")
 
@@ -82,7 +83,7 @@ def evaluate_checkpoint(
     # a masked-LM model is scored on masked tokens; every other objective on next-token cross-entropy
     masked = cfg.objective.name == "masked_lm"
     objective = MaskedLM(cfg, dp_rank, dims.dp) if masked else Objective(cfg, dp_rank, dims.dp)
-    ds = TokenDataset(data_path, cfg.data.seq_len)
+    ds = TokenDataset(str(data_path), cfg.data.seq_len, packing=cfg.data.packing)
     loader = DataLoader(
         ds,
         micro_batch_size=micro_batch_size,
@@ -94,7 +95,7 @@ def evaluate_checkpoint(
     )
     batches = [b.to(loaded.device) for _ in range(num_batches) for b in loader.next_step()]
     loss = loaded.engine.evaluate(objective.prepare(batches, None))
-    tokens = sum(b.num_tokens for b in batches) * dims.dp
+    tokens = global_token_count(batches, getattr(loaded.engine, "dp_group", None))
     return {"loss": loss, "ppl": float(torch.tensor(loss).exp()), "tokens": float(tokens)}
 
 

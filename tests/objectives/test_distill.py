@@ -96,7 +96,7 @@ def test_distill_run_from_config_teacher_is_frozen(shakespeare_dir, tmp_path, pr
 def test_teacher_with_another_vocabulary_is_refused(shakespeare_dir, tmp_path, pretrained_run) -> None:
     from llmtrain.config import ConfigError
 
-    with pytest.raises(ConfigError, match="objective.distill.teacher"):
+    with pytest.raises(ConfigError, match=r"objective\.distill\.teacher"):
         train(
             tiny_config(
                 shakespeare_dir,

@@ -119,5 +119,5 @@ def test_masked_lm_trains_from_config(shakespeare_dir, tmp_path) -> None:
 def test_mask_token_must_fit_the_model_vocabulary(shakespeare_dir, tmp_path) -> None:
     from llmtrain.config import ConfigError
 
-    with pytest.raises(ConfigError, match="objective.masked_lm.mask_token_id"):
+    with pytest.raises(ConfigError, match=r"objective\.masked_lm\.mask_token_id"):
         train(tiny_config(shakespeare_dir, tmp_path, "objective=masked_lm", "model.vocab_size=258"))

@@ -119,7 +119,7 @@ def test_loader_resumes_exactly_and_splits_over_dp_ranks() -> None:
     ranks = [_loader(examples, grad_accum=1, dp_rank=r, dp_size=2).next_step()[0] for r in (0, 1)]
     for s, r in zip(single, ranks):
         assert torch.equal(s.inputs, r.inputs) and torch.equal(s.attn_mask, r.attn_mask)
-    with pytest.raises(ValueError, match="objective.sft.train_path"):
+    with pytest.raises(ValueError, match=r"objective\.sft\.train_path"):
         _loader(examples[:-3]).load_state_dict(a.state_dict())
 
 
@@ -162,7 +162,7 @@ def test_sft_learns_a_synthetic_instruction_set(shakespeare_dir, tmp_path) -> No
 def test_sft_requires_a_data_file(shakespeare_dir, tmp_path) -> None:
     from llmtrain.config import ConfigError
 
-    with pytest.raises(ConfigError, match="objective.sft.train_path"):
+    with pytest.raises(ConfigError, match=r"objective\.sft\.train_path"):
         tiny_config(shakespeare_dir, tmp_path, "objective=sft", "objective.sft.train_path=")
     with pytest.raises(SFTDataError, match="does not exist"):
         train(

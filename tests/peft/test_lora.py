@@ -57,21 +57,28 @@ def test_adapters_start_at_zero_update_and_merge_exactly() -> None:
 
 def test_no_target_matches_names_the_key() -> None:
     model = build_model(compose_config(MODEL).model, device="meta")
-    with pytest.raises(ValueError, match="peft.target_modules"):
+    with pytest.raises(ValueError, match=r"peft\.target_modules"):
         apply_lora(model, 4, 8.0, 0.0, ["q_proj"])
 
 
 def test_lora_config_validation(shakespeare_dir, tmp_path) -> None:
     from llmtrain.config import ConfigError
 
-    with pytest.raises(ConfigError, match="peft.target_modules"):
+    with pytest.raises(ConfigError, match=r"peft\.target_modules"):
         tiny_config(
             shakespeare_dir, tmp_path, "peft=lora", "peft.target_modules=[q_proj]", "checkpoint.init_from=x"
         )
-    with pytest.raises(ConfigError, match="checkpoint.init_from"):
+    with pytest.raises(ConfigError, match=r"checkpoint\.init_from"):
         tiny_config(shakespeare_dir, tmp_path, "peft=lora")
-    with pytest.raises(ConfigError, match="peft.method"):
-        tiny_config(shakespeare_dir, tmp_path, "peft=lora", "parallel=tp2", "model.n_kv_heads=2", "checkpoint.init_from=x")
+    with pytest.raises(ConfigError, match=r"peft\.method"):
+        tiny_config(
+            shakespeare_dir,
+            tmp_path,
+            "peft=lora",
+            "parallel=tp2",
+            "model.n_kv_heads=2",
+            "checkpoint.init_from=x",
+        )
 
 
 def lora_run(data: Path, root: Path, base: Path, name: str, steps: int, *extra: str) -> dict:
