@@ -61,6 +61,18 @@ def slurm_parameters(cfg: Config, partition: str | None) -> dict[str, Any]:
     return params
 
 
+def absolute_paths(cfg: Config) -> Config:
+    """Relative paths mean the login node's cwd; make them absolute so the job reads the same files."""
+    sources = [
+        s if "://" in s.path else replace(s, path=str(Path(s.path).resolve())) for s in cfg.data.sources
+    ]
+    return replace(
+        cfg,
+        run=replace(cfg.run, root=str(Path(cfg.run.root).resolve())),
+        data=replace(cfg.data, sources=sources),
+    )
+
+
 def _refuse_duplicate(run_dir: Path) -> None:
     """Two live jobs writing one run folder would corrupt it: refuse before sbatch."""
     ids = [r.job_id for r in job_records(run_dir)]
@@ -81,7 +93,7 @@ def submit_job(cfg: Config) -> Any:
 
     check_static(cfg)
     part = check_cluster(cfg, query_partitions())
-    cfg = replace(cfg, run=replace(cfg.run, root=str(Path(cfg.run.root).resolve())))
+    cfg = absolute_paths(cfg)
     run_dir = Path(cfg.run.root) / cfg.run.name
     _refuse_duplicate(run_dir)
     run_dir = prepare_run(cfg)

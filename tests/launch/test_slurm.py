@@ -71,7 +71,10 @@ def test_two_task_job_matches_local_run(slurm_cluster, tiny_overrides, reference
 def test_preempted_job_checkpoints_requeues_and_resumes(
     slurm_cluster, tiny_overrides, reference_losses, tmp_path
 ) -> None:
-    job = _submit(tiny_overrides, tmp_path, "preempted")
+    # with MLflow (a sqlite store beside the runs): the second allocation must continue the same run
+    swap = {"tracking=none": "tracking=mlflow", "trainer.log_every=100": "trainer.log_every=10"}
+    overrides = [swap.get(o, o) for o in tiny_overrides] + ["tracking.system_metrics=false"]
+    job = _submit(overrides, tmp_path, "preempted")
     run_dir = tmp_path / "preempted"
     _wait_for_steps(run_dir, 20)
     job._interrupt()  # what SLURM does on preemption: SIGTERM, then the USR2 warning, to every task
@@ -85,6 +88,20 @@ def test_preempted_job_checkpoints_requeues_and_resumes(
     stop_ckpt = run_dir / "checkpoints" / f"step_{first - 1:08d}"
     assert re.search(rf"resum.* {re.escape(str(stop_ckpt))}", text), text  # loaded the stop checkpoint
     _assert_same_losses(read_losses(run_dir), reference_losses)
+    _assert_one_mlflow_run(tmp_path, reference_losses, job.job_id)
+
+
+def _assert_one_mlflow_run(root: Path, reference: dict[int, float], job_id: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("llmtrain").experiment_id])
+    assert len(runs) == 1, [r.info.run_name for r in runs]
+    run = runs[0]
+    assert run.info.status == "FINISHED" and run.data.tags.get("slurm_job_id") == job_id
+    history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train/loss")}
+    assert sorted(history) == list(range(10, STEPS + 1, 10))  # both allocations, no step twice
+    assert max(abs(history[s] - reference[s]) for s in history) <= 1e-6
 
 
 @pytest.mark.timeout(120)

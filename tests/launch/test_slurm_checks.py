@@ -112,3 +112,33 @@ def test_rendezvous_from_slurm_env() -> None:
     assert rendezvous_port("123456") == rendezvous_port("123456") == 15000 + 123456 % 10000
     assert rendezvous_port("123457") != rendezvous_port("123456")
     assert first_host("cpu[10-11,20],gpu1") == "cpu10"
+
+
+@pytest.mark.parametrize(
+    ("status", "received", "restarts", "outcome"),
+    [
+        ("FINISHED", {"SIGUSR2"}, 0, "finished"),  # the signal came after the last step
+        ("KILLED", {"SIGUSR2"}, 0, "requeue"),  # pre-timeout warning
+        ("KILLED", {"SIGTERM", "SIGUSR2"}, 1, "requeue"),  # submitit-style preemption
+        ("KILLED", set(), 0, "requeue"),  # only another rank was signalled
+        ("KILLED", {"SIGTERM"}, 0, "terminated"),  # scancel / scheduler preemption: no self-requeue
+        ("KILLED", {"SIGUSR2"}, 2, "exhausted"),  # launcher.max_requeues=2 used up
+    ],
+)
+def test_job_outcome_after_a_stop(status: str, received: set[str], restarts: int, outcome: str) -> None:
+    from llmtrain.launch.slurm_job import TrainJob
+
+    assert (
+        TrainJob("config.yaml", max_requeues=2, time_min=10)._agree_outcome(status, received, restarts)
+        == outcome
+    )
+
+
+def test_relative_paths_become_absolute(make_config, tmp_path, monkeypatch) -> None:
+    from llmtrain.launch.slurm import absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    cfg = absolute_paths(make_config("launcher=slurm", "run.root=rel_runs", "data.sources.0.path=rel_data"))
+    assert cfg.run.root == str(tmp_path / "rel_runs") and cfg.data.sources[0].path == str(
+        tmp_path / "rel_data"
+    )
