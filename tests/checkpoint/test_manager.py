@@ -146,3 +146,23 @@ def test_loading_never_unpickles_arbitrary_objects(cfg, tmp_path, monkeypatch):
         restore_rng(rng, None)
     assert not (tmp_path / "pwned").exists()
     assert latest_checkpoint(tmp_path / "ck") == path
+
+
+def test_config_options_and_inspect_tool(make_config, tmp_path, capsys):
+    assert make_config("checkpoint.resume=false").checkpoint.resume == "none"
+    assert make_config("checkpoint.resume=auto").checkpoint.resume == "auto"
+    ck = make_config("checkpoint=async").checkpoint
+    assert (ck.async_save, ck.every_minutes, ck.every_steps) == (True, 30, 0)
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("inspect_checkpoint",
+                                                  Path(__file__).parents[2] / "tools" / "inspect_checkpoint.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    eng = make_engine(make_config(*TINY))
+    path = _save(CheckpointManager(tmp_path / "run" / "checkpoints"), eng, 3).path
+    assert tool.main([str(tmp_path / "run")]) == 0 and "1 complete checkpoint(s)" in capsys.readouterr().out
+    assert tool.main([str(path)]) == 0 and "step: 3" in capsys.readouterr().out
+    (path / "rng" / "rank_00000.pt").write_bytes(b"x")
+    assert tool.main([str(path)]) == 2 and "rank_00000.pt: 1 bytes" in capsys.readouterr().err
