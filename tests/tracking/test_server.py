@@ -3,10 +3,14 @@ loses no point; a run that ends during an outage is replayed by tools/mlflow_rep
 nest under one parent run; tools/plot_runs.py draws what MLflow holds."""
 
 import logging
+import re
+import shutil
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
+from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 from llmtrain.config.io import to_dict
@@ -124,8 +128,6 @@ def test_sweep_members_are_siblings_under_one_parent(mlflow_server, make_config,
 
 
 def test_plot_runs_draws_latest_point_per_step(mlflow_server, tmp_path):
-    from mlflow.entities import Metric
-
     client = MlflowClient(mlflow_server.uri)
     exp = client.get_experiment_by_name("plots") or client.create_experiment("plots")
     exp_id = exp if isinstance(exp, str) else exp.experiment_id
@@ -140,3 +142,29 @@ def test_plot_runs_draws_latest_point_per_step(mlflow_server, tmp_path):
     assert steps == list(range(1, 21)) and values[9] == 0.5 and values[0] == pytest.approx(4.9)
     png = render(data, [["train/loss"], ["perf/tokens_per_s"]], tmp_path / "runs.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1400,1000",
+                  "--run-all-compositor-stages-before-draw", "--virtual-time-budget=60000"]  # fmt: skip
+
+
+def test_mlflow_ui_draws_the_loss_chart(mlflow_server, tmp_path):
+    """What a user sees: the run page of the MLflow UI, rendered by headless Chromium, holds a plotted
+    loss line with a vertex per logged step (the chart, not the loading spinner)."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("chromium not installed (.ci/setup.d/chromium.sh installs it)")
+    client = MlflowClient(mlflow_server.uri)
+    exp = client.get_experiment_by_name("ui") or client.create_experiment("ui")
+    exp_id = exp if isinstance(exp, str) else exp.experiment_id
+    run_id = client.create_run(exp_id, run_name="ui-run").info.run_id
+    losses = [3.0 - 0.05 * s + (0.2 if s % 2 else 0.0) for s in range(1, 21)]  # zig-zag: no vertex merges
+    client.log_batch(run_id, metrics=[Metric("train/loss", v, 1000 + s, s) for s, v in enumerate(losses, 1)])
+    url = f"{mlflow_server.uri}/#/experiments/{exp_id}/runs/{run_id}/model-metrics"
+    cmd = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", url]
+    dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout
+    lines = re.findall(r'class="js-line" d="(M[^"]+)"', dom)
+    assert "ui-run" in dom and "loss" in dom, dom[-2000:]
+    vertices = max((d.count("L") + 1 for d in lines), default=0)
+    assert vertices == len(losses), f"{len(lines)} plotted lines, longest has {vertices} vertices"
