@@ -40,7 +40,8 @@ def apply_ddp(model: nn.Module, dp_mesh: DeviceMesh) -> nn.Module:
     """Plain data parallel: gradients all-reduced (averaged) over the dp mesh during backward."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    return DDP(model, process_group=dp_mesh.get_group(), broadcast_buffers=False)
+    # buffers (the RoPE table) are identical on every rank: synced once at init, never per forward
+    return DDP(model, process_group=dp_mesh.get_group(), forward_sync_buffers=False)
 
 
 def apply_fsdp(

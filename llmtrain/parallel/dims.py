@@ -23,6 +23,7 @@ class ParallelDims:
     pp: int
     world_size: int
     _mesh: DeviceMesh | None = field(default=None, init=False, repr=False)
+    _dp_mesh: DeviceMesh | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         for name in ("tp", "pp"):
@@ -83,9 +84,17 @@ class ParallelDims:
                 tuple(getattr(self, n) for n in MESH_ORDER),
                 mesh_dim_names=MESH_ORDER,
             )
-            mesh[("dp_replicate", "dp_shard")]._flatten("dp")
+            self._dp_mesh = mesh[("dp_replicate", "dp_shard")]._flatten("dp")
             self._mesh = mesh
         return self._mesh
+
+    @property
+    def dp_mesh(self) -> DeviceMesh:
+        """The flattened (dp_replicate x dp_shard) mesh: data loading, token counts, loss reduction.
+        Kept here because slicing a flattened dim from the root mesh is deprecated in torch."""
+        if self._dp_mesh is None:
+            raise RuntimeError("ParallelDims.build_mesh() must run before dp_mesh is used")
+        return self._dp_mesh
 
     def coords(self, rank: int) -> dict[str, int]:
         """Coordinates of a global rank along each mesh dim (pure arithmetic, no process group)."""

@@ -68,7 +68,7 @@ class NativeEngine(Engine):
         check_layout(cfg, dims)
         self.cfg, self.dims, self.device = cfg, dims, device
         p = cfg.parallel
-        self.dp_group = mesh["dp"].get_group() if dims.dp_enabled and mesh is not None else None
+        self.dp_group = dims.dp_mesh.get_group() if dims.dp_enabled and mesh is not None else None
         self.pp_group = mesh["pp"].get_group() if dims.pp_enabled and mesh is not None else None
         self.peft = build_peft(cfg)  # LoRA adapters go onto the meta model, before any parallel transform
         pm = parallelize(self.peft.apply(build_model(cfg.model)), dims, p, mesh, device, cfg.trainer.seed)

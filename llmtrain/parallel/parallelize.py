@@ -110,5 +110,5 @@ def parallelize(
         grad_sync = "allreduce"
     else:
         assert mesh is not None
-        return ParallelModel([apply_ddp(model, mesh["dp"])], "ddp")
+        return ParallelModel([apply_ddp(model, dims.dp_mesh)], "ddp")
     return ParallelModel(list(parts), grad_sync, stage_ids, num_stages)

@@ -62,12 +62,18 @@ def runs_4(shakespeare_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> d
 
 
 def _check(run: dict, ref: dict, rtol: float) -> None:
+    print(
+        f"loss rel err {rel_err(run['loss'], ref['loss']):.2e}, grad-norm rel err "
+        f"{rel_err(run['grad_norm'], ref['grad_norm']):.2e}",
+        end="",
+    )
     assert rel_err(run["loss"], ref["loss"]) <= rtol, (run["loss"], ref["loss"])
     assert rel_err(run["grad_norm"], ref["grad_norm"]) <= rtol, (run["grad_norm"], ref["grad_norm"])
     if "state" in run and rtol == FP32_RTOL:
         got, want = load_state(run["state"]), load_state(ref["state"])
         assert sorted(got) == sorted(want), "full_model_state names differ from the model's"
         worst = max((got[k] - want[k]).abs().max().item() for k in want)
+        print(f", weights max abs diff {worst:.2e}", end="")
         assert worst <= WEIGHT_ATOL, f"weights after {STEPS} steps differ by {worst:.2e}"
 
 

@@ -1,0 +1,99 @@
+"""Impossible layouts fail at config time (compose, or `build_dims` for world-size rules) with a
+message naming the keys; presets compose and resolve to the documented degrees."""
+
+import re
+
+import pytest
+
+from llmtrain.config import ConfigError
+from llmtrain.parallel import ParallelDims
+from llmtrain.parallel.layout import build_dims
+from llmtrain.parallel.pipeline import local_stage_ids, stage_layer_counts
+from tests.parallel.common import TINY
+
+
+@pytest.fixture
+def cfg(make_config):
+    return lambda *o: make_config(*TINY, *o)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "world", "expected"),
+    [
+        (["parallel=tp2_pp2"], 2, {"tp": 2, "pp": 2}),  # needs 4 ranks
+        (["parallel=tp2"], 3, {"tp": 2}),
+    ],
+)
+def test_world_size_mismatch_lists_every_factor(cfg, overrides, world, expected) -> None:
+    with pytest.raises(ConfigError) as e:
+        build_dims(cfg(*overrides), world)
+    msg = str(e.value)
+    for key in ("dp_replicate=", "dp_shard=", "tp=", "pp="):
+        assert key in msg
+    assert f"world size {world}" in msg
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needles"),
+    [
+        (["parallel.pp=3"], ["model.n_layers=4", "3 pipeline stages", "pp_layers_per_stage"]),
+        (
+            ["parallel.pp=2", "parallel.pp_layers_per_stage=[1,2]"],
+            ["pp_layers_per_stage=[1, 2]", "n_layers=4"],
+        ),
+        (["parallel.tp=3"], ["model.n_heads=4", "parallel.tp=3"]),
+        (["parallel.tp=4"], ["model.n_kv_heads=2", "parallel.tp=4", "KV-head"]),
+        (["parallel.pp=2", "parallel.pp_microbatches=1"], ["parallel.pp_microbatches=1", "parallel.pp=2"]),
+        (["parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b"], ["pp_virtual_stages >= 2"]),
+        (["parallel.pp=2", "parallel.pp_virtual_stages=2"], ["pp_schedule=1f1b", "pp_virtual_stages=1"]),
+        (["parallel.dp_shard=2", "parallel.zero_stage=0"], ["parallel.dp_shard=2", "zero_stage"]),
+        (["parallel.param_dtype=bf16"], ["parallel.param_dtype=bf16", "zero_stage=0"]),
+        (["parallel.tp=2", "data.seq_len=15"], ["data.seq_len=15", "sequence_parallel"]),
+    ],
+)
+def test_impossible_layout_fails_at_compose_naming_keys(cfg, overrides, needles) -> None:
+    with pytest.raises(ConfigError) as e:
+        cfg(*overrides)
+    for needle in needles:
+        assert needle in str(e.value)
+
+
+def test_microbatches_fewer_than_stages_fail_for_the_world_size(cfg) -> None:
+    # global 4 = micro 2 x accumulation 2 on one pipeline replica: fine; on 2 replicas only 1 micro-batch
+    c = cfg("parallel=pp2", "trainer.global_batch_size=4")
+    assert build_dims(c, 2).pp == 2
+    with pytest.raises(ConfigError, match=re.escape("fewer than parallel.pp=2")):
+        build_dims(c, 4)
+
+
+def test_zero_without_a_shard_dimension_is_rejected(cfg) -> None:
+    with pytest.raises(ConfigError, match=re.escape("parallel.zero_stage=3 shards over parallel.dp_shard")):
+        build_dims(cfg("parallel=zero3", "parallel.dp_replicate=-1", "parallel.dp_shard=1"), 2)
+
+
+@pytest.mark.parametrize(
+    ("preset", "world", "degrees"),
+    [
+        ("ddp", 4, (4, 1, 1, 1)),
+        ("zero1", 4, (1, 4, 1, 1)),
+        ("zero2", 2, (1, 2, 1, 1)),
+        ("zero3", 2, (1, 2, 1, 1)),
+        ("hsdp", 4, (2, 2, 1, 1)),
+        ("tp2", 4, (2, 1, 2, 1)),
+        ("pp2", 4, (2, 1, 1, 2)),
+        ("tp2_pp2", 8, (2, 1, 2, 2)),
+        ("3d", 8, (1, 2, 2, 2)),
+    ],
+)
+def test_presets_resolve(cfg, preset, world, degrees) -> None:
+    d = build_dims(cfg(f"parallel={preset}"), world)
+    assert (d.dp_replicate, d.dp_shard, d.tp, d.pp) == degrees
+
+
+def test_stage_split_and_placement() -> None:
+    assert stage_layer_counts(8, 4, None) == [2, 2, 2, 2]
+    assert stage_layer_counts(8, 2, [3, 5]) == [3, 5]
+    assert local_stage_ids(1, 2, 2) == [1, 3]  # looped placement for interleaved 1F1B
+    dims = ParallelDims(1, 2, 2, 2, 8)
+    # mesh order pp, dp_replicate, dp_shard, tp: tp peers are neighbours
+    assert dims.coords(5) == {"tp": 1, "dp_shard": 0, "dp_replicate": 0, "pp": 1, "dp": 0}
