@@ -117,9 +117,24 @@ def validate_objective(cfg: "Config") -> None:
             "objective.distill.teacher",
             "a teacher checkpoint path is required for objective=distill",
         )
-    if o.name in ("masked_lm", "distill", "sft"):
+    if o.name == "causal_lm":
+        return
+    p = cfg.parallel
+    check(
+        p.pp == 1,
+        "objective.name",
+        f"{o.name} is not supported with pipeline parallelism (parallel.pp={p.pp})",
+    )
+    # deepspeed passes positions and masks but not the causal flag or a loss hook; megatron neither
+    engines = ("native", "deepspeed") if o.name == "sft" else ("native",)
+    check(
+        p.backend in engines,
+        "objective.name",
+        f"{o.name} runs on parallel.backend={' or '.join(engines)}, got {p.backend}",
+    )
+    if o.name == "distill":
         check(
-            cfg.parallel.pp == 1,
+            p.tp == 1,
             "objective.name",
-            f"{o.name} is not supported with pipeline parallelism (parallel.pp={cfg.parallel.pp}); use pp=1",
+            f"distill needs whole-vocabulary logits; parallel.tp={p.tp} is not supported",
         )
