@@ -62,13 +62,19 @@ class ReferenceLoop:
 
 def timed(fn: Callable[[], Any], device: torch.device) -> float:
     """Wall seconds of fn(), synchronizing the accelerator on both ends."""
+    return timed_cpu(fn, device)[0]
+
+
+def timed_cpu(fn: Callable[[], Any], device: torch.device) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) of fn(). On a shared CPU machine the process CPU
+    time is what the work cost: it does not grow while other jobs hold the cores."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     fn()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def print_table(rows: list[dict[str, Any]], cols: list[str]) -> str:

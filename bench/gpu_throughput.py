@@ -11,6 +11,7 @@ after `--warmup` steps on random tokens, on one GPU:
   torch.compile per block and per-block checkpointing;
 - hf: transformers LlamaForCausalLM of the same shape (attn_implementation=sdpa), same loss/optimizer.
 MFU = tokens/s x model FLOPs/token (llmtrain.train.flops) / peak (device table; --peak-tflops).
+mem_gib is torch.cuda.max_memory_allocated over the timed steps; est_gib the planner's estimate.
 
     python bench/gpu_throughput.py                      # on a GPU machine (H100: ~5-10 min)
     python bench/gpu_throughput.py --models 1b --variants llmtrain reference
@@ -112,6 +113,7 @@ def run_variant(
 ) -> dict:
     from llmtrain.data.loader import Batch
     from llmtrain.models import model_args
+    from llmtrain.plan.memory import Layout, estimate_memory
     from llmtrain.testing import compose_config
     from llmtrain.train.flops import flops_per_token, recompute_fraction
 
@@ -154,6 +156,9 @@ def run_variant(
         hfu_flops = flops_per_token(
             args, opts.seq, recompute_fraction("full" if did_ac else "none", args.n_layers)
         )
+        if kind != "hf":  # the planner's estimate next to the measured peak (same code base)
+            layout = Layout(micro_batch_size=mbs, activation_checkpoint="full" if did_ac else "none")
+            row["est_gib"] = estimate_memory(args, opts.seq, layout, precision="bf16").total / 2**30
         row.update(
             {
                 "compiled": did_compile,
@@ -221,6 +226,7 @@ def main() -> None:
         "mfu",
         "hfu",
         "mem_gib",
+        "est_gib",
         "error",
     ]
     print(

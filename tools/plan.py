@@ -34,6 +34,11 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     ap.add_argument("--headroom", type=float, default=0.1, help="share of GPU memory kept free")
     ap.add_argument("--top", type=int, default=8, help="layouts to suggest")
     ap.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
+    ap.add_argument(
+        "--validate-cpu",
+        action="store_true",
+        help="measure peak tensor memory of small CPU runs and compare with the estimate",
+    )
     opts, rest = ap.parse_known_args(argv)
     bad = [a for a in rest if "=" not in a]
     if bad:
@@ -56,8 +61,34 @@ HEADER = (
 )
 
 
+def validate_cpu(json_path: Path | None) -> int:
+    """Print estimate vs measured peak memory for the built-in validation cases."""
+    import torch
+
+    from llmtrain.plan.measure import validate_estimates
+
+    torch.set_num_threads(1)
+    rows = validate_estimates()
+    print(
+        f"{'model':<26} {'seq':>4} {'mbs':>3} {'acc':>3} {'prec':>5} {'ckpt':>9} {'measured MiB':>12} "
+        f"{'estimate MiB':>12} {'error':>7}"
+    )
+    for r in rows:
+        print(
+            f"{r['model']:<26} {r['seq']:>4} {r['mbs']:>3} {r['accum']:>3} {r['precision']:>5} {r['ckpt']:>9} "
+            f"{r['measured_mib']:>12.2f} {r['estimate_mib']:>12.2f} {r['error_pct']:>+6.1f}%"
+        )
+    worst = max(abs(r["error_pct"]) for r in rows)
+    print(f"worst absolute error {worst:.1f}%")
+    if json_path:
+        json_path.write_text(json.dumps(rows, indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     opts, overrides = parse(sys.argv[1:] if argv is None else argv)
+    if opts.validate_cpu:
+        return validate_cpu(opts.json)
     from llmtrain.testing import compose_config
 
     cfg = compose_config(overrides)

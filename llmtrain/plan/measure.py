@@ -103,3 +103,57 @@ def measure_train_peak(
             )
             del batches
     return mem.peak
+
+
+# (dim, n_layers, n_heads, n_kv_heads, vocab, tied, seq, micro_batch, accum, precision, checkpointing)
+VALIDATION_CASES = [
+    (128, 4, 4, 2, 512, False, 128, 4, 1, "fp32", "none"),
+    (128, 4, 4, 2, 512, False, 128, 4, 1, "bf16", "none"),
+    (128, 4, 4, 2, 4096, False, 128, 4, 1, "bf16", "none"),
+    (128, 4, 4, 4, 4096, True, 128, 4, 1, "fp32", "none"),
+    (128, 4, 4, 2, 512, False, 128, 4, 2, "fp32", "none"),
+    (128, 4, 4, 2, 512, False, 128, 4, 1, "fp32", "full"),
+    (128, 4, 4, 2, 512, False, 128, 4, 1, "bf16", "selective"),
+    (128, 2, 4, 2, 4096, False, 128, 2, 2, "bf16", "full"),
+    (256, 4, 8, 2, 2048, False, 256, 2, 1, "bf16", "none"),
+]
+
+
+def validate_estimates(cases: list[tuple] | None = None) -> list[dict[str, Any]]:
+    """Estimate vs measured peak for each case (single process on CPU); error in percent."""
+    from llmtrain.config.model import ModelConfig
+    from llmtrain.models.build import model_args
+    from llmtrain.plan.memory import Layout, estimate_memory
+
+    rows = []
+    for dim, layers, heads, kv, vocab, tied, seq, mbs, accum, prec, ac in cases or VALIDATION_CASES:
+        cfg = ModelConfig(
+            name="v",
+            dim=dim,
+            n_layers=layers,
+            n_heads=heads,
+            n_kv_heads=kv,
+            vocab_size=vocab,
+            ffn_dim=2 * dim,
+            max_seq_len=seq,
+            tie_embeddings=tied,
+        )
+        measured = measure_train_peak(
+            cfg, seq_len=seq, micro_batch_size=mbs, grad_accum=accum, precision=prec, activation_checkpoint=ac
+        )
+        layout = Layout(micro_batch_size=mbs, activation_checkpoint=ac)
+        est = estimate_memory(model_args(cfg), seq, layout, precision=prec, grad_accum=accum).total
+        rows.append(
+            {
+                "model": f"d{dim} L{layers} h{heads}/{kv} V{vocab}{' tied' if tied else ''}",
+                "seq": seq,
+                "mbs": mbs,
+                "accum": accum,
+                "precision": prec,
+                "ckpt": ac,
+                "measured_mib": measured / 2**20,
+                "estimate_mib": est / 2**20,
+                "error_pct": 100 * (est - measured) / measured,
+            }
+        )
+    return rows
