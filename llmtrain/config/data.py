@@ -43,5 +43,8 @@ class DataConfig:
     """Name of the validation split folder inside each dataset (skipped when absent)."""
     prefetch: int = 2
     """Batches prepared ahead of the training step by a background thread (0 = synchronous)."""
+    mmap_release_every: int = 64
+    """Samples read between unmapping the shard pages they touched: bounds this process's RSS from
+    memory-mapped page cache independently of the dataset size (0 = never unmap)."""
     verify_checksums: bool = False
     """Hash every shard against index.json at open (slow for big data; always done by tools)."""

@@ -48,6 +48,7 @@ def _datasets(cfg: DataConfig, split: str | None) -> list[TokenDataset]:
                 cfg.seq_len,
                 packing=cfg.packing,
                 verify_checksums=cfg.verify_checksums,
+                release_every=cfg.mmap_release_every,
             )
         )
     tokenizers = {d.index.tokenizer for d in out}
@@ -82,7 +83,13 @@ def build_val_loader(
     loc = resolve(cfg.sources[0].path).child(cfg.val_split)
     if not loc.child(INDEX_NAME).exists():
         return None
-    ds = TokenDataset(loc, cfg.seq_len, packing=cfg.packing, verify_checksums=cfg.verify_checksums)
+    ds = TokenDataset(
+        loc,
+        cfg.seq_len,
+        packing=cfg.packing,
+        verify_checksums=cfg.verify_checksums,
+        release_every=cfg.mmap_release_every,
+    )
     return DataLoader(
         ds,
         micro_batch_size=micro_batch_size,

@@ -23,6 +23,10 @@ from llmtrain.data.shard import ShardReader
 
 PACKING_MODES = ("concat", "whole_documents")
 LAYOUT_CACHE = 256
+RELEASE_EVERY = 64
+"""Default samples read between releases of the shard pages they mapped (see shard.py). A fault
+maps a whole page-cache folio (64 KB to a few MB), so this bounds the mapped resident set to about
+RELEASE_EVERY folios whatever the dataset size; smaller is tighter but each release costs refaults."""
 """whole_documents: packed layouts (two int64 per sequence) kept for this many record batches."""
 
 
@@ -63,6 +67,7 @@ class TokenDataset:
         packing: str = "concat",
         verify_checksums: bool = False,
         filesystem: Any = None,
+        release_every: int = RELEASE_EVERY,
     ) -> None:
         if packing not in PACKING_MODES:
             raise DataError(
@@ -71,17 +76,21 @@ class TokenDataset:
         self.loc = folder if isinstance(folder, Location) else resolve(str(folder), filesystem)
         self.index = DatasetIndex.load(self.loc)
         self.seq_len, self.length, self.packing = seq_len, seq_len + 1, packing
-        self.verify = verify_checksums
+        self.verify, self.release_every = verify_checksums, release_every
         self.pad_id = self.index.pad_id
         self.segments = [
             (s, b) for s, info in enumerate(self.index.shards) for b in range(len(info.batch_tokens))
         ]
         self._readers: dict[int, ShardReader] = {}
         self._layouts: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._since_release = 0
+        self._touched: set[int] = set()
         if packing == "concat":
             counts = [max((self.index.shards[s].batch_tokens[b] - 1) // seq_len, 0) for s, b in self.segments]
         else:
             counts = [len(self._layout(i)) for i in range(len(self.segments))]
+        self._touched.update(self._readers)
+        self.release()  # whole_documents read every offsets buffer to count the sequences
         self.cum = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).astype(np.int64)
         self.num_samples = int(self.cum[-1])
         if self.num_samples == 0:
@@ -107,6 +116,13 @@ class TokenDataset:
                 self._layouts.popitem(last=False)
         return lay
 
+    def release(self) -> None:
+        """Unmap the shard pages touched since the last release (they stay in the page cache)."""
+        for shard in self._touched:
+            self._readers[shard].release()
+        self._touched.clear()
+        self._since_release = 0
+
     def locate(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Sample ids -> (record batch segment, sample number within it)."""
         ids = np.asarray(ids, dtype=np.int64)
@@ -130,10 +146,20 @@ class TokenDataset:
         tokens = np.empty((n, length), dtype=np.int64)
         valid = np.full(n, length, dtype=np.int64)
         docs = np.zeros((n, length), dtype=np.int32) if doc_ids else None
-        concat = self.packing == "concat"
+        if self.release_every and self._since_release >= self.release_every:
+            self.release()
+        self._since_release += n
+        shard_of, batch, touched = self.segments, self._batch, self._touched
+        if self.packing == "concat" and docs is None:  # the hot path: no layout, no document ids
+            seq = self.seq_len
+            for i, (seg, j) in enumerate(zip(segs.tolist(), local.tolist())):
+                touched.add(shard_of[seg][0])
+                tokens[i] = batch(seg)[0][j * seq : j * seq + length]
+            return Samples(tokens, valid)
         for i, (seg, j) in enumerate(zip(segs.tolist(), local.tolist())):
-            values, offsets = self._batch(seg)
-            if concat:
+            values, offsets = batch(seg)
+            touched.add(shard_of[seg][0])
+            if self.packing == "concat":
                 p, q = j * self.seq_len, j * self.seq_len + length
             else:
                 p, q = self._layout(seg)[j].tolist()

@@ -28,6 +28,15 @@ class Location:
     def mmap(self) -> bool:
         return _is_local(self.fs)
 
+    @property
+    def local_path(self) -> str | None:
+        """The operating-system path when the file is on the local disk (then it is memory-mapped)."""
+        if isinstance(self.fs, pafs.LocalFileSystem):
+            return self.path
+        if isinstance(self.fs, pafs.SubTreeFileSystem) and isinstance(self.fs.base_fs, pafs.LocalFileSystem):
+            return str(PurePosixPath(self.fs.base_path) / self.path.lstrip("/"))
+        return None
+
     def child(self, name: str) -> "Location":
         """The file or folder `name` inside this folder."""
         return Location(self.fs, str(PurePosixPath(self.path) / name), f"{self.uri.rstrip('/')}/{name}")

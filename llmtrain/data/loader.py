@@ -27,6 +27,8 @@ from llmtrain.data.errors import DataError
 from llmtrain.data.order import MixSchedule, Permutation, derive_key
 
 IGNORE_INDEX = -100
+ID_BLOCK = 4096
+"""Ordinals whose shuffled sample ids are computed (and cached) together."""
 
 
 @dataclass
@@ -55,7 +57,7 @@ def collate(s: Samples, document_mask: bool) -> Batch:
     toks = torch.from_numpy(s.tokens)
     inputs, targets = toks[:, :-1].contiguous(), toks[:, 1:].contiguous()
     seq = inputs.shape[1]
-    if (s.valid < seq + 1).any():
+    if s.valid.min() < seq + 1:
         targets[torch.arange(seq).unsqueeze(0) >= torch.from_numpy(s.valid - 1).unsqueeze(1)] = IGNORE_INDEX
     if not document_mask:
         return Batch(inputs, targets)
@@ -107,25 +109,38 @@ class DataLoader:
         padded = any(d.packing != "concat" for d in self.datasets)
         self._cost = self._target_tokens if padded and len(self.datasets) > 1 else None
         self._cursor = Cursor(0, [0] * len(self.datasets), [0] * len(self.datasets))
-        self._perms: dict[tuple[int, int], Permutation] = {}
+        self._blocks: dict[tuple[int, int], np.ndarray] = {}
         self._prefetcher: _Prefetcher | None = None
 
     # -- order ---------------------------------------------------------------------------------
     def _sample_ids(self, source: int, ordinals: np.ndarray) -> np.ndarray:
-        n = self.datasets[source].num_samples
-        epochs, pos = np.divmod(ordinals, n)
-        if not self.shuffle:
-            return pos
-        out = np.empty_like(pos)
-        for e in np.unique(epochs).tolist():
-            key = (source, e)
-            if key not in self._perms:
-                if len(self._perms) > 8:
-                    self._perms.clear()
-                self._perms[key] = Permutation(n, derive_key(self.seed, source, e))
-            sel = epochs == e
-            out[sel] = self._perms[key](pos[sel])
+        """Dataset sample ids of a source's ordinals (its c-th sample overall, over all epochs)."""
+        blocks = ordinals // ID_BLOCK
+        if len(blocks) and blocks[0] == blocks[-1]:  # the common case: one cached block
+            return self._id_block(source, int(blocks[0]))[ordinals - blocks[0] * ID_BLOCK]
+        out = np.empty(len(ordinals), dtype=np.int64)
+        for b in np.unique(blocks).tolist():
+            sel = blocks == b
+            out[sel] = self._id_block(source, b)[ordinals[sel] - b * ID_BLOCK]
         return out
+
+    def _id_block(self, source: int, block: int) -> np.ndarray:
+        """Sample ids of ordinals [block * ID_BLOCK, (block + 1) * ID_BLOCK): the permutation is
+        evaluated a block at a time so its per-call cost is amortised over many steps."""
+        key = (source, block)
+        ids = self._blocks.get(key)
+        if ids is None:
+            n = self.datasets[source].num_samples
+            epochs, pos = np.divmod(np.arange(block * ID_BLOCK, (block + 1) * ID_BLOCK, dtype=np.int64), n)
+            ids = pos.copy()
+            if self.shuffle:
+                for e in np.unique(epochs).tolist():
+                    sel = epochs == e
+                    ids[sel] = Permutation(n, derive_key(self.seed, source, e))(pos[sel])
+            if len(self._blocks) >= 4 * len(self.datasets):
+                self._blocks.pop(next(iter(self._blocks)))
+            self._blocks[key] = ids
+        return ids
 
     def _target_tokens(self, source: int, ordinal: int) -> int:
         return self.datasets[source].target_tokens(int(self._sample_ids(source, np.array([ordinal]))[0]))
@@ -154,11 +169,15 @@ class DataLoader:
         sources, ordinals, counts, units = self.schedule.assign(
             cur.counts, self.global_batch, cur.units, self._cost
         )
+        # this rank's positions in the global batch: micro-batch m is [(m*D + r)*mb, +mb)
+        starts = (np.arange(self.accum) * self.dp_size + self.dp_rank) * self.mb
+        mine = (starts[:, None] + np.arange(self.mb)).ravel()
+        s = self._read(sources[mine], ordinals[mine])  # one read for the whole step
         out = []
         for m in range(self.accum):
-            first = (m * self.dp_size + self.dp_rank) * self.mb
-            sl = slice(first, first + self.mb)
-            out.append(collate(self._read(sources[sl], ordinals[sl]), self.document_mask))
+            sl = slice(m * self.mb, (m + 1) * self.mb)
+            part = Samples(s.tokens[sl], s.valid[sl], None if s.doc_ids is None else s.doc_ids[sl])
+            out.append(collate(part, self.document_mask))
         return out, Cursor(cur.consumed + self.global_batch, counts, units)
 
     # -- iteration -----------------------------------------------------------------------------

@@ -19,10 +19,9 @@ _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 
 def _splitmix(x: np.ndarray) -> np.ndarray:
     """The splitmix64 finaliser: a cheap, well-mixed 64-bit hash (wrapping arithmetic)."""
-    with np.errstate(over="ignore"):
-        x = (x ^ (x >> np.uint64(30))) * _M1
-        x = (x ^ (x >> np.uint64(27))) * _M2
-        return x ^ (x >> np.uint64(31))
+    x = (x ^ (x >> np.uint64(30))) * _M1  # array arithmetic wraps modulo 2**64 without warnings
+    x = (x ^ (x >> np.uint64(27))) * _M2
+    return x ^ (x >> np.uint64(31))
 
 
 def derive_key(*parts: int | str) -> int:

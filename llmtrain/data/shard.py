@@ -4,7 +4,15 @@ Opening checks what is cheap and always worth checking (file present, size as in
 footer, schema, batch count and per-batch token counts); `verify=True` also hashes the whole file
 against the index. On a local filesystem the views are zero-copy; elsewhere each record batch is read
 on first use and the last few are cached.
+
+Page-table hygiene: every page fault on a mapped file maps a block of neighbouring cached pages too
+(kernel fault-around, 64 KB), so random reads would make the resident set grow towards the size of
+the data touched. That memory is page cache, not ours, but it shows up as RSS and competes with the
+job; `release()` unmaps it (MADV_DONTNEED: the next access simply faults the page back from the page
+cache), and the dataset calls it every RELEASE_EVERY samples, which keeps peak RSS flat.
 """
+
+import mmap
 
 import numpy as np
 import pyarrow as pa
@@ -31,9 +39,15 @@ class ShardReader:
             )
         if verify:
             verify_shard(folder, info)
+        self._map: mmap.mmap | None = None
         try:
-            self._reader = pa.ipc.open_file(self.loc.open())
-        except (OSError, pa.ArrowInvalid) as e:
+            if self.loc.local_path is not None:
+                with open(self.loc.local_path, "rb") as f:
+                    self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                self._reader = pa.ipc.open_file(pa.BufferReader(pa.py_buffer(self._map)))
+            else:
+                self._reader = pa.ipc.open_file(self.loc.open())
+        except (OSError, ValueError, pa.ArrowInvalid) as e:
             raise DataError(f"{self.loc.uri}: not a readable Arrow IPC shard ({e})") from e
         if not self._reader.schema.equals(SCHEMA):
             raise DataError(f"{self.loc.uri}: schema {self._reader.schema} is not {SCHEMA}")
@@ -42,7 +56,7 @@ class ShardReader:
                 f"{self.loc.uri}: {self._reader.num_record_batches} record batches but {INDEX_NAME} "
                 f"lists {len(info.batch_tokens)}"
             )
-        self._keep_all = folder.mmap
+        self._keep_all = self._map is not None
         self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def batch(self, i: int) -> tuple[np.ndarray, np.ndarray]:
@@ -66,3 +80,8 @@ class ShardReader:
             self._cache.pop(next(iter(self._cache)))
         self._cache[i] = (values, offsets)
         return values, offsets
+
+    def release(self) -> None:
+        """Drop this process's mappings of the file's pages (views stay valid; data stays cached)."""
+        if self._map is not None and hasattr(mmap, "MADV_DONTNEED"):
+            self._map.madvise(mmap.MADV_DONTNEED)
