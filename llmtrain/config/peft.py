@@ -60,6 +60,11 @@ def validate_peft(cfg: "Config") -> None:
         "peft.method",
         f"lora runs on parallel.backend=native only, got {cfg.parallel.backend}",
     )
+    check(
+        not cfg.checkpoint.init_load_optimizer,
+        "checkpoint.init_load_optimizer",
+        "must be false with peft.method=lora (the base run's optimizer state is for other parameters)",
+    )
     if p.adapters_only_checkpoint:
         check(
             bool(cfg.checkpoint.init_from),
