@@ -28,14 +28,19 @@ INSTALL_HINT = {
 class Engine(ABC):
     """One rank's view of a parallelized model plus its optimizer."""
 
-    #: model parts held by this rank (one, or several pipeline stages/chunks)
+    #: model parts held by this rank (one, or several pipeline stages/chunks in stage order); parameter
+    #: names are the model's native names under every layout (layers keyed by global index)
     modules: list[nn.Module]
+    #: one optimizer over all of `modules` (the native engine builds it over a merged view of the stages)
     optimizer: torch.optim.Optimizer
 
     @abstractmethod
     def train_step(self, batches: list[Batch], lr: float) -> StepResult:
         """Forward/backward over this rank's micro-batches, clip, optimizer step at `lr`.
-        Returns the true global mean token loss and grad norm (identical on every rank)."""
+        Returns the true global mean token loss and grad norm (identical on every rank).
+
+        Every rank of one data-parallel replica (its tp and pp peers) passes the same batches; a
+        pipelined engine concatenates them and re-splits into its own pipeline micro-batches."""
 
     @abstractmethod
     def evaluate(self, batches: list[Batch]) -> float:
@@ -50,7 +55,9 @@ class Engine(ABC):
         """Collective: read state written by `save`, possibly under another layout."""
 
     def full_model_state(self) -> dict[str, torch.Tensor]:
-        """Unsharded model weights under the native parameter names (for export); collective."""
+        """Unsharded model weights under the native parameter names (for export); collective.
+        The native engine returns the complete dict on every rank, under every layout (gathered over
+        tp/dp shards and over pipeline stages), on the CPU."""
         raise NotImplementedError(f"{type(self).__name__} cannot export full weights")
 
 

@@ -103,7 +103,8 @@ def train_layout(
         norms.append(res.grad_norm)
     if save is not None:
         engine.save(save)
-    out: dict[str, Any] = {"loss": losses, "grad_norm": norms}
+    # evaluation (forward only; pipelined layouts run the schedule's eval) on the next step's batches
+    out: dict[str, Any] = {"loss": losses, "grad_norm": norms, "eval": [engine.evaluate(loader.next_step())]}
     if want_state is not None:
         # large results go through a file: the result queue of a spawned rank is for small payloads
         state = engine.full_model_state()

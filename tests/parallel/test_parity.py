@@ -69,6 +69,8 @@ def _check(run: dict, ref: dict, rtol: float) -> None:
     )
     assert rel_err(run["loss"], ref["loss"]) <= rtol, (run["loss"], ref["loss"])
     assert rel_err(run["grad_norm"], ref["grad_norm"]) <= rtol, (run["grad_norm"], ref["grad_norm"])
+    if "eval" in ref:
+        assert rel_err(run["eval"], ref["eval"]) <= rtol, (run["eval"], ref["eval"])
     if "state" in run and rtol == FP32_RTOL:
         got, want = load_state(run["state"]), load_state(ref["state"])
         assert sorted(got) == sorted(want), "full_model_state names differ from the model's"
@@ -97,7 +99,7 @@ def test_four_rank_layout_matches_single_process(layout: str, runs_4: dict, refe
 @pytest.mark.timeout(240)
 def test_checkpoint_saved_under_tp2_resumes_under_dp2(runs_2: tuple[dict, Path], reference: dict) -> None:
     run = runs_2[0]["ckpt_tp2_to_dp2"]
-    tail = {k: reference[k][SAVE_AT:] for k in ("loss", "grad_norm")}
+    tail = {**{k: reference[k][SAVE_AT:] for k in ("loss", "grad_norm")}, "eval": reference["eval"]}
     _check(run, tail, FP32_RTOL)
 
 
@@ -116,6 +118,7 @@ def test_checkpoint_saved_under_pp2_resumes_in_one_process(
         {
             "loss": reference["loss"][SAVE_AT:],
             "grad_norm": reference["grad_norm"][SAVE_AT:],
+            "eval": reference["eval"],
             "state": reference["state"],
         },
         FP32_RTOL,
