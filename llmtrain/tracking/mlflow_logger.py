@@ -28,6 +28,7 @@ from llmtrain.tracking.records import (
     kv_records,
     max_step,
     metric_records,
+    read_spill,
     send_records,
 )
 
@@ -95,8 +96,6 @@ class MLflowLogger:
         self._backlog: list[Record] = []  # owned by the upload thread
         self._lock = threading.Lock()
         self._wake, self._stop = threading.Event(), threading.Event()
-        self._flushed = threading.Condition()
-        self._rounds = 0
         self._connect_or_warn()
         self._thread = threading.Thread(target=self._loop, name="mlflow-upload", daemon=True)
         self._thread.start()
@@ -119,17 +118,6 @@ class MLflowLogger:
     def _put(self, records: list[Record]) -> None:
         with self._lock:
             self._pending.extend(records)
-
-    def flush(self, timeout: float = 30.0) -> bool:
-        """Wait for one full upload round started after this call; True if nothing is left unsent
-        in memory (points may sit in the spill file during an outage)."""
-        deadline = time.time() + timeout
-        with self._flushed:
-            target = self._rounds + 2  # the round in progress may have missed our records
-            while self._rounds < target and self._thread.is_alive() and time.time() < deadline:
-                self._wake.set()
-                self._flushed.wait(0.05)
-        return not self._pending and not self._backlog
 
     # -- upload thread ------------------------------------------------------------------------
     def _connect(self) -> None:
@@ -199,10 +187,6 @@ class MLflowLogger:
             self._enter_outage(e)
             if len(self._backlog) > self.max_buffer:
                 self._spill_backlog()
-        finally:
-            with self._flushed:
-                self._rounds += 1
-                self._flushed.notify_all()
 
     def _send_spill(self) -> None:
         _, records = self.spill.read()
@@ -242,16 +226,10 @@ class MLflowLogger:
                 "kept in %s. The next job of this run folder sends them, or now: "
                 "python tools/mlflow_replay.py %s --uri <tracking uri>",
                 self.uri,
-                len(read_spill_records(self.spill.path)),
+                len(read_spill(self.spill.path)[1]),
                 self.spill.path,
                 self.run_dir,
             )
-
-
-def read_spill_records(path: Path) -> list[Record]:
-    from llmtrain.tracking.records import read_spill
-
-    return read_spill(path)[1]
 
 
 def open_run(

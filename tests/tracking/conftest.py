@@ -71,11 +71,19 @@ class MlflowServer:
 
 
 @pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
+def mlflow_server_process(tmp_path_factory: pytest.TempPathFactory):
+    """One server per module, started on first need (each start costs ~5 s of the test budget)."""
     server = MlflowServer(tmp_path_factory.mktemp("mlflow_server"), free_port())
-    server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def mlflow_server(mlflow_server_process: MlflowServer) -> MlflowServer:
+    """The module's server, running."""
+    if mlflow_server_process.proc is None:
+        mlflow_server_process.start()
+    return mlflow_server_process
 
 
 class HookedTrainer(Trainer):

@@ -14,7 +14,8 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 from llmtrain.config.io import to_dict
-from llmtrain.tracking.params import flatten
+from llmtrain.tracking.mlflow_logger import MLflowLogger
+from llmtrain.tracking.params import MAX_PARAM_LEN, flatten
 from llmtrain.tracking.records import SPILL_FILE
 from llmtrain.tracking.tracker import Tracker
 from tests.tracking.conftest import ENV, TINY, HookedTrainer, free_port, train_log
@@ -33,10 +34,10 @@ def wait_for(cond, what: str, timeout: float = 60.0) -> None:
         time.sleep(0.05)
 
 
-def test_outages_at_start_and_mid_run_lose_no_point(mlflow_server, make_config, caplog):
+def test_outages_at_start_and_mid_run_lose_no_point(mlflow_server_process, make_config, caplog):
     caplog.set_level(logging.WARNING, logger="llmtrain")
-    server = mlflow_server
-    server.stop()  # unreachable when the job starts
+    server = mlflow_server_process
+    server.stop()  # unreachable when the job starts (not started yet when this test runs first)
     cfg = make_config(*TINY, f"tracking.uri={server.uri}", "run.name=outage", "trainer.max_steps=24",
                       "tracking.max_buffer=20", "checkpoint.enabled=true", "checkpoint.every_steps=12",
                       "tracking.log_model=true")  # fmt: skip
@@ -142,6 +143,19 @@ def test_plot_runs_draws_latest_point_per_step(mlflow_server, tmp_path):
     assert steps == list(range(1, 21)) and values[9] == 0.5 and values[0] == pytest.approx(4.9)
     png = render(data, [["train/loss"], ["perf/tokens_per_s"]], tmp_path / "runs.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_many_params_and_long_values_fit_mlflow(mlflow_server, tmp_path):
+    params = flatten({"group": {f"p{i:03d}": i for i in range(350)}, "long": "x" * 10_000, "k" * 300: 1})
+    assert len(params["long"]) == MAX_PARAM_LEN and max(map(len, params)) == 250
+    logger = MLflowLogger(
+        mlflow_server.uri, tmp_path, experiment="t", run_name="params", run_id=None,
+        flush_every_s=0.05,
+    )  # fmt: skip
+    logger.log_params(params)
+    logger.finish()
+    got = MlflowClient(logger.uri).get_run(logger.run_id).data.params
+    assert got == params and len(got) == 352
 
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--disable-background-networking",
