@@ -63,7 +63,7 @@ def read_losses(run_dir: Path) -> dict[int, float]:
     return out
 
 
-STEPS = 300  # long enough (~4 s of training) to interrupt a job mid-run; checkpoints every 100
+STEPS = 200  # long enough (~3 s of training) to interrupt a job mid-run; checkpoints every 100
 
 
 @pytest.fixture(scope="session")

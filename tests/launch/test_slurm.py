@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from llmtrain.launch.runs import job_records, job_states, wait_for_state
+from llmtrain.launch.runs import ACTIVE_STATES, job_records, job_states, wait_for_state
 from tests.launch.conftest import STEPS, TINY, read_losses
 
 pytestmark = [pytest.mark.slurm, pytest.mark.distributed]
@@ -36,13 +36,17 @@ def _scontrol(job_id: str) -> dict[str, str]:
     return dict(kv.split("=", 1) for kv in out.stdout.split() if "=" in kv)
 
 
-def _wait_for_steps(run_dir: Path, n: int, timeout_s: float = 90.0) -> None:
+def _wait_for_steps(job, run_dir: Path, n: int, timeout_s: float = 90.0) -> None:
+    """Wait until the job has logged n steps; fail at once (with its log) if it ended before."""
     log = run_dir / "train_log.jsonl"
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if log.is_file() and len(log.read_text().splitlines()) >= n:
             return
-        time.sleep(0.1)
+        state = job_states([job.job_id])[job.job_id]
+        if state not in ACTIVE_STATES | {"UNKNOWN"}:
+            raise AssertionError(f"job {job.job_id} ended ({state}) before step {n}:\n{_log(job)[-3000:]}")
+        time.sleep(0.2)
     raise AssertionError(f"{log} has fewer than {n} steps after {timeout_s:.0f}s")
 
 
@@ -76,7 +80,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes(
     overrides = [swap.get(o, o) for o in tiny_overrides] + ["tracking.system_metrics=false"]
     job = _submit(overrides, tmp_path, "preempted")
     run_dir = tmp_path / "preempted"
-    _wait_for_steps(run_dir, 20)
+    _wait_for_steps(job, run_dir, 20)
     job._interrupt()  # what SLURM does on preemption: SIGTERM, then the USR2 warning, to every task
     assert wait_for_state(job.job_id, timeout_s=150) == "COMPLETED", job.stderr()
     assert _scontrol(job.job_id)["Restarts"] == "1"
@@ -109,7 +113,7 @@ def test_cancel_stops_the_job_after_saving(slurm_cluster, tiny_overrides, tmp_pa
     long = [o for o in tiny_overrides if not o.startswith(("trainer.max_steps", "checkpoint.every_steps"))]
     job = _submit([*long, "trainer.max_steps=1000000", "checkpoint.every_steps=0"], tmp_path, "cancelled")
     run_dir = tmp_path / "cancelled"
-    _wait_for_steps(run_dir, 5)
+    _wait_for_steps(job, run_dir, 5)
     tool = [sys.executable, str(ROOT / "tools" / "runs.py")]
     out = subprocess.run([*tool, "cancel", str(run_dir)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and f"cancelled {job.job_id}" in out.stdout, out.stderr
