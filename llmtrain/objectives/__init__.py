@@ -1,8 +1,8 @@
 """Training objectives: what a run learns from its batches (objective.name in the config).
 
 An `Objective` supplies the run's data loaders, transforms each step's micro-batches before the
-engine sees them, and may replace the engine's token loss (`install`). The
-trainer calls three things and nothing else:
+engine sees them, and may replace the engine's token loss (`install`). The trainer calls three
+things and nothing else:
 
     objective = build_objective(cfg, engine, dims, mesh, device, dp_rank)
     train_loader, val_loader = objective.build_loaders(micro_batch_size=..., grad_accum=...)
@@ -10,6 +10,7 @@ trainer calls three things and nothing else:
 """
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh
@@ -21,8 +22,23 @@ from llmtrain.data.loader import Batch
 from llmtrain.data.tokenizer import load_tokenizer
 from llmtrain.parallel.dims import ParallelDims
 
+if TYPE_CHECKING:
+    from llmtrain.parallel.engine import Engine
+
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """(logits, targets) -> summed loss over the target tokens (as `llmtrain.train.step.token_loss_sum`)."""
+
+
+class Loader(Protocol):
+    """What the trainer and the checkpoint need from a data loader (Arrow or SFT)."""
+
+    consumed: int
+
+    def next_step(self) -> list[Batch]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 class Objective:
@@ -33,9 +49,8 @@ class Objective:
     def __init__(self, cfg: Config, dp_rank: int, dp_size: int) -> None:
         self.cfg, self.dp_rank, self.dp_size = cfg, dp_rank, dp_size
 
-    def build_loaders(
-        self, *, micro_batch_size: int, grad_accum: int
-    ):  # -> (train loader, val loader | None)
+    def build_loaders(self, *, micro_batch_size: int, grad_accum: int) -> tuple[Loader, Loader | None]:
+        """(train loader, validation loader or None) for this data-parallel rank."""
         d, kw = (
             self.cfg.data,
             {"micro_batch_size": micro_batch_size, "dp_rank": self.dp_rank, "dp_size": self.dp_size},
@@ -47,12 +62,14 @@ class Objective:
         """Transform this rank's micro-batches of `step` (None = validation)."""
         return batches
 
-    def install(self, engine) -> None:
+    def install(self, engine: "Engine") -> None:
         """Hook the objective into the engine (the default keeps the engine's own loss)."""
         return None
 
 
 class MaskedLM(Objective):
+    """BERT-style masking of the Arrow batches (llmtrain.objectives.masked_lm)."""
+
     name = "masked_lm"
 
     def __init__(self, cfg: Config, dp_rank: int, dp_size: int) -> None:
@@ -85,9 +102,11 @@ class MaskedLM(Objective):
 
 
 class SupervisedFineTuning(Objective):
+    """Packed, loss-masked prompt/response batches from jsonl (llmtrain.objectives.sft_data)."""
+
     name = "sft"
 
-    def build_loaders(self, *, micro_batch_size: int, grad_accum: int):
+    def build_loaders(self, *, micro_batch_size: int, grad_accum: int) -> tuple[Loader, Loader | None]:
         from llmtrain.objectives.sft_data import SFTLoader, load_examples
 
         s, d = self.cfg.objective.sft, self.cfg.data
@@ -108,13 +127,15 @@ class SupervisedFineTuning(Objective):
         train = SFTLoader(
             load_examples(s.train_path, s, tok, d.seq_len), grad_accum=grad_accum, shuffle=d.shuffle, **kw
         )
-        val = None
+        val: SFTLoader | None = None
         if s.val_path:
             val = SFTLoader(load_examples(s.val_path, s, tok, d.seq_len), grad_accum=1, shuffle=False, **kw)
         return train, val
 
 
 class Distillation(Objective):
+    """Arrow batches, loss mixed with a frozen teacher's soft targets (llmtrain.objectives.distill)."""
+
     name = "distill"
 
     def __init__(self, cfg: Config, dp_rank: int, dp_size: int, teacher: torch.nn.Module) -> None:
@@ -124,7 +145,7 @@ class Distillation(Objective):
         d = cfg.objective.distill
         self.loss_fn = DistillLoss(teacher, d.temperature, d.alpha)
 
-    def install(self, engine) -> None:
+    def install(self, engine: "Engine") -> None:
         if not hasattr(engine, "loss_fn") or len(engine.modules) != 1:
             raise ConfigError(
                 f"objective.name=distill needs a pluggable loss on one model part, which "
@@ -135,7 +156,12 @@ class Distillation(Objective):
 
 
 def build_objective(
-    cfg: Config, engine, dims: ParallelDims, mesh: DeviceMesh | None, device: torch.device, dp_rank: int
+    cfg: Config,
+    engine: "Engine",
+    dims: ParallelDims,
+    mesh: DeviceMesh | None,
+    device: torch.device,
+    dp_rank: int,
 ) -> Objective:
     """The objective named by objective.name, installed on the engine."""
     name = cfg.objective.name
@@ -153,4 +179,4 @@ def build_objective(
     return obj
 
 
-__all__ = ["LossFn", "Objective", "build_objective"]
+__all__ = ["Loader", "LossFn", "Objective", "build_objective"]

@@ -1,5 +1,6 @@
-"""Every objective (and LoRA under DDP and ZeRO-3) runs from a config on 2 gloo ranks and reproduces
-the single-process loss trace: masks, packing and teacher outputs do not depend on the dp split."""
+"""Every objective (and LoRA under DDP and ZeRO-3, distillation with a ZeRO-3-sharded teacher) runs
+from a config on 2 gloo ranks and reproduces the single-process loss trace: masks, packing and
+teacher outputs do not depend on the dp split or the sharding."""
 
 from pathlib import Path
 
@@ -15,6 +16,7 @@ def specs(base: Path, sft: Path) -> dict[str, list[str]]:
         "masked_lm": ["objective=masked_lm"],
         "sft": ["objective=sft", f"objective.sft.train_path={sft}"],
         "distill": ["objective=distill", f"objective.distill.teacher={base}"],
+        "distill_zero3": ["objective=distill", f"objective.distill.teacher={base}", "parallel=zero3"],
         "lora_ddp": lora,
         "lora_zero3": [*lora, "parallel=zero3"],
     }
@@ -45,10 +47,10 @@ def test_objectives_under_two_ranks_match_one_process(shakespeare_dir, tmp_path,
     single = {}
     for name, overrides in runs.items():
         if "parallel=zero3" in overrides:
-            continue  # ZeRO-3 needs 2 ranks; its reference is the same run under DDP
+            continue  # ZeRO-3 needs 2 ranks; its reference is the same run in one process
         cfg = tiny_config(shakespeare_dir, tmp_path / "single", f"run.name={name}", *COMMON, *overrides)
         single[name] = losses(train(cfg))
-    single["lora_zero3"] = single["lora_ddp"]
+    single["lora_zero3"], single["distill_zero3"] = single["lora_ddp"], single["distill"]
     ranks = run_distributed(
         _ranks_body, 2, args=(str(shakespeare_dir), str(tmp_path / "ddp"), runs), timeout=220
     )
