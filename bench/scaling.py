@@ -1,8 +1,10 @@
 """Step time vs model size and sequence length on CPU, against what the FLOPs formula predicts.
 
 Each point runs llmtrain's `train_step` (fp32, one micro-batch, AdamW, clipping) on random tokens:
-one warm-up step, then the median of `--steps` timed steps. Sizes vary `dim` at fixed layers and
-sequence; the sequence sweep keeps tokens per step fixed, so any growth is the attention term.
+one warm-up step, then the median of `--steps` timed steps. `step_s` is process CPU time (with
+one thread it is the step's compute time even when other jobs share the cores); `wall_s` is kept
+too. Sizes vary `dim` at fixed layers and sequence; the sequence sweep keeps tokens per step
+fixed, so any growth is the attention term.
 Writes bench/results/scaling.json and the plot docs/scaling_cpu.png.
 
     python bench/scaling.py [--steps 3 --threads 1]
@@ -18,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
-from bench.common import print_table, timed, write_results
+from bench.common import print_table, timed_cpu, write_results
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKENS = 2048  # tokens per step in every point
@@ -61,7 +63,8 @@ def measure(dim: int, n_layers: int, seq: int, steps: int) -> dict[str, float]:
         )
 
     step()
-    t = statistics.median(timed(step, torch.device("cpu")) for _ in range(steps))
+    times = [timed_cpu(step, torch.device("cpu")) for _ in range(steps)]
+    wall, t = statistics.median(w for w, _ in times), statistics.median(c for _, c in times)
     non_emb = sum(p.numel() for n, p in model.named_parameters() if "tok_embeddings" not in n)
     flops = flops_per_token(args, seq) * TOKENS
     return {
@@ -71,6 +74,7 @@ def measure(dim: int, n_layers: int, seq: int, steps: int) -> dict[str, float]:
         "batch": batch,
         "params_m": non_emb / 1e6,
         "step_s": t,
+        "wall_s": wall,
         "gflop_per_step": flops / 1e9,
         "achieved_gflops": flops / t / 1e9,
     }
@@ -96,7 +100,7 @@ def plot(sizes: list[dict], seqs: list[dict], path: Path) -> None:
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel(label)
-        ax.set_ylabel("step time (s)")
+        ax.set_ylabel("step CPU time (s)")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
     axes[0].set_title(f"model size (4 layers, seq 256, {TOKENS} tok/step)")
@@ -119,7 +123,17 @@ def main() -> None:
     torch.set_num_threads(opts.threads)
     sizes = [measure(d, 4, 256, opts.steps) for d in opts.dims]
     seqs = [measure(256, 4, s, opts.steps) for s in opts.seqs]
-    cols = ["dim", "n_layers", "seq", "batch", "params_m", "step_s", "gflop_per_step", "achieved_gflops"]
+    cols = [
+        "dim",
+        "n_layers",
+        "seq",
+        "batch",
+        "params_m",
+        "step_s",
+        "wall_s",
+        "gflop_per_step",
+        "achieved_gflops",
+    ]
     print("model size:")
     print_table(sizes, cols)
     print("\nsequence length:")
