@@ -1,4 +1,5 @@
-"""trainer.profile=true writes a torch profiler trace of the chosen step window; MFU/HFU are logged."""
+"""trainer.profile=true writes a torch profiler trace of the chosen step window (run folder and MLflow
+artifacts); MFU/HFU are logged."""
 
 import json
 from pathlib import Path
@@ -39,6 +40,8 @@ def test_profile_window_trace_and_mfu_metrics(make_config, monkeypatch: pytest.M
         "trainer.profile_steps=2",
         "trainer.peak_tflops=0.5",
         "parallel.activation_checkpoint=full",
+        "tracking=mlflow",
+        "run.name=prof",
     )
     out = Trainer(cfg, DistEnv(0, 0, 1, 1)).train()
     folder = Path(out["run_dir"]) / "profile"
@@ -47,6 +50,12 @@ def test_profile_window_trace_and_mfu_metrics(make_config, monkeypatch: pytest.M
     events = json.loads((folder / traces[0]).read_text())["traceEvents"]
     assert any("aten::mm" in str(e.get("name")) for e in events)  # real ops were recorded
     assert "aten::" in next(folder.glob("summary_*.txt")).read_text()
+    # the trace folder also went to the run's MLflow artifacts (local sqlite store under run.root)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{Path(cfg.run.root) / 'mlflow.db'}")
+    uploaded = {a.path for a in client.list_artifacts(out["mlflow"]["run_id"], "profile")}
+    assert "profile/trace_rank0_steps2-3.json" in uploaded
 
     perf = [m for _, m in logged if "perf/mfu" in m]
     assert len(perf) == 4
