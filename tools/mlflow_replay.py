@@ -65,7 +65,9 @@ def replay(spill_path: Path, uri: str, run_id: str | None = None, dry_run: bool 
     )
     if not any(r["op"] == "status" for r in records):  # the job was cut off before its end
         records.append({"op": "status", "value": "KILLED"})
-    remaining = send_records(client, run_id, records, log.warning)
+    remaining, error = send_records(client, run_id, records, log.warning)
+    if error is not None:
+        log.warning("mlflow_replay: stopped by %s", error)
     SpillFile(spill_path, header).replace(remaining)
     state = read_state(run_dir)
     state["last_step"] = max(int(state.get("last_step", -1)), max_step(records))

@@ -169,11 +169,11 @@ class MLflowLogger:
                 self._connect()
             if self.spill.exists():
                 self._send_spill()
-            remaining = send_records(self.client, self.run_id, self._backlog, log.warning)
+            remaining, error = send_records(self.client, self.run_id, self._backlog, log.warning)
             self._mark_accepted(self._backlog[: len(self._backlog) - len(remaining)])
             self._backlog = remaining
-            if remaining:
-                raise ConnectionError(f"{len(remaining)} records not accepted")
+            if error is not None:
+                raise error
             if self.outage_since is not None:
                 log.warning(
                     "mlflow: tracking server %s answers again after %.0f s; buffered metrics flushed (%d "
@@ -192,10 +192,10 @@ class MLflowLogger:
         _, records = self.spill.read()
         # an earlier job's final status would mark this running job as ended: the server keeps ours
         records = [r for r in records if r["op"] != "status"]
-        remaining = send_records(self.client, self.run_id, records, log.warning)
+        remaining, error = send_records(self.client, self.run_id, records, log.warning)
         self.spill.replace(remaining)
-        if remaining:
-            raise ConnectionError(f"{len(remaining)} spilled records not accepted")
+        if error is not None:
+            raise error
 
     def _spill_backlog(self) -> None:
         self.spill.append(self._backlog)

@@ -53,10 +53,11 @@ def max_step(records: Iterable[Record]) -> int:
 
 def send_records(
     client: Any, run_id: str, records: list[Record], on_drop: Callable[[str], None]
-) -> list[Record]:
+) -> tuple[list[Record], Exception | None]:
     """Upload `records` in order with `log_batch` (within MLflow's per-batch limits).
 
-    Returns the records not sent because of a transient error (the caller keeps them for later).
+    Returns the records not sent because of a transient error (the caller keeps them for later) and
+    that error (None when everything went through).
     A batch the server rejects for good (e.g. a param re-logged with another value) is dropped and
     reported through `on_drop`, so that one bad value can never block the stream forever.
     """
@@ -88,10 +89,10 @@ def send_records(
                 client.log_artifacts(run_id, chunk[0]["path"], artifact_path=chunk[0]["artifact_path"])
         except Exception as e:
             if not (is_permanent(e) or isinstance(e, (FileNotFoundError, NotADirectoryError))):
-                return records[i:]
+                return records[i:], e
             on_drop(f"mlflow rejected {len(chunk)} {op} record(s) for run {run_id}: {e}")
         i = j
-    return []
+    return [], None
 
 
 PERMANENT_ERRORS = {"INVALID_PARAMETER_VALUE", "BAD_REQUEST", "RESOURCE_DOES_NOT_EXIST", "INVALID_STATE"}

@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from llmtrain.config.io import to_dict
 from llmtrain.tracking.mlflow_logger import MLflowLogger
 from llmtrain.tracking.params import MAX_PARAM_LEN, flatten
-from llmtrain.tracking.records import SPILL_FILE
+from llmtrain.tracking.records import SPILL_FILE, kv_records, metric_records, send_records
 from llmtrain.tracking.tracker import Tracker
 from tests.tracking.conftest import ENV, TINY, HookedTrainer, free_port, train_log
 from tools.mlflow_replay import replay
@@ -156,6 +156,19 @@ def test_many_params_and_long_values_fit_mlflow(mlflow_server, tmp_path):
     logger.finish()
     got = MlflowClient(logger.uri).get_run(logger.run_id).data.params
     assert got == params and len(got) == 352
+
+
+def test_rejected_batch_is_dropped_and_the_rest_goes_through(mlflow_server):
+    client = MlflowClient(mlflow_server.uri)
+    exp = client.get_experiment_by_name("records") or client.create_experiment("records")
+    run_id = client.create_run(exp if isinstance(exp, str) else exp.experiment_id).info.run_id
+    client.log_param(run_id, "lr", "1e-3")
+    records = kv_records("param", {"lr": "3e-3"}) + metric_records({"train/loss": 1.5}, 3)
+    dropped: list[str] = []
+    remaining, error = send_records(client, run_id, records, dropped.append)
+    assert remaining == [] and error is None and len(dropped) == 1 and "param" in dropped[0]
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "train/loss")] == [(3, 1.5)]
+    assert client.get_run(run_id).data.params == {"lr": "1e-3"}
 
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--disable-background-networking",
