@@ -43,8 +43,8 @@ class DataConfig:
     """Name of the validation split folder inside each dataset (skipped when absent)."""
     prefetch: int = 2
     """Batches prepared ahead of the training step by a background thread (0 = synchronous)."""
-    mmap_release_every: int = 64
-    """Samples read between unmapping the shard pages they touched: bounds this process's RSS from
-    memory-mapped page cache independently of the dataset size (0 = never unmap)."""
+    mmap_release_every: int = 0
+    """Samples read between unmapping the shard pages they touched (0 = never). Set it (e.g. 64) to
+    keep RSS flat: mapped page cache otherwise counts in RSS; unmapping costs re-faults (docs/data.md)."""
     verify_checksums: bool = False
     """Hash every shard against index.json at open (slow for big data; always done by tools)."""

@@ -23,10 +23,10 @@ from llmtrain.data.shard import ShardReader
 
 PACKING_MODES = ("concat", "whole_documents")
 LAYOUT_CACHE = 256
-RELEASE_EVERY = 64
-"""Default samples read between releases of the shard pages they mapped (see shard.py). A fault
-maps a whole page-cache folio (64 KB to a few MB), so this bounds the mapped resident set to about
-RELEASE_EVERY folios whatever the dataset size; smaller is tighter but each release costs refaults."""
+RELEASE_EVERY = 0
+"""Default samples read between unmapping the shard pages they touched (0 = never; see shard.py).
+Unmapping bounds the file-backed resident set whatever the dataset size, but every later access
+re-faults a whole page-cache folio (~30 us here), so it is off unless RSS must stay flat."""
 """whole_documents: packed layouts (two int64 per sequence) kept for this many record batches."""
 
 
@@ -83,6 +83,9 @@ class TokenDataset:
         ]
         self._readers: dict[int, ShardReader] = {}
         self._layouts: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._seg_shard = np.array([sh for sh, _ in self.segments], dtype=np.int64)
+        self._views: list[np.ndarray | None] = [None] * len(self.segments)
+        """Token values per segment once opened, when they are mmap views (kept: they cost nothing)."""
         self._since_release = 0
         self._touched: set[int] = set()
         if packing == "concat":
@@ -106,7 +109,10 @@ class TokenDataset:
         reader = self._readers.get(shard)
         if reader is None:
             reader = self._readers[shard] = ShardReader(self.loc, self.index.shards[shard], self.verify)
-        return reader.batch(b)
+        out = reader.batch(b)
+        if reader.zero_copy:
+            self._views[seg] = out[0]
+        return out
 
     def _layout(self, seg: int) -> np.ndarray:
         lay = self._layouts.get(seg)
@@ -149,16 +155,17 @@ class TokenDataset:
         if self.release_every and self._since_release >= self.release_every:
             self.release()
         self._since_release += n
-        shard_of, batch, touched = self.segments, self._batch, self._touched
+        self._touched.update(self._seg_shard[segs].tolist())
         if self.packing == "concat" and docs is None:  # the hot path: no layout, no document ids
-            seq = self.seq_len
+            seq, views = self.seq_len, self._views
             for i, (seg, j) in enumerate(zip(segs.tolist(), local.tolist())):
-                touched.add(shard_of[seg][0])
-                tokens[i] = batch(seg)[0][j * seq : j * seq + length]
+                v = views[seg]
+                if v is None:
+                    v = self._batch(seg)[0]
+                tokens[i] = v[j * seq : j * seq + length]
             return Samples(tokens, valid)
         for i, (seg, j) in enumerate(zip(segs.tolist(), local.tolist())):
-            values, offsets = batch(seg)
-            touched.add(shard_of[seg][0])
+            values, offsets = self._batch(seg)
             if self.packing == "concat":
                 p, q = j * self.seq_len, j * self.seq_len + length
             else:

@@ -13,6 +13,7 @@ order is per sample, so even the global batch may change). A background thread (
 steps ahead, but the state only moves when `next_step` hands a step over.
 """
 
+import functools
 import queue
 import threading
 from collections.abc import Callable, Iterator
@@ -65,9 +66,15 @@ def collate(s: Samples, document_mask: bool) -> Batch:
     doc = torch.from_numpy(s.doc_ids[:, :-1].astype(np.int64))
     first = torch.searchsorted(doc, doc, side="left")  # index of each token's document start
     positions = torch.arange(seq).unsqueeze(0) - first
-    same_doc = doc.unsqueeze(-1) == doc.unsqueeze(-2)
-    causal = torch.ones(seq, seq, dtype=torch.bool).tril()
-    return Batch(inputs, targets, positions, (same_doc & causal).unsqueeze(1))
+    small = doc.to(torch.int16 if seq < 2**15 else torch.int32)  # narrow ids: the s*s compare is the cost
+    mask = small.unsqueeze(-1) == small.unsqueeze(-2)
+    mask &= _causal(seq)
+    return Batch(inputs, targets, positions, mask.unsqueeze(1))
+
+
+@functools.lru_cache(maxsize=4)
+def _causal(seq: int) -> torch.Tensor:
+    return torch.ones(seq, seq, dtype=torch.bool).tril()
 
 
 @dataclass

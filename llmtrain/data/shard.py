@@ -56,7 +56,8 @@ class ShardReader:
                 f"{self.loc.uri}: {self._reader.num_record_batches} record batches but {INDEX_NAME} "
                 f"lists {len(info.batch_tokens)}"
             )
-        self._keep_all = self._map is not None
+        self.zero_copy = self._map is not None
+        """Batches are views of a memory map: kept for the reader's lifetime (no cache limit)."""
         self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def batch(self, i: int) -> tuple[np.ndarray, np.ndarray]:
@@ -76,7 +77,7 @@ class ShardReader:
                 f"{self.loc.uri}: record batch {i} holds {len(values)} {values.dtype} tokens, "
                 f"{INDEX_NAME} says {n} uint32 (corrupt shard?)"
             )
-        if not self._keep_all and len(self._cache) >= REMOTE_CACHE:
+        if not self.zero_copy and len(self._cache) >= REMOTE_CACHE:
             self._cache.pop(next(iter(self._cache)))
         self._cache[i] = (values, offsets)
         return values, offsets

@@ -142,3 +142,15 @@ def test_validation_rewind_repeats_the_same_batches(ds: TokenDataset) -> None:
     dl.consumed = 0
     b = step_tokens(dl.next_step())
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def test_resume_under_another_global_batch_continues_the_same_sample_stream(ds: TokenDataset) -> None:
+    big = loader(ds, micro_batch_size=4, grad_accum=2)  # 8 samples per step
+    for _ in range(3):
+        big.next_step()
+    small = loader(ds, micro_batch_size=2, grad_accum=2)  # 4 samples per step
+    small.load_state_dict(big.state_dict())
+    for _ in range(5):
+        want = step_tokens(big.next_step())
+        got = step_tokens(small.next_step()) + step_tokens(small.next_step())
+        assert all(np.array_equal(a, b) for a, b in zip(got, want, strict=True))

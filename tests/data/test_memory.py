@@ -1,4 +1,5 @@
-"""Peak memory does not grow with the dataset: 10x the data, same peak RSS (measured in a subprocess)."""
+"""Peak memory does not follow the dataset size: 10x the data, same peak RSS with
+data.mmap_release_every set, and the same anonymous (heap) memory always. Measured in subprocesses."""
 
 import json
 import subprocess
@@ -65,8 +66,8 @@ def test_peak_rss_is_flat_when_data_grows_10x(tmp_path: Path) -> None:
     make(tmp_path / "small", 2)  # 16 MB of tokens
     make(tmp_path / "large", 20)  # 160 MB of tokens
     small, large = probe(tmp_path / "small", 8), probe(tmp_path / "large", 8)
-    never, default = probe(tmp_path / "large", 0), probe(tmp_path / "large", 64)
-    print(f"\nsmall: {small}\nlarge: {large}\nlarge, never unmapped: {never}\nlarge, default: {default}")
+    never = probe(tmp_path / "large", 0)  # the default
+    print(f"\nsmall: {small}\nlarge: {large}\nlarge, never unmapped: {never}")
     assert large["samples"] > 9 * small["samples"]
     growth = {
         k: d["peak_kb"] - d["before_kb"] for k, d in [("small", small), ("large", large), ("never", never)]
@@ -76,5 +77,7 @@ def test_peak_rss_is_flat_when_data_grows_10x(tmp_path: Path) -> None:
     assert large["peak_kb"] - small["peak_kb"] < 20_000, (small, large)
     assert growth["large"] < 32_000, growth
     assert large["anon_kb"] - small["anon_kb"] < 8_000  # no heap copy of the data either
-    # the control: without unmapping, page-cache mappings (whole folios per fault) pile up
+    # the control: without unmapping, page-cache mappings (whole folios per fault) pile up in RSS,
+    # though the process's own (anonymous) memory stays flat even then
     assert growth["never"] > growth["large"] + 40_000, growth
+    assert never["anon_kb"] - small["anon_kb"] < 8_000
