@@ -127,6 +127,16 @@ class Trainer:
         for line in lines:
             self.console.info(line)
 
+    def truncate_log(self) -> None:
+        """After resuming from step N, drop train_log.jsonl entries past N: those steps are re-run, and
+        the trace must stay one entry per step (as the MLflow run does, see docs/tracking.md)."""
+        log_file = self.run_dir / "train_log.jsonl"
+        if self.env.is_main and log_file.is_file():
+            keep = [ln for ln in log_file.read_text().splitlines() if ln and json.loads(ln)["step"] <= self.step]
+            tmp = log_file.with_suffix(".tmp")
+            tmp.write_text("".join(ln + "\n" for ln in keep))
+            tmp.replace(log_file)
+
     def record(self, loss: float, grad_norm: float, lr: float) -> None:
         """Per-step trace (train_log.jsonl, used by resume tests) and the interval log line/metrics."""
         entry = {"step": self.step, "loss": loss, "grad_norm": grad_norm, "lr": lr}
@@ -208,6 +218,7 @@ class Trainer:
         ranks = state["ranks"]
         self.train_loader.load_state_dict(ranks[self.env.rank if self.env.rank < len(ranks) else 0]["data"])
         self.ckpt.restore_rng(state)
+        self.truncate_log()
         if state.get("world_size") != self.env.world_size:
             self.console.info(f"checkpoint saved on {state.get('world_size')} ranks [{state.get('layout')}], "
                               f"resharded onto {self.env.world_size} [{self.dims.describe()}]")
