@@ -60,12 +60,19 @@ def model_overrides(name: str, seq: int) -> list[str]:
 
 
 def applied(model: torch.nn.Module) -> tuple[bool, bool]:
-    """(compiled, checkpointed): whether the engine really transformed the model."""
-    names = {type(m).__name__ for m in model.modules()}
-    compiled = "OptimizedModule" in names or any(
-        hasattr(m, "_compiled_call_impl") and m._compiled_call_impl for m in model.modules()
+    """(compiled, checkpointed): whether the engine really transformed the model. Compiled blocks
+    carry `_compiled_call_impl` (Module.compile) or are OptimizedModule; checkpointed ones carry the
+    composable `checkpoint` in their registry, or are CheckpointWrapper modules."""
+    from torch.distributed._composable.contract import _get_registry
+
+    mods = list(model.modules())
+    compiled = any(
+        type(m).__name__ == "OptimizedModule" or getattr(m, "_compiled_call_impl", None) for m in mods
     )
-    return compiled, "CheckpointWrapper" in names
+    ckpt = any(
+        type(m).__name__ == "CheckpointWrapper" or "checkpoint" in (_get_registry(m) or {}) for m in mods
+    )
+    return bool(compiled), ckpt
 
 
 def build_llmtrain(cfg, device: torch.device, step_batches):

@@ -13,7 +13,6 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
-from torch.utils.checkpoint import checkpoint
 
 
 class PeakTensorMemory(TorchDispatchMode):
@@ -46,17 +45,6 @@ class PeakTensorMemory(TorchDispatchMode):
         return out
 
 
-class _Checkpointed(torch.nn.Module):
-    """Non-reentrant activation checkpoint of one block (used when the engine does not apply it)."""
-
-    def __init__(self, block: torch.nn.Module) -> None:
-        super().__init__()
-        self.block = block
-
-    def forward(self, *args: Any) -> torch.Tensor:
-        return checkpoint(self.block, *args, use_reentrant=False)
-
-
 def measure_train_peak(
     model_cfg: Any,
     *,
@@ -72,6 +60,7 @@ def measure_train_peak(
     from llmtrain.config.optim import OptimConfig
     from llmtrain.data.loader import Batch
     from llmtrain.models.build import build_model
+    from llmtrain.parallel.parallelize import apply_activation_checkpointing
     from llmtrain.train.optim import build_optimizer
     from llmtrain.train.step import train_step
 
@@ -80,9 +69,7 @@ def measure_train_peak(
     with PeakTensorMemory() as mem:
         model = build_model(model_cfg, device="cpu")
         model.init_weights(0)
-        for i, key in enumerate(list(model.layers)):
-            if activation_checkpoint == "full" or (activation_checkpoint == "selective" and i % 2 == 1):
-                model.layers[key] = _Checkpointed(model.layers[key])
+        apply_activation_checkpointing(model, activation_checkpoint)  # as the native engine does
         optimizer = build_optimizer(model, OptimConfig())
         dtype = torch.bfloat16 if precision == "bf16" else None
         autocast = (lambda: torch.autocast("cpu", dtype=dtype)) if dtype else nullcontext

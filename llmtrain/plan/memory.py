@@ -212,8 +212,9 @@ def _estimate_stage(
 
 
 def checkpointed_blocks(mode: str, layers: int) -> list[bool]:
-    """Which blocks activation checkpointing wraps: all (full), every other one (selective)."""
-    return [mode == "full" or (mode == "selective" and i % 2 == 1) for i in range(layers)]
+    """Which blocks activation checkpointing wraps: all (full), every other one from the first
+    (selective), as `llmtrain.parallel.parallelize.apply_activation_checkpointing` does."""
+    return [mode == "full" or (mode == "selective" and i % 2 == 0) for i in range(layers)]
 
 
 def backward_sweep(

@@ -68,12 +68,15 @@ def forward_flops_per_token(args: TransformerArgs, seq_len: int) -> tuple[float,
 
 def recompute_fraction(activation_checkpoint: str, n_layers: int) -> float:
     """Share of transformer blocks whose forward runs twice: none 0, full 1, selective = every
-    other block (n_layers // 2 of them, as `parallel.activation_checkpoint=selective` wraps)."""
+    other block starting with the first ((n_layers + 1) // 2 of them, as
+    `llmtrain.parallel.parallelize.apply_activation_checkpointing` does)."""
     if activation_checkpoint not in AC_MODES_RECOMPUTE:
         raise ValueError(
             f"parallel.activation_checkpoint={activation_checkpoint!r}; allowed: {AC_MODES_RECOMPUTE}"
         )
-    return {"none": 0.0, "full": 1.0, "selective": (n_layers // 2) / max(n_layers, 1)}[activation_checkpoint]
+    return {"none": 0.0, "full": 1.0, "selective": ((n_layers + 1) // 2) / max(n_layers, 1)}[
+        activation_checkpoint
+    ]
 
 
 def flops_per_token(args: TransformerArgs, seq_len: int, recompute: float = 0.0) -> float:

@@ -8,10 +8,10 @@ seq x seq square and backward = 2 x forward, so the formula must match to float 
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.checkpoint import checkpoint
 from torch.utils.flop_counter import FlopCounterMode
 
 from llmtrain.models.llama import Transformer, TransformerArgs
+from llmtrain.parallel.parallelize import apply_activation_checkpointing
 from llmtrain.train.flops import (
     device_peak_tflops,
     flops_per_token,
@@ -26,17 +26,6 @@ SHAPES = [  # (args, batch, seq): MHA untied, GQA untied, GQA tied, MQA
     (TransformerArgs(dim=48, n_layers=3, n_heads=6, n_kv_heads=3, vocab_size=64, tie_embeddings=True), 2, 16),
     (TransformerArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=1, vocab_size=80, ffn_dim=64), 3, 24),
 ]
-
-
-class Checkpointed(torch.nn.Module):
-    """Non-reentrant activation checkpointing of one block (what parallel.activation_checkpoint does)."""
-
-    def __init__(self, block: torch.nn.Module) -> None:
-        super().__init__()
-        self.block = block
-
-    def forward(self, *args: object) -> torch.Tensor:
-        return checkpoint(self.block, *args, use_reentrant=False)
 
 
 def counted_train_flops(model: Transformer, batch: int, seq: int) -> int:
@@ -62,10 +51,7 @@ def test_hfu_counts_recomputed_blocks(mode: str) -> None:
     args, batch, seq = SHAPES[1][0], 2, 32
     args = TransformerArgs(**{**args.__dict__, "n_layers": 3})
     model = Transformer(args)
-    # selective = every other block: blocks 1, 3, ... are checkpointed (n_layers // 2 of them)
-    for i, key in enumerate(list(model.layers)):
-        if mode == "full" or i % 2 == 1:
-            model.layers[key] = Checkpointed(model.layers[key])
+    apply_activation_checkpointing(model, mode)  # what the native engine applies
     counted = counted_train_flops(model, batch, seq)
     hfu = flops_per_token(args, seq, recompute_fraction(mode, args.n_layers)) * batch * seq
     assert hfu == pytest.approx(counted, rel=1e-9)
