@@ -7,9 +7,11 @@ the one place that reads the config and calls them. DDP comes after materializat
 needs real parameters (it broadcasts them); FSDP2 shards meta parameters before they exist.
 """
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
@@ -19,6 +21,13 @@ from llmtrain.parallel.data_parallel import DTYPE, apply_ddp, apply_fsdp
 from llmtrain.parallel.dims import ParallelDims
 from llmtrain.parallel.pipeline import local_stage_ids, split_stage, stage_layer_counts
 from llmtrain.parallel.tensor_parallel import apply_tp
+
+log = logging.getLogger("llmtrain")
+
+
+def _warn_rank0(msg: str) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        log.warning(msg)
 
 
 @dataclass
@@ -74,6 +83,11 @@ def parallelize(
 ) -> ParallelModel:
     """Split (pp), transform, materialize and init the meta model for this rank's place in `mesh`."""
     use_fsdp = cfg.zero_stage > 0 and dims.dp_shard_enabled
+    if cfg.cpu_offload and (device.type != "cuda" or not use_fsdp):
+        _warn_rank0(
+            f"parallel.cpu_offload=true is ignored: it needs ZeRO over dp_shard > 1 on a CUDA device "
+            f"(here: device {device.type}, {dims.describe()}, zero_stage={cfg.zero_stage})"
+        )
     stage_ids: list[int] = []
     num_stages = 1
     parts: list[Transformer] = [model]
