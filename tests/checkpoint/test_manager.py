@@ -166,3 +166,21 @@ def test_config_options_and_inspect_tool(make_config, tmp_path, capsys):
     assert tool.main([str(path)]) == 0 and "step: 3" in capsys.readouterr().out
     (path / "rng" / "rank_00000.pt").write_bytes(b"x")
     assert tool.main([str(path)]) == 2 and "rank_00000.pt: 1 bytes" in capsys.readouterr().err
+
+
+def _schedule_body(rank: int, world_size: int) -> list[bool]:
+    """Rank 0's clock says a save is due and rank 1's says not, then the other way round."""
+    out = []
+    for due_rank in (0, 1):
+        sched = SaveSchedule(every_steps=0, every_minutes=1)
+        if rank == due_rank:
+            sched.last_save_time -= 120
+        out.append(sched.due(7))
+    return out
+
+
+@pytest.mark.distributed
+def test_time_based_saves_follow_rank_zero_on_every_rank():
+    from tests.distributed import run_distributed
+
+    assert run_distributed(_schedule_body, 2, timeout=120) == [[True, False], [True, False]]

@@ -4,6 +4,7 @@ resharding dp=2 -> dp=1; fine-tuning from another run's weights."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -79,14 +80,19 @@ def _cli(args: list[str], env: dict[str, str] | None = None) -> subprocess.Compl
 @pytest.mark.distributed
 @pytest.mark.timeout(600)
 def test_ddp_rank_killed_mid_save_resumes_exactly_and_reshards(make_config, shakespeare_dir, tmp_path):
-    """2 ranks train 8 steps; rank 1 is SIGKILLed while writing the step-8 checkpoint (torchrun then stops
-    rank 0). The rerun resumes from step 4 and must reproduce steps 5-8 bitwise; the step-4 checkpoint
+    """2 ranks train 8 steps; rank 1 is SIGKILLed while writing the step-8 checkpoint in the background
+    (torchrun then stops rank 0). The rerun resumes from step 4 and must reproduce steps 5-8 bitwise; the step-4 checkpoint
     also loads on 1 process (dp=1, 2x accumulation) with the same next losses up to fp32 reduction order."""
     torch.set_num_threads(1)
     args = [*RUN, f"data.sources.0.path={shakespeare_dir}", f"run.root={tmp_path}", "run.name=ddp",
             "tracking=none", "launcher.nproc=2"]
-    killed = _cli(args, {FAULT_ENV: "kill:written:8:1"})
-    assert killed.returncode != 0, killed.stdout[-2000:] + killed.stderr[-2000:]
+    # the killed run saves asynchronously (background commit over its own gloo group), the rerun synchronously
+    killed = _cli([*args, "checkpoint.async_save=true", f"checkpoint.async_staging_dir={tmp_path / 'shm'}"],
+                  {FAULT_ENV: "kill:written:8:1"})
+    # torchrun's failure report lists rank 1 with exit code -9 (rank 0 may be listed first, failing on the
+    # broken connection to its dead peer)
+    assert killed.returncode != 0, killed.stderr[-3000:]
+    assert re.search(r"rank\s*: 1 \(local_rank: 1\)\s*exitcode\s*: -9", killed.stderr), killed.stderr[-3000:]
     ckpts = tmp_path / "ddp" / "checkpoints"
     assert latest_checkpoint(ckpts).name == "step_00000004"
     first = _log(tmp_path / "ddp")
