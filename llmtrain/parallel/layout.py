@@ -54,6 +54,12 @@ def check_layout(cfg: Config, dims: ParallelDims) -> None:
             f"each pipeline rank gets trainer.micro_batch_size x accumulation = {rows} sequences per step, "
             f"not divisible into {key} = {n_mb} micro-batches"
         )
+    val_rows = cfg.trainer.val_batches * cfg.trainer.micro_batch_size
+    if val_rows % n_mb:
+        raise ConfigError(
+            f"validation runs trainer.val_batches x trainer.micro_batch_size = {val_rows} sequences per "
+            f"rank through the pipeline, not divisible into {key} = {n_mb} micro-batches; change trainer.val_batches"
+        )
     if p.pp_schedule == "interleaved_1f1b":
         rounds = max(1, n_mb // dims.pp)
         if n_mb % rounds:

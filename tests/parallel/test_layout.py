@@ -66,6 +66,12 @@ def test_microbatches_fewer_than_stages_fail_for_the_world_size(cfg) -> None:
         build_dims(c, 4)
 
 
+def test_pipeline_validation_batches_must_split_into_microbatches(cfg) -> None:
+    c = cfg("parallel=pp2", "parallel.pp_microbatches=4", "trainer.val_batches=1")  # 2 rows, 4 micro-batches
+    with pytest.raises(ConfigError, match=re.escape("trainer.val_batches")):
+        build_dims(c, 2)
+
+
 def test_zero_without_a_shard_dimension_is_rejected(cfg) -> None:
     with pytest.raises(ConfigError, match=re.escape("parallel.zero_stage=3 shards over parallel.dp_shard")):
         build_dims(cfg("parallel=zero3", "parallel.dp_replicate=-1", "parallel.dp_shard=1"), 2)
