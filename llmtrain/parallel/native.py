@@ -64,7 +64,9 @@ class NativeEngine(Engine):
     """Model built on meta, transformed by `parallelize`, trained by `train_step` (or a pipeline
     schedule), saved with DCP."""
 
-    def __init__(self, cfg: Config, dims: ParallelDims, mesh: DeviceMesh | None, device: torch.device) -> None:
+    def __init__(
+        self, cfg: Config, dims: ParallelDims, mesh: DeviceMesh | None, device: torch.device
+    ) -> None:
         check_layout(cfg, dims)
         self.cfg, self.dims, self.device = cfg, dims, device
         p = cfg.parallel
@@ -96,7 +98,9 @@ class NativeEngine(Engine):
         if dims.pp_enabled:
             assert mesh is not None
             stages = build_stages(self.modules, pm.stage_ids, pm.num_stages, mesh["pp"], device)
-            self.pipeline = PipelineRunner(p.pp_schedule, stages, pipeline_microbatches(cfg, dims), self.loss_fn)
+            self.pipeline = PipelineRunner(
+                p.pp_schedule, stages, pipeline_microbatches(cfg, dims), self.loss_fn
+            )
 
     @contextmanager
     def _zero12_accumulate(self):
@@ -113,19 +117,34 @@ class NativeEngine(Engine):
             g["lr"] = lr
         if self.pipeline is not None:
             return self._pipeline_train_step(batches)
-        return train_step(self.model, self.optimizer, batches, dp_size=self.dims.dp, dp_group=self.dp_group,
-                          grad_clip=self.cfg.optim.grad_clip, autocast=self.autocast, no_sync=self.no_sync,
-                          loss_fn=self.loss_fn, loss_ctx=self.loss_ctx, reduce_grads=self.reduce_grads,
-                          explicit_positions=self.explicit_positions)
+        return train_step(
+            self.model,
+            self.optimizer,
+            batches,
+            dp_size=self.dims.dp,
+            dp_group=self.dp_group,
+            grad_clip=self.cfg.optim.grad_clip,
+            autocast=self.autocast,
+            no_sync=self.no_sync,
+            loss_fn=self.loss_fn,
+            loss_ctx=self.loss_ctx,
+            reduce_grads=self.reduce_grads,
+            explicit_positions=self.explicit_positions,
+        )
 
     def _pipeline_pass(self, batches: list[Batch], scale: float, train: bool) -> torch.Tensor:
         """The rank's micro-batches as one batch through the schedule; returns the global loss sum."""
         assert self.pipeline is not None
-        whole = Batch(*(None if batches[0].__dict__[f] is None else torch.cat([b.__dict__[f] for b in batches])
-                        for f in ("inputs", "targets", "positions", "attn_mask")))
+        whole = Batch(
+            *(
+                None if batches[0].__dict__[f] is None else torch.cat([b.__dict__[f] for b in batches])
+                for f in ("inputs", "targets", "positions", "attn_mask")
+            )
+        )
         with self.autocast(), self.loss_ctx():
-            loss_sum = self.pipeline.run(whole.inputs, whole.targets, model_kwargs(whole, self.explicit_positions),
-                                         scale, train)
+            loss_sum = self.pipeline.run(
+                whole.inputs, whole.targets, model_kwargs(whole, self.explicit_positions), scale, train
+            )
         # only the last stage saw the loss: sum over the pipeline, then over data-parallel replicas
         dist.all_reduce(loss_sum, group=self.pp_group)
         if self.dp_group is not None:
@@ -145,8 +164,15 @@ class NativeEngine(Engine):
 
     def evaluate(self, batches: list[Batch]) -> float:
         if self.pipeline is None:
-            return evaluate(self.model, batches, self.dp_group, self.autocast, self.loss_fn, self.loss_ctx,
-                            self.explicit_positions)
+            return evaluate(
+                self.model,
+                batches,
+                self.dp_group,
+                self.autocast,
+                self.loss_fn,
+                self.loss_ctx,
+                self.explicit_positions,
+            )
         with torch.no_grad():
             loss_sum = self._pipeline_pass(batches, 1.0, train=False)
         return float(loss_sum) / max(global_token_count(batches, self.dp_group), 1)
@@ -160,8 +186,13 @@ class NativeEngine(Engine):
             msd, osd = get_state_dict(self.model, self.optimizer, options=SD_OPTIONS)
             state = {"model": self.peft.checkpoint_keys(msd, folder), "optim": osd}
             dcp.load(state, checkpoint_id=str(folder))
-            set_state_dict(self.model, self.optimizer, model_state_dict={**msd, **state["model"]},
-                           optim_state_dict=state["optim"], options=SD_OPTIONS)
+            set_state_dict(
+                self.model,
+                self.optimizer,
+                model_state_dict={**msd, **state["model"]},
+                optim_state_dict=state["optim"],
+                options=SD_OPTIONS,
+            )
         else:
             msd = get_model_state_dict(self.model, options=SD_OPTIONS)
             state = {"model": self.peft.checkpoint_keys(msd, folder)}
