@@ -65,11 +65,12 @@ class Plan:
 
 
 def layout_from_config(cfg: Any, world: int) -> Layout:
-    """The config's parallel.* and trainer.micro_batch_size, with -1 degrees filled for `world`."""
-    from llmtrain.parallel.dims import ParallelDims
+    """The config's parallel.* and trainer.micro_batch_size, with -1 degrees filled for `world`;
+    the engine's own layout rules are checked (ConfigError, a ValueError, names the keys)."""
+    from llmtrain.parallel.layout import build_dims
 
     p = cfg.parallel
-    dims = ParallelDims(p.dp_replicate, p.dp_shard, p.tp, p.pp, world)
+    dims = build_dims(cfg, world)
     return Layout(
         dp_replicate=dims.dp_replicate,
         dp_shard=dims.dp_shard,
@@ -97,9 +98,17 @@ def plan_layout(
             f"{layout.micro_batch_size} x data-parallel size {layout.dp}"
         )
     accum = global_batch // per_step
-    if layout.pp > 1 and layout.pp_microbatches is None:
-        layout = dataclasses.replace(layout, pp_microbatches=accum)
-    mem = estimate_memory(args, seq_len, layout, precision=precision, grad_accum=accum)
+    mem_layout = layout
+    if layout.pp > 1:  # the engine pipelines mbs x accum rows per step in pp_microbatches (default accum)
+        n_mb = layout.pp_microbatches or accum
+        rows = layout.micro_batch_size * accum
+        if n_mb < layout.pp or rows % n_mb:
+            raise ValueError(
+                f"parallel.pp_microbatches={n_mb} must be >= parallel.pp={layout.pp} and divide {rows}"
+            )
+        layout = dataclasses.replace(layout, pp_microbatches=n_mb)
+        mem_layout = dataclasses.replace(layout, micro_batch_size=rows // n_mb)
+    mem = estimate_memory(args, seq_len, mem_layout, precision=precision, grad_accum=accum)
     tokens = global_batch * seq_len
     model = flops_per_token(args, seq_len) * tokens
     hw = (
@@ -108,7 +117,7 @@ def plan_layout(
     )
     bubble = 1.0
     if layout.pp > 1:
-        bubble += (layout.pp - 1) / (max(accum, 1) * max(layout.pp_virtual_stages, 1))
+        bubble += (layout.pp - 1) / (layout.pp_microbatches * max(layout.pp_virtual_stages, 1))
     t = hw * bubble / (layout.world * cluster.peak_tflops * 1e12 * cluster.mfu)
     return Plan(
         layout=layout,
