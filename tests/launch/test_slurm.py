@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from llmtrain.checkpoint import list_checkpoints
 from llmtrain.launch.runs import ACTIVE_STATES, job_records, job_states, wait_for_state
 from tests.launch.conftest import STEPS, TINY, read_losses
 
@@ -129,6 +130,21 @@ def test_cancel_stops_the_job_after_saving(slurm_cluster, tiny_overrides, tmp_pa
     assert st["state"] == "CANCELLED" and st["job_id"] == job.job_id
     # SIGTERM reached the trainer: it stopped at a step boundary and saved there
     assert st["checkpoint_step"] is not None and st["checkpoint_step"] >= 5
+
+
+@pytest.mark.timeout(120)
+def test_requeues_are_bounded_by_max_requeues(slurm_cluster, tiny_overrides, tmp_path) -> None:
+    long = [o for o in tiny_overrides if not o.startswith(("trainer.max_steps", "checkpoint.every_steps"))]
+    overrides = [*long, "trainer.max_steps=1000000", "checkpoint.every_steps=0", "launcher.max_requeues=0"]
+    job = _submit(overrides, tmp_path, "bounded")
+    run_dir = tmp_path / "bounded"
+    _wait_for_steps(job, run_dir, 5)
+    job._interrupt(timeout=True)  # the pre-timeout USR2 alone, as SLURM sends it before the limit
+    assert wait_for_state(job.job_id, timeout_s=60) == "FAILED"
+    assert _scontrol(job.job_id)["Restarts"] == "0"
+    assert "is not requeued: launcher.max_requeues=0 reached" in _log(job)
+    last = max(read_losses(run_dir))
+    assert last in [step for step, _ in list_checkpoints(run_dir / "checkpoints")]  # saved where it stopped
 
 
 @pytest.mark.timeout(150)
