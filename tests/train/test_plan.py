@@ -162,3 +162,15 @@ def test_cli_reports_and_suggests(tmp_path: Path) -> None:
         )
     )
     assert report["configured"]["fits"] and report["suggestions"]
+
+
+def test_pipeline_schedules_and_microbatches() -> None:
+    args = model_args(small())
+    gpipe = estimate_memory(args, 64, Layout(pp=3, pp_schedule="gpipe", pp_microbatches=6), precision="bf16")
+    one_f1b = estimate_memory(args, 64, Layout(pp=3, pp_schedule="1f1b", pp_microbatches=6), precision="bf16")
+    assert gpipe.activations == pytest.approx(2 * one_f1b.activations)  # 6 in flight vs pp=3
+    with pytest.raises(ValueError, match=r"parallel\.pp_microbatches=3"):
+        plan_layout(args, 64, 4, Layout(pp=2, micro_batch_size=1, pp_microbatches=3), Cluster(), "bf16")
+    plan = plan_layout(args, 64, 8, Layout(pp=2, micro_batch_size=1), Cluster(), "bf16")
+    assert plan.layout.pp_microbatches == 8  # default: one per accumulation step, as the engine does
+    assert plan.step_time_s == pytest.approx(plan.hw_flops_per_step * (1 + 1 / 8) / (2 * 989.4e12 * 0.4))
