@@ -125,7 +125,8 @@ class TokenDataset:
     def release(self) -> None:
         """Unmap the shard pages touched since the last release (they stay in the page cache)."""
         for shard in self._touched:
-            self._readers[shard].release()
+            if shard in self._readers:  # a shard that failed to open is not in _readers
+                self._readers[shard].release()
         self._touched.clear()
         self._since_release = 0
 

@@ -193,7 +193,11 @@ class DataLoader:
         if self.prefetch > 0:
             if self._prefetcher is None:
                 self._prefetcher = _Prefetcher(self._build, self._cursor, self.prefetch)
-            batches, self._cursor = self._prefetcher.get()
+            try:
+                batches, self._cursor = self._prefetcher.get()
+            except BaseException:
+                self._prefetcher = None  # it stopped itself; a retry restarts from the same state
+                raise
         else:
             batches, self._cursor = self._build(self._cursor)
         return batches

@@ -105,3 +105,17 @@ def test_malformed_raw_input_names_file_and_line(tmp_path: Path) -> None:
     raw.write_text('{"text": "fine"}\n{"body": "no text field"}\n')
     with pytest.raises(DataError, match=r"x\.jsonl:2: no 'text' field"):
         prepare_dataset(raw, tmp_path / "ds", "byte")
+
+
+def test_an_error_in_the_prefetch_thread_reaches_the_trainer(folder: Path) -> None:
+    from llmtrain.data import DataLoader
+
+    (folder / "shard_00001.arrow").unlink()
+    dl = DataLoader(TokenDataset(folder, SEQ), micro_batch_size=4, grad_accum=2, prefetch=2)
+    with pytest.raises(DataError, match=r"shard_00001\.arrow: shard listed in index\.json is missing"):
+        for _ in range(20):  # some step soon needs the missing shard
+            dl.next_step()
+    state = dl.state_dict()
+    with pytest.raises(DataError, match=r"shard_00001\.arrow"):  # a retry fails the same way, no hang
+        dl.next_step()
+    assert dl.state_dict() == state
