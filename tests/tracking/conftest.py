@@ -3,7 +3,6 @@ Trainer that runs test hooks at chosen steps (to cut the server mid-run or simul
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from llmtrain.launch.env import DistEnv
+from llmtrain.launch.local import free_port
 from llmtrain.train.trainer import Trainer
 
 ENV = DistEnv(0, 0, 1, 1)
@@ -23,12 +23,6 @@ TINY = [
     "trainer.val_every=0", "trainer.val_batches=1", "trainer.num_threads=1",
     "tracking=mlflow", "tracking.flush_every_s=0.1", "tracking.system_metrics_every_s=0.05",
 ]  # fmt: skip
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class MlflowServer:

@@ -14,11 +14,12 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 from llmtrain.config.io import to_dict
+from llmtrain.launch.local import free_port
 from llmtrain.tracking.mlflow_logger import MLflowLogger
 from llmtrain.tracking.params import MAX_PARAM_LEN, flatten
 from llmtrain.tracking.records import SPILL_FILE, kv_records, metric_records, send_records
 from llmtrain.tracking.tracker import Tracker
-from tests.tracking.conftest import ENV, TINY, HookedTrainer, free_port, train_log
+from tests.tracking.conftest import ENV, TINY, HookedTrainer, train_log
 from tools.mlflow_replay import replay
 from tools.plot_runs import collect, render
 
