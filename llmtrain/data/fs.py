@@ -6,6 +6,7 @@ memory-mapped, so the reader views token buffers in the page cache without copyi
 filesystems are read record batch by record batch (one batch is the unit of I/O; see shard.py).
 """
 
+import os
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
@@ -84,7 +85,7 @@ def resolve(path: str, filesystem: Any = None) -> Location:
     if filesystem is not None:
         return Location(as_pyarrow_fs(filesystem), path, path)
     if "://" not in path:
-        return Location(pafs.LocalFileSystem(use_mmap=True), str(PurePosixPath(path)), path)
+        return Location(pafs.LocalFileSystem(use_mmap=True), os.path.abspath(path), path)
     try:
         fs, inner = pafs.FileSystem.from_uri(path)
         return Location(_with_mmap(fs), inner, path)

@@ -58,6 +58,9 @@ def test_each_epoch_is_a_fresh_permutation_of_all_samples(ds: TokenDataset) -> N
     for e in ids:
         assert sorted(e.tolist()) == list(range(n))
     assert (ids[0] != ids[1]).mean() > 0.9 and (ids[1] != ids[2]).mean() > 0.9
+    # across shards and within them: a handful of consecutive samples already spans most shards
+    shards_hit = {ds.segments[int(seg)][0] for seg in ds.locate(ids[0][:16])[0]}
+    assert len(shards_hit) >= min(4, len(ds.index.shards))
     plain = loader(ds, shuffle=False)._sample_ids(0, np.arange(n))
     np.testing.assert_array_equal(plain, np.arange(n))
 
