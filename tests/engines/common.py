@@ -81,3 +81,35 @@ def max_rel_diff(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> 
     dl = max(abs(x[0] - y[0]) / abs(y[0]) for x, y in zip(a, b, strict=True))
     dg = max(abs(x[1] - y[1]) / abs(y[1]) for x, y in zip(a, b, strict=True))
     return dl, dg
+
+
+def write_native_checkpoint(state: dict, folder) -> None:
+    """A native weights-only checkpoint folder (DCP, native names), as `checkpoint.init_from` reads."""
+    from llmtrain.checkpoint.dcp_io import write_tensors
+
+    write_tensors(folder, {k: v for k, v in state.items() if k != "rope"})
+
+
+def switch_check(engine, dp: int, dp_rank: int) -> tuple[float, float]:
+    """After loading weights only: one training step (fresh AdamW state) then a validation loss."""
+    train = engine.train_step(rank_batches(STEPS, dp, dp_rank), LR).loss
+    return train, engine.evaluate(rank_batches(STEPS + 1, dp, dp_rank))
+
+
+def native_switch_reference(cfg, state: dict) -> tuple[float, float]:
+    """`switch_check` on the native model loaded from `state`."""
+    from contextlib import nullcontext
+
+    from llmtrain.models import build_model
+    from llmtrain.train.optim import build_optimizer
+    from llmtrain.train.step import evaluate, train_step
+
+    model = build_model(cfg.model, "cpu")
+    model.init_weights(cfg.trainer.seed)
+    model.load_state_dict(state)
+    opt = build_optimizer(model, cfg.optim)
+    for g in opt.param_groups:
+        g["lr"] = LR
+    r = train_step(model, opt, rank_batches(STEPS, 1, 0), dp_size=1, dp_group=None,
+                   grad_clip=cfg.optim.grad_clip, autocast=nullcontext, no_sync=nullcontext)
+    return r.loss, evaluate(model, rank_batches(STEPS + 1, 1, 0), None, nullcontext)

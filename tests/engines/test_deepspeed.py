@@ -1,5 +1,6 @@
 """DeepSpeed engine: parity with the single-process native run for ZeRO 0/1/2/3 (+ offload, bf16) on
-2 gloo ranks, save/load through our checkpoint manager, the generated JSON, and export of full weights.
+2 gloo ranks, save/load through our checkpoint manager, loading a native checkpoint (engine switch), the generated
+JSON, and export of full weights.
 
 All cases share one spawned process group: importing DeepSpeed costs ~2 s per process and each engine
 ~2.5 s to initialize, so one group keeps the whole file around 30 s on 2 cores.
@@ -14,7 +15,17 @@ import pytest
 import torch
 
 from tests.distributed import run_distributed
-from tests.engines.common import OVERRIDES, STEPS, max_rel_diff, native_reference, rank_batches, run_steps
+from tests.engines.common import (
+    OVERRIDES,
+    STEPS,
+    max_rel_diff,
+    native_reference,
+    native_switch_reference,
+    rank_batches,
+    run_steps,
+    switch_check,
+    write_native_checkpoint,
+)
 
 pytest.importorskip("deepspeed", reason="DeepSpeed is not installed: pip install 'llmtrain[deepspeed]'")
 
@@ -39,7 +50,7 @@ def _engine(cfg, stage: int, extra: dict, world: int):
     cfg.parallel.cpu_offload = extra.get("cpu_offload", False)
     cfg.trainer.precision = extra.get("precision", "fp32")
     dims = ParallelDims(1, world, 1, 1, world)
-    return DeepSpeedEngine(cfg, dims, dims.build_mesh("cpu"), torch.device("cpu"))
+    return DeepSpeedEngine(cfg, dims, None, torch.device("cpu"))  # needs no mesh (the trainer passes one)
 
 
 def _all_cases(rank: int, world: int, cfg, ckpt_root: str) -> dict:
@@ -60,6 +71,10 @@ def _all_cases(rank: int, world: int, cfg, ckpt_root: str) -> dict:
             manager.load(path, resumed)
             out["continued"] = run_steps(engine, world, rank, steps=1, first=STEPS)
             out["resumed"] = run_steps(resumed, world, rank, steps=1, first=STEPS)
+        if name in ("zero1", "zero3"):  # switching engines: start from a native checkpoint's weights
+            switched = _engine(cfg, stage, extra, world)
+            switched.load(Path(ckpt_root) / "native", load_optimizer=False)
+            out[f"{name}_switch"] = switch_check(switched, world, rank)
     return out
 
 
@@ -69,6 +84,7 @@ def test_deepspeed_parity_all_stages(make_config, tmp_path: Path) -> None:
     cfg = make_config(*OVERRIDES, "parallel.backend=deepspeed")
     ref_state: dict = {}
     ref = native_reference(cfg, final_state=ref_state)
+    write_native_checkpoint(ref_state, tmp_path / "native")
     results = run_distributed(_all_cases, world_size=2, args=(cfg, str(tmp_path)), timeout=220)
     r0, r1 = results
     for name, _, extra in CASES:
@@ -85,6 +101,10 @@ def test_deepspeed_parity_all_stages(make_config, tmp_path: Path) -> None:
     assert r0["resumed"] == r0["continued"]
     assert "COMPLETE" in r0["ckpt_files"] and "trainer_state.json" in r0["ckpt_files"]
     assert any(f.startswith("model_optim/deepspeed/") and "optim_states" in f for f in r0["ckpt_files"])
+    want = native_switch_reference(cfg, ref_state)
+    for name in ("zero1", "zero3"):
+        got = r0[f"{name}_switch"]
+        assert max(abs(g - w) / w for g, w in zip(got, want)) < 1e-6, f"{name} from native: {got} vs {want}"
 
 
 def test_generated_json_is_written_and_matches(make_config, tmp_path: Path) -> None:

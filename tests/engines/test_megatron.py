@@ -16,7 +16,17 @@ import torch
 from llmtrain.config.validate import ConfigError
 from llmtrain.parallel.dims import ParallelDims
 from tests.distributed import run_distributed
-from tests.engines.common import OVERRIDES, STEPS, max_rel_diff, native_reference, rank_batches, run_steps
+from tests.engines.common import (
+    OVERRIDES,
+    STEPS,
+    max_rel_diff,
+    native_reference,
+    native_switch_reference,
+    rank_batches,
+    run_steps,
+    switch_check,
+    write_native_checkpoint,
+)
 
 pytest.importorskip("megatron.core", reason="megatron-core is not installed: pip install 'llmtrain[megatron]'")
 
@@ -70,6 +80,10 @@ def _all_cases(rank: int, world: int, cfgs: dict, ckpt: str) -> dict:
             resumed.load(f"{ckpt}/pp2")
             out["continued"] = run_steps(engine, 1, 0, steps=1, first=STEPS)
             out["resumed"] = run_steps(resumed, 1, 0, steps=1, first=STEPS)
+        if name == "tp2":  # switching engines: start from a native checkpoint's weights
+            switched, _ = _engine(cfgs[name], dp, tp, pp, vp, world)
+            switched.load(f"{ckpt}/native", load_optimizer=False)
+            out["tp2_switch"] = switch_check(switched, 1, 0)
     return out
 
 
@@ -82,6 +96,7 @@ def test_megatron_parity_dp_tp_pp(make_config, tmp_path) -> None:
     for name, cfg in cfgs.items():
         states[name] = {}
         refs[name] = native_reference(cfg, final_state=states[name])
+    write_native_checkpoint(states["tp2"], tmp_path / "native")
     r0, r1 = run_distributed(_all_cases, world_size=2, args=(cfgs, str(tmp_path)), timeout=220)
     for name in CASES:
         assert r0[name] == r1[name], f"{name}: ranks disagree on the global loss"
@@ -102,6 +117,8 @@ def test_megatron_parity_dp_tp_pp(make_config, tmp_path) -> None:
         worst = max((torch.from_numpy(got[k]) - ref[k]).abs().max().item() for k in got)
         assert worst < 1e-5, f"{name}: converted-back weights differ from native by {worst}"
     assert r0["resumed"] == r0["continued"]
+    want = native_switch_reference(cfgs["tp2"], states["tp2"])
+    assert max(abs(g - w) / w for g, w in zip(r0["tp2_switch"], want)) < 1e-6, (r0["tp2_switch"], want)
 
 
 @pytest.fixture

@@ -31,6 +31,7 @@ from llmtrain.config.validate import ConfigError
 from llmtrain.data.loader import Batch
 from llmtrain.models import build_model
 from llmtrain.parallel.backends.ds_config import deepspeed_config
+from llmtrain.parallel.backends.native_io import is_native_checkpoint, read_native_weights
 from llmtrain.parallel.dims import ParallelDims
 from llmtrain.parallel.engine import Engine
 from llmtrain.train.optim import param_groups
@@ -78,7 +79,8 @@ class DeepSpeedEngine(Engine):
         self.grad_accum = batch_geometry(cfg, dims.dp)
         self.ds_config = deepspeed_config(cfg, dims.dp, self.grad_accum)
         _ensure_process_group(device)
-        self.dp_group = mesh["dp"].get_group() if dims.dp_enabled and mesh is not None else None
+        # tp = pp = 1 here, so data parallel is the whole world (no mesh needed: DeepSpeed uses it too)
+        self.dp_group = dist.group.WORLD if dims.dp_enabled else None
         self._write_config()
         model = build_model(cfg.model, device)
         model.init_weights(cfg.trainer.seed, buffer_device=device)
@@ -150,13 +152,27 @@ class DeepSpeedEngine(Engine):
 
     def load(self, folder: Path, *, load_optimizer: bool = True) -> None:
         """Same world size for optimizer state (ZeRO shards are per rank); weights-only loads also work
-        under another data-parallel size for ZeRO 0-2."""
+        under another data-parallel size for ZeRO 0-2. A native checkpoint loads its weights only."""
+        if is_native_checkpoint(folder):
+            self._load_native(read_native_weights(folder))
+            return
         path, _ = self.engine.load_checkpoint(
             str(folder), tag=CKPT_TAG, load_optimizer_states=load_optimizer,
             load_lr_scheduler_states=False, load_module_only=not load_optimizer,
         )
         if path is None:
             raise FileNotFoundError(f"{folder}: no DeepSpeed checkpoint (tag {CKPT_TAG!r})")
+
+    @torch.no_grad()
+    def _load_native(self, weights: dict[str, torch.Tensor]) -> None:
+        """Copy native weights into the module, then into DeepSpeed's fp32 master copies."""
+        params = dict(self.model.named_parameters())
+        stage3 = self.ds_config["zero_optimization"]["stage"] == 3
+        with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0, enabled=stage3):
+            for name, p in params.items():
+                p.copy_(weights[name].to(p.dtype))
+        if hasattr(self.optimizer, "refresh_fp32_params"):  # ZeRO 1-3 / bf16 keep separate fp32 masters
+            self.optimizer.refresh_fp32_params()
 
     def full_model_state(self) -> dict[str, torch.Tensor]:
         """Whole fp32 weights under the native names (ZeRO-3 shards are gathered)."""

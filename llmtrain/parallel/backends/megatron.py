@@ -41,6 +41,7 @@ from llmtrain.config.validate import ConfigError
 from llmtrain.data.loader import IGNORE_INDEX, Batch
 from llmtrain.models import build_model, model_args
 from llmtrain.parallel.backends.megatron_convert import from_megatron, to_megatron, tp_concat_dim
+from llmtrain.parallel.backends.native_io import is_native_checkpoint, read_native_weights
 from llmtrain.parallel.dims import ParallelDims
 from llmtrain.parallel.engine import Engine
 from llmtrain.train.step import StepResult, global_token_count
@@ -170,6 +171,15 @@ class MegatronEngine(Engine):
         )
         layers = [layer.layer_number - 1 for layer in chunk.decoder.layers]
         self.chunk_layers.append(layers)
+        self._load_chunk(chunk, layers, full)
+        chunk.to(self.device)
+        ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                                use_distributed_optimizer=False)
+        return DistributedDataParallel(self.config, ddp_cfg, chunk)
+
+    def _load_chunk(self, chunk: torch.nn.Module, layers: list[int], full: dict[str, torch.Tensor]) -> None:
+        """This rank's TP shard of the chunk's layers from full native weights."""
+        pre, post = chunk.pre_process, chunk.post_process
         local = to_megatron(full, self.args, layers, pre_process=pre, post_process=post,
                             tp_rank=parallel_state.get_tensor_model_parallel_rank(), tp=self.dims.tp)
         expected = _local_state(chunk)
@@ -177,10 +187,6 @@ class MegatronEngine(Engine):
         missing = set(expected) - set(local)
         assert not missing, f"conversion did not produce {sorted(missing)}"
         chunk.load_state_dict(local, strict=False)
-        chunk.to(self.device)
-        ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                                use_distributed_optimizer=False)
-        return DistributedDataParallel(self.config, ddp_cfg, chunk)
 
     def _forward_step(self, data_iterator, model):
         batch: Batch = next(data_iterator)
@@ -277,6 +283,13 @@ class MegatronEngine(Engine):
         torch.save(state, self._file(folder))
 
     def load(self, folder: Path, *, load_optimizer: bool = True) -> None:
+        """Our per-(tp, pp) files of the same layout; or a native checkpoint's weights (any layout)."""
+        if is_native_checkpoint(folder):
+            full = read_native_weights(folder)
+            with torch.no_grad():
+                for chunk, layers in zip(self.modules, self.chunk_layers):
+                    self._load_chunk(chunk.module, layers, full)
+            return
         path = self._file(folder)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no megatron shard for this tp/pp layout (saved under another "
