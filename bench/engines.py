@@ -1,15 +1,16 @@
 """Engines side by side: the same model, data and 2-rank layout on every engine installed here.
 
-    .venv/bin/python bench/engines.py [--dim 128] [--layers 4] [--seq 128] [--steps 8]
+    .venv/bin/python bench/engines.py [--dim 128] [--layers 4] [--seq 128] [--steps 8] [--repeats 2]
 
-One spawned group of 2 gloo ranks (CPU) runs every case in turn: native DDP (and native TP2/PP2 when
-the native engine offers them), DeepSpeed ZeRO 0/1/2/3, megatron-core DP2/TP2/PP2. Each case starts
-from the same init, takes 2 warm-up steps, then `--steps` timed steps; tokens/s = global tokens of a
-step / median step time; the best of `--repeats` interleaved rounds is kept. The loss after the last
-step is printed too: every engine trains the same model on the same batches, so the losses must agree (a speed number for a wrong result is worthless).
+One spawned group of 2 gloo ranks (CPU) runs every case in turn: native DDP/TP2/PP2, DeepSpeed ZeRO
+0/1/2/3, megatron-core DP2/TP2/PP2. Each case starts from the same init, takes 2 warm-up steps, then
+`--steps` timed steps; tokens/s = global tokens of a step / median step time, best of `--repeats`
+interleaved rounds. The loss after the last step is reported too: every engine trains the same model
+on the same batches, so the losses must agree (a speed number for a wrong result is worthless).
 On CPU, megatron-core runs only under the TEST-ONLY shim (tests/engines/megatron_cpu_shim.py; it is
-CUDA-only otherwise), so its rows are marked "cpu shim". Engines that are not installed are listed
-as skipped. Prints a markdown table and writes bench/results/engines.json.
+CUDA-only otherwise), so its rows are marked "cpu shim". A layout an engine refuses and an engine
+that is not installed are listed with the reason. Prints a markdown table, writes
+bench/results/engines.json.
 """
 
 import argparse
