@@ -1,10 +1,13 @@
 """Per-GPU memory of a training layout, derived from what this code base actually allocates.
 
 Bytes per parameter (parameters stay fp32 under `trainer.precision=bf16`, autocast casts them):
-fp32 weights 4, fp32 gradients 4, AdamW moments 8. ZeRO shards over the dp_shard group: stage 1
-the optimizer state, 2 also the gradients, 3 also the weights (FSDP2 then holds the unsharded
-weights of about two blocks at a time, in parallel.param_dtype). Plain DDP (zero_stage 0, dp > 1)
-keeps gradient buckets as big as the gradients (`gradient_as_bucket_view` is off).
+fp32 weights 4, fp32 gradients 4, AdamW moments 8. The native engine runs ZeRO on FSDP2 over the
+dp_shard group (llmtrain/parallel/data_parallel.py): the fp32 master weights and AdamW state rest
+sharded at every stage; stage 3 also keeps gradients sharded and holds about two unsharded blocks
+at a time (in parallel.param_dtype); stages 1 and 2 keep the unsharded parameters from the first
+forward to the last backward of a step, stage 2 reduce-scatters gradients per micro-batch and stage
+1 accumulates full gradients until the last one. Plain DDP (zero_stage 0, dp > 1, no tp/pp) keeps
+gradient buckets as big as the gradients (`gradient_as_bucket_view` is off).
 
 Saved activations per token and block, read off the autograd graph of `llmtrain.models.llama`
 (d = dim, q = n_heads * head_dim, f = ffn hidden, h = n_heads; GQA keys/values are saved after
@@ -150,28 +153,36 @@ def estimate_memory(
     """Peak per-GPU memory of a training step in steady state (optimizer state already allocated),
     on the most loaded GPU: the first or the last pipeline stage."""
     stages = ("first", "last") if layout.pp > 1 else ("last",)
-    ests = [_estimate_stage(args, seq_len, layout, precision, grad_accum, stage) for stage in stages]
+    ests = [estimate_stage(args, seq_len, layout, precision, grad_accum, stage) for stage in stages]
     return max(ests, key=lambda e: e.total)
 
 
-def _estimate_stage(
+def estimate_stage(
     args: TransformerArgs, seq_len: int, layout: Layout, precision: str, grad_accum: int, stage: str
 ) -> MemoryEstimate:
+    """`estimate_memory` for one pipeline stage ("first" or "last"; "last" without pipelining)."""
     p_local, layers = stage_params(args, layout.tp, layout.pp, stage)
     has_loss = stage == "last"
     shard, z = layout.dp_shard, layout.zero_stage
-    weights = 4 * p_local / (shard if z >= 3 else 1)
-    grads = 4 * p_local / (shard if z >= 2 else 1)
-    optimizer = 8 * p_local / (shard if z >= 1 else 1)
+    fsdp = z >= 1 and shard > 1  # the native engine runs every ZeRO stage on FSDP2
+    weights = 4 * p_local / (shard if fsdp else 1)  # fp32 master weights rest sharded under FSDP2
+    # ZeRO-1 accumulates full local gradients until the step's last micro-batch (data_parallel.py)
+    full_grads = z == 0 or not fsdp or (z == 1 and grad_accum > 1)
+    grads = 4 * p_local / (1 if full_grads else shard)
+    if layout.tp > 1 and (stage == "first" or layout.pp == 1):
+        # measured: under tensor parallelism the vocab-parallel embedding's gradient arrives as a
+        # Replicate DTensor, i.e. the full vocab x dim on every tp rank (tests/train/test_plan.py)
+        grads += 4 * args.vocab_size * args.dim * (1 - 1 / layout.tp) / (1 if full_grads else shard)
+    optimizer = 8 * p_local / (shard if fsdp else 1)
     mats, norms = block_params(args)
     layer_local = mats / layout.tp + norms
     buffers = args.max_seq_len * args.head_dim * 4  # RoPE table
-    if z >= 3 and shard > 1:  # FSDP2: two unsharded blocks (current + prefetch) and a grad reduce buffer
+    if fsdp and z == 3:  # two unsharded blocks (current + prefetch) and a gradient reduce buffer
         buffers += 2 * layer_local * DTYPE_BYTES[layout.param_dtype] + 4 * layer_local
-    elif z == 2 and shard > 1:
-        buffers += 4 * layer_local
-    if z == 0 and layout.dp > 1:
-        buffers += 4 * p_local  # DDP gradient buckets
+    elif fsdp:  # ZeRO-1/2: parameters stay unsharded from the first forward to the last backward
+        buffers += p_local * DTYPE_BYTES[layout.param_dtype] + 4 * layer_local
+    if z == 0 and layout.dp > 1 and layout.tp == 1 and layout.pp == 1:
+        buffers += 4 * p_local  # DDP gradient buckets (tp/pp all-reduce the gradients in place)
 
     tokens = layout.micro_batch_size * seq_len
     in_flight = in_flight_microbatches(layout, stage)
