@@ -53,6 +53,8 @@ def validate_config(cfg: Config) -> Config:
     check_choice("trainer.device", t.device, DEVICES)
     check_choice("trainer.precision", t.precision, PRECISIONS)
     check_choice("tracking.backend", cfg.tracking.backend, TRACKING_BACKENDS)
+    for key in ("flush_every_s", "system_metrics_every_s", "max_buffer", "request_timeout_s"):
+        check(getattr(cfg.tracking, key) > 0, f"tracking.{key}", f"must be positive, got {getattr(cfg.tracking, key)}")
     check_choice("launcher.name", cfg.launcher.name, LAUNCHERS)
     for key in ("dim", "n_layers", "n_heads", "vocab_size"):
         check(getattr(m, key) > 0, f"model.{key}", "must be positive")

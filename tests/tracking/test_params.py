@@ -1,6 +1,8 @@
 """Config -> params: secrets never leave the process, URLs lose their passwords, and which keys count
 as secrets. (That a real server accepts the flattened params is in test_server.py.)"""
 
+import pytest
+
 from llmtrain.tracking.params import flatten, is_secret_key, redact_url
 
 
@@ -27,3 +29,14 @@ def test_secrets_are_dropped_and_urls_redacted():
     }
     assert not is_secret_key("trainer.max_tokens") and is_secret_key("x.github_token")
     assert redact_url("http://host:5000/path") == "http://host:5000/path"
+
+
+@pytest.mark.parametrize(
+    "key", ["flush_every_s", "system_metrics_every_s", "max_buffer", "request_timeout_s"]
+)
+def test_tracking_cadences_must_be_positive(key):
+    from llmtrain.config import ConfigError
+    from llmtrain.testing import compose_config
+
+    with pytest.raises(ConfigError, match=f"tracking.{key}: must be positive"):
+        compose_config([f"tracking.{key}=0"])
