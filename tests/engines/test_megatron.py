@@ -9,6 +9,7 @@ relative (measured <= 6e-8) and grad norms to < 1e-5. Needs CUDA (marked `gpu`):
 """
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,6 +29,7 @@ from tests.engines.common import (
     write_native_checkpoint,
 )
 
+ROOT = Path(__file__).resolve().parents[2]
 pytest.importorskip("megatron.core", reason="megatron-core is not installed: pip install 'llmtrain[megatron]'")
 
 CASES = {  # name: (dp, tp, pp, virtual stages, extra overrides)
@@ -73,11 +75,14 @@ def _all_cases(rank: int, world: int, cfgs: dict, ckpt: str) -> dict:
         out[name] = run_steps(engine, dims.dp, dims.coords(rank)["dp"])
         if name in ("tp2", "pp2_interleaved"):  # conversion back: gathered native-named weights
             out[f"{name}_state"] = {k: v.numpy() for k, v in engine.full_model_state().items()}
-        if name == "pp2_1f1b":  # save/load round trip: the resumed engine continues exactly
-            engine.save(f"{ckpt}/pp2")
-            torch.distributed.barrier()
+        if name == "pp2_1f1b":  # round trip through our checkpoint manager: the resumed engine continues
+            from llmtrain.checkpoint import CheckpointManager
+            from llmtrain.config.io import to_dict
+
+            manager = CheckpointManager(f"{ckpt}/checkpoints")
+            path = manager.save(STEPS, engine, {"config": to_dict(cfgs[name])}, {}).done.result()
             resumed, _ = _engine(cfgs[name], dp, tp, pp, vp, world)
-            resumed.load(f"{ckpt}/pp2")
+            manager.load(path, resumed)
             out["continued"] = run_steps(engine, 1, 0, steps=1, first=STEPS)
             out["resumed"] = run_steps(resumed, 1, 0, steps=1, first=STEPS)
         if name == "tp2":  # switching engines: start from a native checkpoint's weights
@@ -117,6 +122,19 @@ def test_megatron_parity_dp_tp_pp(make_config, tmp_path) -> None:
         worst = max((torch.from_numpy(got[k]) - ref[k]).abs().max().item() for k in got)
         assert worst < 1e-5, f"{name}: converted-back weights differ from native by {worst}"
     assert r0["resumed"] == r0["continued"]
+    # offline tool: that PP2 checkpoint -> native checkpoint equal to the native run's weights
+    import importlib.util
+
+    from llmtrain.checkpoint.dcp_io import read_tensors, tensor_shapes
+
+    spec = importlib.util.spec_from_file_location("convert_megatron", ROOT / "tools" / "convert_megatron.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    out = tool.convert(tmp_path / "checkpoints", tmp_path / "as_native")
+    folder = out / "model_optim"
+    native = read_tensors(folder, sorted(tensor_shapes(folder)))
+    assert set(native) == set(states["pp2_1f1b"])
+    assert max((native[k] - states["pp2_1f1b"][k]).abs().max().item() for k in native) < 1e-5
     want = native_switch_reference(cfgs["tp2"], states["tp2"])
     assert max(abs(g - w) / w for g, w in zip(r0["tp2_switch"], want)) < 1e-6, (r0["tp2_switch"], want)
 

@@ -40,7 +40,12 @@ from llmtrain.config import Config, batch_geometry
 from llmtrain.config.validate import ConfigError
 from llmtrain.data.loader import IGNORE_INDEX, Batch
 from llmtrain.models import build_model, model_args
-from llmtrain.parallel.backends.megatron_convert import from_megatron, to_megatron, tp_concat_dim
+from llmtrain.parallel.backends.megatron_convert import (
+    chunk_layers,
+    from_megatron,
+    to_megatron,
+    tp_concat_dim,
+)
 from llmtrain.parallel.backends.native_io import is_native_checkpoint, read_native_weights
 from llmtrain.parallel.dims import ParallelDims
 from llmtrain.parallel.engine import Engine
@@ -170,6 +175,8 @@ class MegatronEngine(Engine):
             rotary_base=int(self.args.rope_theta), vp_stage=vp_stage,
         )
         layers = [layer.layer_number - 1 for layer in chunk.decoder.layers]
+        pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+        assert layers == chunk_layers(self.args.n_layers, self.dims.pp, vp, pp_rank, v), layers  # offline tool
         self.chunk_layers.append(layers)
         self._load_chunk(chunk, layers, full)
         chunk.to(self.device)

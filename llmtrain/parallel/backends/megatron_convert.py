@@ -89,8 +89,8 @@ def to_megatron(
 def from_megatron(
     full: dict[str, torch.Tensor], args: TransformerArgs, layers: list[int], *, tp: int = 1
 ) -> dict[str, torch.Tensor]:
-    """Native tensors of one chunk from its megatron tensors, each given as the list... already gathered:
-    `full[name]` is the concatenation of the TP shards along the sharded dim (fc1: shards of [w1; w3])."""
+    """Native tensors of one chunk from its TP-gathered megatron tensors: `full[name]` is the concatenation
+    of the TP shards along the sharded dim (so fc1 is [w1_0; w3_0; w1_1; w3_1; ...])."""
     out: dict[str, torch.Tensor] = {}
     if "embedding.word_embeddings.weight" in full:
         out["tok_embeddings.weight"] = full["embedding.word_embeddings.weight"]
@@ -119,3 +119,30 @@ def tp_concat_dim(name: str) -> int | None:
     if name.endswith(("linear_qkv.weight", "linear_fc1.weight", "word_embeddings.weight", "output_layer.weight")):
         return 0
     return None
+
+
+def chunk_layers(n_layers: int, pp: int, vp: int, pp_rank: int, chunk: int) -> list[int]:
+    """Global layers of model chunk `chunk` on pipeline rank `pp_rank` (megatron's even split: chunk v
+    of every stage comes before chunk v+1 of any stage)."""
+    per = n_layers // (pp * vp)
+    first = chunk * (n_layers // vp) + pp_rank * per
+    return list(range(first, first + per))
+
+
+def engine_files_to_native(
+    shards: dict[tuple[int, int], dict[str, torch.Tensor]], args: TransformerArgs, tp: int, pp: int, vp: int
+) -> dict[str, torch.Tensor]:
+    """Native weights from the megatron engine's per-(tp, pp) files ({(tp_rank, pp_rank): tensors}, keys
+    `model.chunk<v>.<megatron name>`): gather TP shards, convert every chunk, merge the stages."""
+    out: dict[str, torch.Tensor] = {}
+    for p in range(pp):
+        for v in range(vp):
+            prefix = f"model.chunk{v}."
+            names = [k[len(prefix):] for k in shards[(0, p)] if k.startswith(prefix)]
+            full = {}
+            for name in names:
+                parts = [shards[(t, p)][prefix + name] for t in range(tp)]
+                dim = tp_concat_dim(name)
+                full[name] = parts[0] if dim is None or tp == 1 else torch.cat(parts, dim)
+            out.update(from_megatron(full, args, chunk_layers(args.n_layers, pp, vp, p, v), tp=tp))
+    return out
