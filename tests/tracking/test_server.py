@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from llmtrain.config.io import to_dict
 from llmtrain.launch.local import free_port
-from llmtrain.tracking.mlflow_logger import MLflowLogger
+from llmtrain.tracking.mlflow_logger import MLflowLogger, read_state
 from llmtrain.tracking.params import MAX_PARAM_LEN, flatten
 from llmtrain.tracking.records import SPILL_FILE, kv_records, metric_records, send_records
 from llmtrain.tracking.tracker import Tracker
@@ -170,6 +170,31 @@ def test_rejected_batch_is_dropped_and_the_rest_goes_through(mlflow_server):
     assert remaining == [] and error is None and len(dropped) == 1 and "param" in dropped[0]
     assert [(m.step, m.value) for m in client.get_metric_history(run_id, "train/loss")] == [(3, 1.5)]
     assert client.get_run(run_id).data.params == {"lr": "1e-3"}
+
+
+def test_hard_crash_then_resume_from_older_checkpoint_logs_each_step_once(mlflow_server, tmp_path):
+    """A job dies (no final flush) with steps 11-12 still in memory; the next job resumes from the
+    step-8 checkpoint: 9-10 are not logged again (the server has them), 11-12 are (it never got them)."""
+    kw = {"experiment": "crash", "run_name": "crash", "flush_every_s": 0.05}
+    job1 = MLflowLogger(mlflow_server.uri, tmp_path, run_id=None, **kw)
+    for s in range(1, 11):
+        job1.log_metrics({"train/loss": 10.0 + s}, s)
+    wait_for(lambda: read_state(tmp_path).get("last_step") == 10, "steps 1-10 delivered")
+    job1._stop.set()  # the process dies: its upload thread stops, no final flush ...
+    job1._thread.join()
+    for s in (11, 12):
+        job1.log_metrics({"train/loss": 10.0 + s}, s)  # ... and these never leave memory
+    run_id = (tmp_path / "mlflow_run_id.txt").read_text()
+    job2 = MLflowLogger(mlflow_server.uri, tmp_path, run_id=run_id, **kw)
+    for s in range(9, 15):  # resumed from the step-8 checkpoint
+        job2.log_metrics({"train/loss": 20.0 + s}, s)
+    job2.finish()
+    history = MlflowClient(mlflow_server.uri).get_metric_history(run_id, "train/loss")
+    assert sorted(m.step for m in history) == list(range(1, 15))
+    assert {m.step: m.value for m in history} == {
+        **{s: 10.0 + s for s in range(1, 11)},
+        **{s: 20.0 + s for s in range(11, 15)},
+    }
 
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--disable-background-networking",
