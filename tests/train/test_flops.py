@@ -104,3 +104,17 @@ def test_meter_mfu_and_hfu() -> None:
     assert m["perf/hfu"] == pytest.approx(0.4)
     assert m["perf/eta_s"] == pytest.approx(20.0)
     assert "perf/mfu" not in Meter(6e9, None, 1).metrics(0)  # unknown peak: no made-up MFU
+
+
+def test_gpu_peak_from_reported_name(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The trainer's denominator on a GPU: the table entry for the name torch reports, never a CPU rate."""
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    assert peak_tflops(cuda, None, torch.bfloat16) == 989.4
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA Future GPU")
+    with caplog.at_level("WARNING", logger="llmtrain"):
+        assert peak_tflops(cuda, None, torch.bfloat16) is None
+    assert "trainer.peak_tflops" in caplog.text
+    assert peak_tflops(cuda, 700.0) == 700.0
