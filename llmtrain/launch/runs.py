@@ -112,7 +112,9 @@ def cancel_run(run_dir: Path) -> list[str]:
 
 def mlflow_link(run_dir: Path) -> str | None:
     """A URL (tracking server) or a `mlflow ui` hint (local store) for the run's MLflow run."""
-    id_file = run_dir / "mlflow_run_id.txt"
+    from llmtrain.tracking.tracker import RUN_ID_FILE
+
+    id_file = run_dir / RUN_ID_FILE
     if not id_file.is_file():
         return None
     run_id = id_file.read_text().strip()
