@@ -1,6 +1,7 @@
 """Shared bench helpers: the minimal hand-written reference loop, tables and JSON results."""
 
 import json
+import os
 import platform
 import time
 from collections.abc import Callable
@@ -101,9 +102,10 @@ def machine() -> dict[str, Any]:
 
 
 def write_results(name: str, payload: dict[str, Any]) -> Path:
-    """bench/results/<name>.json with the machine description added."""
+    """bench/results/<name><$LLMTRAIN_BENCH_SUFFIX>.json with the machine description added (run_all
+    --quick sets the suffix so that smoke runs never replace full results)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+    path = RESULTS / f"{name}{os.environ.get('LLMTRAIN_BENCH_SUFFIX', '')}.json"
     path.write_text(
         json.dumps({"machine": machine(), "date": time.strftime("%Y-%m-%d"), **payload}, indent=2)
     )
