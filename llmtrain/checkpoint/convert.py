@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
-from llmtrain.checkpoint.dcp_io import read_tensors, tensor_shapes, write_tensors
-from llmtrain.checkpoint.hf import from_hf, hf_config, load_hf, model_config_from_hf, save_hf, to_hf
+from llmtrain.checkpoint.dcp_io import read_tensors, tensor_shapes, verify_dcp, write_tensors
+from llmtrain.checkpoint.hf import from_hf, hf_config, load_hf, model_config_from_hf, to_hf
 from llmtrain.checkpoint.layout import (
     ENGINE_DIR,
     FORMAT,
@@ -31,19 +32,42 @@ def _hidden_dim(model: dict[str, Any]) -> int:
 
 
 def export_hf(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", max_shard_gb: float = 5.0) -> Path:
-    """Write the model of an llmtrain checkpoint (any parallel layout) as an HF Llama folder."""
+    """Write the model of an llmtrain checkpoint (any parallel layout) as an HF Llama folder.
+
+    Streams: one safetensors shard's tensors are read from the DCP files at a time, so memory stays
+    around one shard (never the optimizer state, never the whole model for large ones)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}; allowed: {', '.join(DTYPES)}")
     path = resolve_checkpoint_path(checkpoint)
     model = (read_state(path).get("config") or {}).get("model")
     if not model:
         raise CheckpointError(f"{path / STATE_FILE}: no model config recorded")
-    names = sorted(tensor_shapes(path / ENGINE_DIR))
-    tensors = read_tensors(path / ENGINE_DIR, names)
-    tensors = {k: v.to(DTYPES[dtype]) for k, v in tensors.items()}
+    verify_dcp(path / ENGINE_DIR)
+    shapes = tensor_shapes(path / ENGINE_DIR)
+    itemsize = torch.empty(0, dtype=DTYPES[dtype]).element_size()
+    groups: list[list[str]] = [[]]
+    size, limit = 0, int(max_shard_gb * (1 << 30))
+    for name in sorted(shapes):
+        nbytes = shapes[name][0].numel() * itemsize
+        if groups[-1] and size + nbytes > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += nbytes
     out = Path(out)
-    save_hf(out, to_hf(tensors, model), hf_config(model, _hidden_dim(model), DTYPES[dtype]),
-            max_shard_bytes=int(max_shard_gb * (1 << 30)))
+    out.mkdir(parents=True, exist_ok=True)
+    weight_map: dict[str, str] = {}
+    for i, names in enumerate(groups):
+        fname = "model.safetensors" if len(groups) == 1 else f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        tensors = read_tensors(path / ENGINE_DIR, names, verify=False)
+        hf = to_hf({k: v.to(DTYPES[dtype]) for k, v in tensors.items()}, model)
+        save_file(hf, str(out / fname), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(hf, fname))
+    if len(groups) > 1:
+        total = sum(shapes[n][0].numel() * itemsize for g in groups for n in g)
+        (out / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    (out / "config.json").write_text(json.dumps(hf_config(model, _hidden_dim(model), DTYPES[dtype]), indent=2))
     return out
 
 

@@ -88,9 +88,11 @@ def tensor_shapes(folder: Path, prefix: str = "model.") -> dict[str, tuple[torch
             if k.startswith(prefix) and isinstance(v, TensorStorageMetadata)}
 
 
-def read_tensors(folder: Path, names: list[str], prefix: str = "model.") -> dict[str, torch.Tensor]:
-    """Full (unsharded) tensors `names` from a DCP folder in this process, no process group needed."""
-    verify_dcp(folder)
+def read_tensors(folder: Path, names: list[str], prefix: str = "model.", verify: bool = True) -> dict[str, torch.Tensor]:
+    """Full (unsharded) tensors `names` from a DCP folder in this process, no process group needed
+    (verify=False only when the caller already ran `verify_dcp` on this folder)."""
+    if verify:
+        verify_dcp(folder)
     shapes = tensor_shapes(folder, prefix)
     missing = [n for n in names if n not in shapes]
     if missing:

@@ -62,7 +62,9 @@ def test_export_loads_in_transformers_with_the_same_logits(trained, tmp_path):
 def test_import_round_trip_and_init_from(trained, tmp_path, make_config):
     cfg, eng, path = trained
     out = tmp_path / "hf"
-    assert _tool("export_hf")([str(path), str(out)]) == 0
+    assert _tool("export_hf")([str(path), str(out), "--max-shard-gb", "0.0001"]) == 0  # ~107 kB shards
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1 and len(index["weight_map"]) == 2 * 9 + 3
     model = import_hf(out, tmp_path / "imported")
     check_model_matches({"model": model}, cfg.model, out)
     names = sorted(tensor_shapes(path / "model_optim"))
