@@ -188,7 +188,7 @@ def estimate_stage(
     in_flight = in_flight_microbatches(layout, stage)
     per_block = act_bytes_per_token(args, precision, layout.tp, layout.sequence_parallel) * tokens
     # under bf16 autocast each block saves a bf16 cast of its weights (the head one of its own)
-    cast_dtype = precision == "bf16" and not (z >= 3 and layout.param_dtype == "bf16")
+    cast_dtype = precision == "bf16" and not (fsdp and layout.param_dtype == "bf16")
     cast_block = 2 * mats / layout.tp if cast_dtype else 0.0
     ckpt = checkpointed_blocks(layout.activation_checkpoint, layers)
     kept = [in_flight * (4 * args.dim * tokens if c else per_block + cast_block) for c in ckpt]
@@ -196,7 +196,7 @@ def estimate_stage(
     # logits, log-softmax output, its gradient and the logits gradient (vocab-sized, per token)
     loss = tokens * (vocab * 12 + args.dim * 12) if has_loss else 0.0
     loss += 2 * vocab * args.dim if cast_dtype and has_loss else 0.0
-    grad_div = shard if z >= 2 else 1
+    grad_div = 1 if full_grads else shard
     grad_layer = 4 * layer_local / grad_div
     grad_head = 4 * vocab * args.dim / grad_div if has_loss else 0.0  # allocated first in backward
     dynamic = backward_sweep(
