@@ -16,6 +16,7 @@ steps ahead, but the state only moves when `next_step` hands a step over.
 import functools
 import queue
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -206,9 +207,12 @@ class DataLoader:
         while True:
             yield self.next_step()
 
+    def __del__(self) -> None:
+        self.close()
+
     def close(self) -> None:
         """Stop the prefetch thread (it restarts from the current state on the next step)."""
-        if self._prefetcher is not None:
+        if getattr(self, "_prefetcher", None) is not None:
             self._prefetcher.close()
             self._prefetcher = None
 
@@ -277,28 +281,35 @@ class DataLoader:
 
 
 class _Prefetcher:
-    """Builds steps ahead in a daemon thread; hands them over, with the cursor after each, in order."""
+    """Builds steps ahead in a daemon thread; hands them over, with the cursor after each, in order.
+
+    The thread holds the loader only weakly, so a loader that is dropped without close() (e.g. a
+    finished Trainer) is collected and its thread ends instead of idling with the shards mapped.
+    """
 
     def __init__(self, build: Callable[[Cursor], tuple[list[Batch], Cursor]], start: Cursor, depth: int):
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
-        self._thread = threading.Thread(
-            target=self._run, args=(build, start), daemon=True, name="data-prefetch"
-        )
+        self._build = weakref.WeakMethod(build)
+        self._thread = threading.Thread(target=self._run, args=(start,), daemon=True, name="data-prefetch")
         self._thread.start()
 
     def _put(self, item: object) -> None:
-        while not self._stop.is_set():
+        while not self._stop.is_set() and self._build() is not None:
             try:
                 self._queue.put(item, timeout=0.1)
                 return
             except queue.Full:
                 continue
 
-    def _run(self, build: Callable[[Cursor], tuple[list[Batch], Cursor]], cur: Cursor) -> None:
+    def _run(self, cur: Cursor) -> None:
         try:
             while not self._stop.is_set():
+                build = self._build()
+                if build is None:
+                    return
                 item = build(cur)
+                del build
                 cur = item[1]
                 self._put(item)
         except BaseException as e:  # handed to the consumer, which re-raises it
@@ -313,6 +324,8 @@ class _Prefetcher:
 
     def close(self) -> None:
         self._stop.set()
+        if threading.current_thread() is self._thread:  # the loader was collected in this thread
+            return
         while True:
             try:
                 self._queue.get_nowait()

@@ -1,5 +1,6 @@
 """Order, dp slicing, epochs and exact resume of the DataLoader (single source; mixing has its own file)."""
 
+import gc
 import json
 
 import numpy as np
@@ -104,6 +105,16 @@ def test_prefetch_state_counts_only_what_was_handed_over(ds: TokenDataset) -> No
     dl.next_step()
     assert dl.state_dict()["consumed"] == 2 * dl.global_batch  # not the steps built ahead
     dl.close()
+
+
+def test_a_dropped_loader_stops_its_prefetch_thread(ds: TokenDataset) -> None:
+    dl = loader(ds, prefetch=2)
+    dl.next_step()
+    thread = dl._prefetcher._thread
+    del dl
+    gc.collect()
+    thread.join(timeout=10)
+    assert not thread.is_alive()
 
 
 @pytest.mark.parametrize(("old", "new"), [(1, 2), (4, 2), (2, 4)])
