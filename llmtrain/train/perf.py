@@ -7,6 +7,7 @@ checkpointing too (see `llmtrain.train.flops`). Both share one peak, so HFU >= M
 import functools
 import logging
 import time
+from typing import Any
 
 import psutil
 import torch
@@ -47,6 +48,17 @@ def peak_tflops(
             return None
         return found[1]
     return measure_cpu_peak_tflops(dtype=dtype)
+
+
+def processed_tokens(batches: list[Any], dp_size: int, fallback: int) -> int:
+    """Tokens the model ran on this step over all data-parallel ranks: the FLOPs happen on every
+    input position, also those whose target is ignored (padding, masked prompts), so throughput and
+    MFU count inputs, not loss tokens. `fallback` (the loss-token count) for batch types without
+    an `inputs` tensor."""
+    sizes = [getattr(b, "inputs", None) for b in batches]
+    if not sizes or not all(isinstance(t, torch.Tensor) for t in sizes):
+        return fallback
+    return sum(t.numel() for t in sizes) * dp_size
 
 
 def memory_gb(device: torch.device) -> float:

@@ -24,7 +24,7 @@ from llmtrain.tracking import ConsoleLogger
 from llmtrain.tracking.tracker import Tracker
 from llmtrain.train.flops import flops_per_token, recompute_fraction
 from llmtrain.train.optim import lr_factor
-from llmtrain.train.perf import Meter, memory_gb, peak_tflops
+from llmtrain.train.perf import Meter, memory_gb, peak_tflops, processed_tokens
 from llmtrain.train.profiler import build_profiler
 
 log = logging.getLogger("llmtrain")
@@ -97,7 +97,7 @@ class Trainer:
             res = self.engine.train_step(batches, lr)
             self.step += 1
             self.tokens_seen += res.num_tokens
-            self.meter.update(res.num_tokens, time.perf_counter() - t0, t_data)
+            self.meter.update(processed_tokens(batches, self.dims.dp, res.num_tokens), time.perf_counter() - t0, t_data)
             self.profiler.on_step_end(self.step)
             self.record(res.loss, res.grad_norm, lr)
             if val_every and self.step % val_every == 0:

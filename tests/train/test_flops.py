@@ -118,3 +118,15 @@ def test_gpu_peak_from_reported_name(
         assert peak_tflops(cuda, None, torch.bfloat16) is None
     assert "trainer.peak_tflops" in caplog.text
     assert peak_tflops(cuda, 700.0) == 700.0
+
+
+def test_throughput_counts_every_input_token() -> None:
+    from llmtrain.data.loader import IGNORE_INDEX, Batch
+    from llmtrain.train.perf import processed_tokens
+
+    targets = torch.full((2, 8), IGNORE_INDEX)
+    targets[:, -2:] = 1  # a masked prompt: only 4 of 16 positions carry loss, all 16 cost FLOPs
+    batches = [Batch(torch.zeros(2, 8, dtype=torch.long), targets)] * 3
+    assert sum(b.num_tokens for b in batches) == 12
+    assert processed_tokens(batches, dp_size=4, fallback=12) == 3 * 16 * 4
+    assert processed_tokens([object()], dp_size=4, fallback=12) == 12
