@@ -11,7 +11,16 @@ import torch
 from safetensors.torch import save_file
 
 from llmtrain.checkpoint.dcp_io import read_tensors, tensor_shapes, verify_dcp, write_tensors
-from llmtrain.checkpoint.hf import from_hf, hf_config, load_hf, model_config_from_hf, to_hf
+from llmtrain.checkpoint.hf import (
+    from_hf,
+    hf_config,
+    load_hf,
+    model_config_from_hf,
+    plan_shards,
+    shard_name,
+    to_hf,
+    write_index,
+)
 from llmtrain.checkpoint.layout import (
     ENGINE_DIR,
     FORMAT,
@@ -45,28 +54,19 @@ def export_hf(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", max_
     verify_dcp(path / ENGINE_DIR)
     shapes = tensor_shapes(path / ENGINE_DIR)
     itemsize = torch.empty(0, dtype=DTYPES[dtype]).element_size()
-    groups: list[list[str]] = [[]]
-    size, limit = 0, int(max_shard_gb * (1 << 30))
-    for name in sorted(shapes):
-        nbytes = shapes[name][0].numel() * itemsize
-        if groups[-1] and size + nbytes > limit:
-            groups.append([])
-            size = 0
-        groups[-1].append(name)
-        size += nbytes
+    sizes = {n: shapes[n][0].numel() * itemsize for n in sorted(shapes)}
+    groups = plan_shards(sizes, int(max_shard_gb * (1 << 30)))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     weight_map: dict[str, str] = {}
+    total = 0
     for i, names in enumerate(groups):
-        fname = "model.safetensors" if len(groups) == 1 else f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
         tensors = read_tensors(path / ENGINE_DIR, names, verify=False)
         hf = to_hf({k: v.to(DTYPES[dtype]) for k, v in tensors.items()}, model)
-        save_file(hf, str(out / fname), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(hf, fname))
-    if len(groups) > 1:
-        total = sum(shapes[n][0].numel() * itemsize for g in groups for n in g)
-        (out / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        save_file(hf, str(out / shard_name(i, len(groups))), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(hf, shard_name(i, len(groups))))
+        total += sum(t.numel() * t.element_size() for t in hf.values())  # tied output.weight is not written
+    write_index(out, weight_map, total)
     (out / "config.json").write_text(json.dumps(hf_config(model, _hidden_dim(model), DTYPES[dtype]), indent=2))
     return out
 

@@ -131,30 +131,42 @@ def model_config_from_hf(cfg: dict[str, Any]) -> dict[str, Any]:
             "tie_embeddings": bool(cfg.get("tie_word_embeddings", False))}
 
 
+def plan_shards(sizes: dict[str, int], max_shard_bytes: int) -> list[list[str]]:
+    """Group tensor names (in order) into shards of at most max_shard_bytes (a bigger tensor alone)."""
+    groups: list[list[str]] = [[]]
+    size = 0
+    for name, nbytes in sizes.items():
+        if groups[-1] and size + nbytes > max_shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += nbytes
+    return groups
+
+
+def shard_name(i: int, n: int) -> str:
+    return "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+
+
+def write_index(folder: Path, weight_map: dict[str, str], total_bytes: int) -> None:
+    """model.safetensors.index.json, HF's map from tensor name to shard file (only for >1 shard)."""
+    if len(set(weight_map.values())) > 1:
+        index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
 def save_hf(folder: Path, tensors: dict[str, torch.Tensor], config: dict[str, Any],
             max_shard_bytes: int = 5 << 30) -> list[Path]:
-    """safetensors shards (+ index when more than one) and config.json, HF's sharded layout."""
+    """In-memory tensors as safetensors shards (+ index when more than one) and config.json."""
     folder.mkdir(parents=True, exist_ok=True)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t
-        size += nbytes
-    files = []
-    for i, shard in enumerate(shards):
-        fname = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(folder / fname), metadata={"format": "pt"})
-        files.append(folder / fname)
-    if len(shards) > 1:
-        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
-                 "weight_map": {n: f.name for f, s in zip(files, shards) for n in s}}
-        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    groups = plan_shards({n: t.numel() * t.element_size() for n, t in tensors.items()}, max_shard_bytes)
+    weight_map = {}
+    for i, names in enumerate(groups):
+        save_file({n: tensors[n] for n in names}, str(folder / shard_name(i, len(groups))), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(names, shard_name(i, len(groups))))
+    write_index(folder, weight_map, sum(t.numel() * t.element_size() for t in tensors.values()))
     (folder / "config.json").write_text(json.dumps(config, indent=2))
-    return files
+    return [folder / shard_name(i, len(groups)) for i in range(len(groups))]
 
 
 def load_hf(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
