@@ -20,7 +20,7 @@ from llmtrain.models.llama import Transformer
 from llmtrain.parallel.data_parallel import DTYPE, apply_ddp, apply_fsdp
 from llmtrain.parallel.dims import ParallelDims
 from llmtrain.parallel.pipeline import local_stage_ids, split_stage, stage_layer_counts
-from llmtrain.parallel.tensor_parallel import apply_tp
+from llmtrain.parallel.tensor_parallel import apply_grad_layout_hooks, apply_tp
 
 log = logging.getLogger("llmtrain")
 
@@ -116,6 +116,8 @@ def parallelize(
                 cfg.cpu_offload and device.type == "cuda",
             )
         materialize(part, device, seed)
+        if dims.tp_enabled and not use_fsdp:
+            apply_grad_layout_hooks(part)
     if use_fsdp:
         grad_sync = "fsdp"
     elif not dims.dp_enabled:

@@ -65,6 +65,29 @@ def apply_tp(model: Transformer, tp_mesh: DeviceMesh, sequence_parallel: bool) -
         parallelize_module(block, tp_mesh, plan)
 
 
+def apply_grad_layout_hooks(model: nn.Module) -> None:
+    """Register `_grad_to_param_placement` on every DTensor parameter. Call it after
+    materialization: `to_empty` replaces the parameter objects, and their hooks with them."""
+    for param in model.parameters():
+        if isinstance(param, DTensor):
+            param.register_post_accumulate_grad_hook(_grad_to_param_placement)
+
+
+def _grad_to_param_placement(param: torch.Tensor) -> None:
+    """Give the gradient its parameter's layout as soon as it is accumulated.
+
+    DTensor's autograd leaves two gradients in another layout than their parameter: the vocab-parallel
+    embedding's comes out Replicate (the full vocab x dim matrix on every rank; slicing it to the
+    rank's rows is local, no communication) and the sequence-parallel norms' come out Partial (one
+    all-reduce of `dim` floats here, instead of a lazy one inside every optimizer op that reads it).
+    Without FSDP this keeps gradient memory at 1/tp; FSDP2 swaps in its own parameters (this hook
+    then never fires) and reduces gradients itself.
+    """
+    grad = param.grad
+    if isinstance(grad, DTensor) and grad.placements != param.placements:
+        param.grad = grad.redistribute(param.device_mesh, param.placements)
+
+
 def vocab_parallel_loss_sum(tp_mesh: DeviceMesh, ignore_index: int):
     """Summed token cross-entropy over logits sharded on the vocabulary dim across `tp_mesh`.
 
