@@ -11,12 +11,17 @@ from llmtrain.data.tokenizer import load_tokenizer
 
 
 def ensure_prepared(cfg: DataConfig) -> None:
-    """Tokenize sources that name `raw` text (run once, before ranks start). Idempotent: an index
-    made from the same input and settings is kept after its checksums verify."""
+    """Tokenize sources that name `raw` text and have no readable index yet (run once, before ranks
+    start). An existing dataset is used as it is, whatever settings made it (check_tokenizer still
+    compares its tokenizer with data.tokenizer); tools/prepare_data.py is the way to rebuild one."""
     for src in cfg.sources:
-        if src.raw:
-            if "://" in src.path:
-                raise DataError(f"data.sources path {src.path}: `raw` needs a local path to write shards to")
+        if not src.raw:
+            continue
+        if "://" in src.path:
+            raise DataError(f"data.sources path {src.path}: `raw` needs a local path to write shards to")
+        try:
+            DatasetIndex.load(src.path)
+        except DataError:  # missing, unreadable or an older format: (re)build it
             prepare_dataset(src.raw, src.path, cfg.tokenizer, val_fraction=0.05)
 
 

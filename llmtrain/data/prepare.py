@@ -149,6 +149,8 @@ def _reuse(out: Path, fp: str, splits: list[Path], force: bool) -> DatasetIndex 
     if existing.fingerprint != fp or force:
         return None
     for folder in splits:
+        if folder != out and not (folder / INDEX_NAME).is_file():
+            continue  # a split that received no document
         index, loc = DatasetIndex.load(folder), resolve(str(folder))
         for info in index.shards:
             verify_shard(loc, info)  # a damaged shard stops the tool: re-run with --force to rebuild
@@ -201,8 +203,10 @@ def prepare_dataset(
     bar.close()
     if n_docs == 0:
         raise DataError(f"{source}: no documents found")
-    indexes = {k: w.finish() for k, w in writers.items() if k == "train" or val_fraction > 0}
-    return indexes["train"]
+    val = writers["val"]
+    if val.index.shards or val.lengths:  # no val folder at all when no document went there
+        val.finish()
+    return writers["train"].finish()
 
 
 class _SplitWriter:

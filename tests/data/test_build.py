@@ -37,3 +37,21 @@ def test_config_builds_mixed_packed_masked_loaders(make_config, shakespeare_dir:
 def test_bad_packing_value_names_the_key(make_config) -> None:
     with pytest.raises(ConfigError, match=r"data\.packing='pack'.*concat, whole_documents"):
         make_config("data.packing=pack")
+
+
+def test_ensure_prepared_builds_once_and_never_rebuilds_an_existing_dataset(tmp_path: Path) -> None:
+    from llmtrain.config.data import DataConfig, DataSourceConfig
+    from llmtrain.data import ensure_prepared
+    from llmtrain.data.prepare import prepare_dataset
+
+    raw = tmp_path / "a.txt"
+    raw.write_text("some text " * 300)
+    made = tmp_path / "made"
+    prepare_dataset(raw, made, "byte", shard_tokens=500)  # other settings than ensure_prepared's
+    stamps = sorted((p.name, p.stat().st_mtime_ns) for p in made.iterdir())
+    cfg = DataConfig(sources=[DataSourceConfig(path=str(made), raw=str(raw)),
+                              DataSourceConfig(path=str(tmp_path / "fresh"), raw=str(raw))])  # fmt: skip
+    ensure_prepared(cfg)
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in made.iterdir()) == stamps  # used as it is
+    assert (tmp_path / "fresh" / "index.json").is_file()
+    assert not (tmp_path / "fresh" / "val").exists()  # 5% of one document: no validation split at all
