@@ -169,10 +169,8 @@ def estimate_stage(
     # ZeRO-1 accumulates full local gradients until the step's last micro-batch (data_parallel.py)
     full_grads = z == 0 or not fsdp or (z == 1 and grad_accum > 1)
     grads = 4 * p_local / (1 if full_grads else shard)
-    if layout.tp > 1 and (stage == "first" or layout.pp == 1):
-        # measured: under tensor parallelism the vocab-parallel embedding's gradient arrives as a
-        # Replicate DTensor, i.e. the full vocab x dim on every tp rank (tests/train/test_plan.py)
-        grads += 4 * args.vocab_size * args.dim * (1 - 1 / layout.tp) / (1 if full_grads else shard)
+    # (the vocab-parallel embedding's gradient, which DTensor returns Replicate, is sliced back to
+    # the rank's rows by llmtrain.parallel.tensor_parallel.apply_grad_layout_hooks)
     optimizer = 8 * p_local / (shard if fsdp else 1)
     mats, norms = block_params(args)
     layer_local = mats / layout.tp + norms
