@@ -124,8 +124,9 @@ class DataLoader:
     def _sample_ids(self, source: int, ordinals: np.ndarray) -> np.ndarray:
         """Dataset sample ids of a source's ordinals (its c-th sample overall, over all epochs)."""
         blocks = ordinals // ID_BLOCK
-        if len(blocks) and blocks[0] == blocks[-1]:  # the common case: one cached block
-            return self._id_block(source, int(blocks[0]))[ordinals - blocks[0] * ID_BLOCK]
+        first = int(blocks.min()) if len(blocks) else 0
+        if len(blocks) and first == blocks.max():  # the common case: one cached block
+            return self._id_block(source, first)[ordinals - first * ID_BLOCK]
         out = np.empty(len(ordinals), dtype=np.int64)
         for b in np.unique(blocks).tolist():
             sel = blocks == b
