@@ -40,3 +40,14 @@ def test_nvme_offload_needs_a_path_and_unknown_options_fail(make_config) -> None
     assert ok["zero_optimization"]["offload_param"] == {"device": "nvme", "pin_memory": False, "nvme_path": "/nvme"}
     with pytest.raises(ConfigError, match=r"unknown keys.*offload_optimiser"):
         deepspeed_config(make_config(*base, "+parallel.engine_options.offload_optimiser=cpu"), 2, 2)
+
+
+def test_buckets_capped_at_the_model_size(make_config) -> None:
+    cfg = make_config(*OVERRIDES, "parallel=zero2")
+    zero = deepspeed_config(cfg, 2, 2, num_params=10_000_000)["zero_optimization"]
+    assert zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == 10_000_000
+    big = deepspeed_config(cfg, 2, 2, num_params=70_000_000_000)["zero_optimization"]
+    assert big["reduce_bucket_size"] == 500_000_000  # DeepSpeed's own default for large models
+    opt = "+parallel.engine_options.reduce_bucket_size=123"
+    explicit = deepspeed_config(make_config(*OVERRIDES, "parallel=zero2", opt), 2, 2, num_params=10_000_000)
+    assert explicit["zero_optimization"]["reduce_bucket_size"] == 123

@@ -30,6 +30,7 @@ from llmtrain.config import Config, batch_geometry
 from llmtrain.config.validate import ConfigError
 from llmtrain.data.loader import Batch
 from llmtrain.models import build_model
+from llmtrain.models.build import count_params
 from llmtrain.parallel.backends.ds_config import deepspeed_config
 from llmtrain.parallel.backends.native_io import is_native_checkpoint, read_native_weights
 from llmtrain.parallel.dims import ParallelDims
@@ -77,13 +78,13 @@ class DeepSpeedEngine(Engine):
             )
         self.cfg, self.dims, self.device = cfg, dims, device
         self.grad_accum = batch_geometry(cfg, dims.dp)
-        self.ds_config = deepspeed_config(cfg, dims.dp, self.grad_accum)
         _ensure_process_group(device)
         # tp = pp = 1 here, so data parallel is the whole world (no mesh needed: DeepSpeed uses it too)
         self.dp_group = dist.group.WORLD if dims.dp_enabled else None
-        self._write_config()
         model = build_model(cfg.model, device)
         model.init_weights(cfg.trainer.seed, buffer_device=device)
+        self.ds_config = deepspeed_config(cfg, dims.dp, self.grad_accum, count_params(model))
+        self._write_config()
         # A torch optimizer (not DeepSpeed's fused CPU Adam): identical update rule to the native engine.
         base = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
                                  betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps, foreach=False)
