@@ -1,6 +1,6 @@
 """Exact resume: 2N steps straight == N steps, stop, resume, N steps (bitwise on CPU), in one process
 (graceful SIGTERM stop, sync and async saves) and on 2 DDP ranks with a rank SIGKILLed mid-save;
-resharding dp=2 -> dp=1; fine-tuning from another run's weights."""
+resharding dp=2 -> dp=1 and -> ZeRO-3 on 2 ranks; fine-tuning from another run's weights."""
 
 import json
 import os
@@ -18,6 +18,7 @@ from llmtrain.checkpoint.layout import FAULT_ENV
 from llmtrain.launch.env import DistEnv
 from llmtrain.train.trainer import Trainer
 from tests.checkpoint.common import TINY
+from tests.distributed import run_distributed
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN = [*TINY, "trainer.max_steps=8", "checkpoint.every_steps=4"]
@@ -82,7 +83,8 @@ def _cli(args: list[str], env: dict[str, str] | None = None) -> subprocess.Compl
 def test_ddp_rank_killed_mid_save_resumes_exactly_and_reshards(make_config, shakespeare_dir, tmp_path):
     """2 ranks train 8 steps; rank 1 is SIGKILLed while writing the step-8 checkpoint in the background
     (torchrun then stops rank 0). The rerun resumes from step 4 and must reproduce steps 5-8 bitwise; the step-4 checkpoint
-    also loads on 1 process (dp=1, 2x accumulation) with the same next losses up to fp32 reduction order."""
+    also loads on 1 process (dp=1, 2x accumulation) and on 2 ZeRO-3 ranks with the same next losses up to
+    fp32 reduction order."""
     torch.set_num_threads(1)
     args = [*RUN, f"data.sources.0.path={shakespeare_dir}", f"run.root={tmp_path}", "run.name=ddp",
             "tracking=none", "launcher.nproc=2"]
@@ -109,3 +111,17 @@ def test_ddp_rank_killed_mid_save_resumes_exactly_and_reshards(make_config, shak
     for got, want in zip(one["history"], first[4:]):
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
         assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-4)
+    # and onto 2 ranks of ZeRO-3 (FSDP2 shards of the replicated DDP state)
+    base = [a for a in args if not a.startswith(("run.name=", "launcher.nproc="))]
+    zero3 = run_distributed(_train_body, 2, timeout=240, args=(
+        [*base, "run.name=zero3", "parallel=zero3", f"checkpoint.resume={ckpts / 'step_00000004'}"],))
+    assert zero3[0] == zero3[1] and len(zero3[0]) == 4
+    for got, want in zip(zero3[0], first[4:]):
+        assert got == pytest.approx(want["loss"], rel=1e-5)
+
+
+def _train_body(rank: int, world_size: int, overrides: list[str]) -> list[float]:
+    from llmtrain.launch.env import detect_env
+    from llmtrain.testing import compose_config
+
+    return [h["loss"] for h in Trainer(compose_config(overrides), detect_env()).train()["history"]]
