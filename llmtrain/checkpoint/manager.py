@@ -115,7 +115,7 @@ class CheckpointManager:
                 engine.save(stage / ENGINE_DIR)
             save_torch_rng(stage / RNG_DIR / f"rank_{rank:05d}.pt")
         except (Exception, CheckpointException) as e:  # DCP re-raises a failed write on every rank
-            error = f"rank {rank}: {_describe(e)}"
+            error = _describe(e, rank)
         ranks = self._gather(rank_state, None)
         if rank == 0 and error is None:
             full = dict(state, format=FORMAT, step=step, ranks=ranks, saved_at=time.time())
@@ -188,7 +188,7 @@ class CheckpointManager:
             if rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise CheckpointError(f"checkpoint step {step} into {self.folder} failed, the previous checkpoint "
-                                  f"is kept: {'; '.join(errors)}")
+                                  f"is kept: {'; '.join(dict.fromkeys(errors))}")
 
     def _publish(self, step: int, tmp: Path) -> None:
         final = step_dir(self.folder, step)
@@ -282,8 +282,9 @@ def _transfer(stage: Path, tmp: Path, move: bool) -> None:
         fsync_path(dst)
 
 
-def _describe(e: BaseException) -> str:
-    """One line for an error; DCP's CheckpointException carries per-rank errors with tracebacks."""
+def _describe(e: BaseException, rank: int) -> str:
+    """One line for an error; DCP's CheckpointException carries the failing ranks' errors (each rank
+    receives all of them, so messages are deduplicated when joined)."""
     if isinstance(e, CheckpointException):
-        return "; ".join(f"{type(x).__name__}: {x}" for x, *_ in e.failures.values())
-    return f"{type(e).__name__}: {e}"
+        return "; ".join(f"rank {r}: {type(x).__name__}: {x}" for r, (x, *_) in sorted(e.failures.items()))
+    return f"rank {rank}: {type(e).__name__}: {e}"

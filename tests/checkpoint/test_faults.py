@@ -98,3 +98,39 @@ def test_full_disk_fails_the_save_cleanly(make_config, tmp_path, async_save):
     fresh = make_engine(cfg)
     CheckpointManager(tmp_path / "ck").load(latest_checkpoint(tmp_path / "ck"), fresh)
     assert_same(snapshot(fresh), saved)
+
+
+def _one_rank_full_body(rank: int, world_size: int, overrides: list[str], folder: str) -> list:
+    """Both ranks save step 1; then only rank 1's writes fail (EFBIG) while saving step 2."""
+    from llmtrain.parallel import ParallelDims
+    from llmtrain.parallel.engine import build_engine
+    from llmtrain.testing import compose_config
+
+    cfg = compose_config(overrides)
+    dims = ParallelDims(2, 1, 1, 1, 2)
+    eng = build_engine(cfg, dims, dims.build_mesh("cpu"), torch.device("cpu"))
+    step(eng)
+    mgr = CheckpointManager(folder)
+    _save(mgr, eng, 1)
+    if rank == 1:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+    step(eng, seed=1)
+    try:
+        _save(mgr, eng, 2)
+    except CheckpointError as e:
+        return ["error", str(e)]
+    return ["saved", ""]
+
+
+@pytest.mark.distributed
+def test_full_disk_on_one_rank_fails_the_save_on_every_rank(make_config, shakespeare_dir, tmp_path):
+    from tests.distributed import run_distributed
+
+    overrides = [*TINY, f"data.sources.0.path={shakespeare_dir}", f"run.root={tmp_path}", "tracking=none",
+                 "parallel=ddp"]
+    out = run_distributed(_one_rank_full_body, 2, args=(overrides, str(tmp_path / "ck")), timeout=180)
+    assert [r[0] for r in out] == ["error", "error"], out
+    assert all("rank 1" in r[1] and "File too large" in r[1] for r in out), out
+    assert [p.name for p in (tmp_path / "ck").iterdir()] == ["step_00000001"]
+    CheckpointManager(tmp_path / "ck").load(tmp_path / "ck" / "step_00000001", make_engine(make_config(*TINY)))
