@@ -38,6 +38,8 @@ class Samples:
     tokens: np.ndarray
     valid: np.ndarray
     doc_ids: np.ndarray | None = None
+    padded: bool = False
+    """Some sample is shorter than seq_len + 1 (whole_documents): its tail must not carry loss."""
 
 
 def pack_layout(offsets: np.ndarray, length: int) -> np.ndarray:
@@ -179,4 +181,4 @@ class TokenDataset:
                 docs[i, : q - p] = np.searchsorted(offsets, np.arange(p, q), side="right")
                 docs[i, : q - p] -= docs[i, 0]
                 docs[i, q - p :] = docs[i, q - p - 1] + 1
-        return Samples(tokens, valid, docs)
+        return Samples(tokens, valid, docs, bool(valid.min(initial=length) < length))

@@ -59,7 +59,7 @@ def collate(s: Samples, document_mask: bool) -> Batch:
     toks = torch.from_numpy(s.tokens)
     inputs, targets = toks[:, :-1].contiguous(), toks[:, 1:].contiguous()
     seq = inputs.shape[1]
-    if s.valid.min() < seq + 1:
+    if s.padded:
         targets[torch.arange(seq).unsqueeze(0) >= torch.from_numpy(s.valid - 1).unsqueeze(1)] = IGNORE_INDEX
     if not document_mask:
         return Batch(inputs, targets)
@@ -119,13 +119,17 @@ class DataLoader:
         self._cursor = Cursor(0, [0] * len(self.datasets), [0] * len(self.datasets))
         self._blocks: dict[tuple[int, int], np.ndarray] = {}
         self._prefetcher: _Prefetcher | None = None
+        # this rank's positions in the global batch: micro-batch m is [(m*D + r)*mb, +mb)
+        starts = (np.arange(grad_accum) * dp_size + dp_rank) * micro_batch_size
+        self._mine = (starts[:, None] + np.arange(micro_batch_size)).ravel()
 
     # -- order ---------------------------------------------------------------------------------
     def _sample_ids(self, source: int, ordinals: np.ndarray) -> np.ndarray:
-        """Dataset sample ids of a source's ordinals (its c-th sample overall, over all epochs)."""
+        """Dataset sample ids of a source's ordinals (its c-th sample overall, over all epochs).
+        `ordinals` ascend (as the schedule produces them)."""
         blocks = ordinals // ID_BLOCK
-        first = int(blocks.min()) if len(blocks) else 0
-        if len(blocks) and first == blocks.max():  # the common case: one cached block
+        if len(blocks) and blocks[0] == blocks[-1]:  # ordinals ascend: the common case, one block
+            first = int(blocks[0])
             return self._id_block(source, first)[ordinals - first * ID_BLOCK]
         out = np.empty(len(ordinals), dtype=np.int64)
         for b in np.unique(blocks).tolist():
@@ -166,6 +170,7 @@ class DataLoader:
             np.empty((n, length), np.int64),
             np.empty(n, np.int64),
             np.empty((n, length), np.int32) if self.document_mask else None,
+            any(part.padded for _, part in parts),
         )
         for sel, part in parts:
             out.tokens[sel], out.valid[sel] = part.tokens, part.valid
@@ -178,14 +183,12 @@ class DataLoader:
         sources, ordinals, counts, units = self.schedule.assign(
             cur.counts, self.global_batch, cur.units, self._cost
         )
-        # this rank's positions in the global batch: micro-batch m is [(m*D + r)*mb, +mb)
-        starts = (np.arange(self.accum) * self.dp_size + self.dp_rank) * self.mb
-        mine = (starts[:, None] + np.arange(self.mb)).ravel()
+        mine = self._mine
         s = self._read(sources[mine], ordinals[mine])  # one read for the whole step
         out = []
         for m in range(self.accum):
             sl = slice(m * self.mb, (m + 1) * self.mb)
-            part = Samples(s.tokens[sl], s.valid[sl], None if s.doc_ids is None else s.doc_ids[sl])
+            part = Samples(s.tokens[sl], s.valid[sl], None if s.doc_ids is None else s.doc_ids[sl], s.padded)
             out.append(collate(part, self.document_mask))
         return out, Cursor(cur.consumed + self.global_batch, counts, units)
 
