@@ -5,7 +5,8 @@ JSON, and export of full weights.
 All cases share one spawned process group: importing DeepSpeed costs ~2 s per process and each engine
 ~2.5 s to initialize, so one group keeps the whole file around 30 s on 2 cores.
 Tolerances: fp32 1e-6 relative (measured <= 4e-8: same AdamW, only the reduction order differs);
-bf16 3e-2 relative on the loss (DeepSpeed keeps bf16 weights + fp32 masters, the reference is fp32).
+bf16 1e-3 relative on the loss, 1e-2 on the grad norm (measured 9.5e-5 and 3.2e-3: DeepSpeed keeps bf16
+weights + fp32 masters, the reference is fp32).
 """
 
 import json
@@ -90,7 +91,7 @@ def test_deepspeed_parity_all_stages(make_config, tmp_path: Path) -> None:
     for name, _, extra in CASES:
         assert r0[name] == r1[name], f"{name}: ranks disagree on the global loss"
         d_loss, d_norm = max_rel_diff(r0[name], ref)
-        tol = 3e-2 if extra.get("precision") == "bf16" else 1e-6
+        tol = 1e-3 if extra.get("precision") == "bf16" else 1e-6
         assert d_loss < tol, f"{name}: loss differs from native by {d_loss:.2e} (tol {tol})"
         assert d_norm < max(tol, 1e-5) * 10, f"{name}: grad norm differs from native by {d_norm:.2e}"
     # full weights after 5 steps, gathered from ZeRO-3 shards, under the native names
