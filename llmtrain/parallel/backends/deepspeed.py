@@ -31,12 +31,13 @@ from llmtrain.config.validate import ConfigError
 from llmtrain.data.loader import Batch
 from llmtrain.models import build_model
 from llmtrain.models.build import count_params
+from llmtrain.parallel.backends.collectives import all_reduce_, global_tokens
 from llmtrain.parallel.backends.ds_config import deepspeed_config
 from llmtrain.parallel.backends.native_io import is_native_checkpoint, read_native_weights
 from llmtrain.parallel.dims import ParallelDims
 from llmtrain.parallel.engine import Engine
 from llmtrain.train.optim import param_groups
-from llmtrain.train.step import StepResult, global_token_count, token_loss_sum
+from llmtrain.train.step import StepResult, token_loss_sum
 
 CKPT_TAG = "deepspeed"
 
@@ -114,7 +115,7 @@ class DeepSpeedEngine(Engine):
                              f"gradient_accumulation_steps={self.grad_accum}")
         for g in self.base_optimizer.param_groups:
             g["lr"] = lr
-        n_global = global_token_count(batches, self.dp_group)
+        n_global = global_tokens(batches, self.dp_group)
         scale = self.dims.dp / max(n_global, 1)  # see the module docstring
         loss_sum = torch.zeros((), dtype=torch.float64)
         grad_norm: float | None = None
@@ -127,8 +128,7 @@ class DeepSpeedEngine(Engine):
             self.engine.step()  # a no-op until the accumulation boundary; then clip + AdamW step
         if grad_norm is None:
             grad_norm = float(self.engine.get_global_grad_norm())
-        if self.dp_group is not None:
-            dist.all_reduce(loss_sum, group=self.dp_group)
+        all_reduce_(loss_sum, self.dp_group)
         return StepResult(float(loss_sum) / max(n_global, 1), grad_norm, n_global)
 
     def _plain_grad_norm(self) -> float:
@@ -143,8 +143,7 @@ class DeepSpeedEngine(Engine):
             totals[0] += self._forward_loss_sum(batch).double().cpu()
             totals[1] += batch.num_tokens
         self.engine.train()
-        if self.dp_group is not None:
-            dist.all_reduce(totals, group=self.dp_group)
+        all_reduce_(totals, self.dp_group)
         return float(totals[0] / totals[1].clamp(min=1))
 
     def save(self, folder: Path) -> None:

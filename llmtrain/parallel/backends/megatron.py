@@ -40,6 +40,7 @@ from llmtrain.config import Config, batch_geometry
 from llmtrain.config.validate import ConfigError
 from llmtrain.data.loader import IGNORE_INDEX, Batch
 from llmtrain.models import build_model, model_args
+from llmtrain.parallel.backends.collectives import all_reduce_, global_tokens
 from llmtrain.parallel.backends.megatron_convert import (
     chunk_layers,
     from_megatron,
@@ -49,7 +50,7 @@ from llmtrain.parallel.backends.megatron_convert import (
 from llmtrain.parallel.backends.native_io import is_native_checkpoint, read_native_weights
 from llmtrain.parallel.dims import ParallelDims
 from llmtrain.parallel.engine import Engine
-from llmtrain.train.step import StepResult, global_token_count
+from llmtrain.train.step import StepResult
 
 CPU_REASON = (
     "megatron-core 0.16 is CUDA-only: it allocates buffers on torch.cuda.current_device() and forks the "
@@ -225,7 +226,7 @@ class MegatronEngine(Engine):
         if parallel_state.is_pipeline_last_stage():
             total += sum(float(r["loss_sum"]) for r in results)
         if self.dims.pp_enabled:
-            dist.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
+            all_reduce_(total, parallel_state.get_pipeline_model_parallel_group())
         return float(total)
 
     def train_step(self, batches: list[Batch], lr: float) -> StepResult:
@@ -235,10 +236,9 @@ class MegatronEngine(Engine):
             g["lr"] = lr
         for m in self.modules:
             m.zero_grad_buffer()
-        n_global = global_token_count(batches, self.dp_group)
+        n_global = global_tokens(batches, self.dp_group)
         loss_sum = torch.tensor(self._run(batches, forward_only=False), dtype=torch.float64)
-        if self.dp_group is not None:
-            dist.all_reduce(loss_sum, group=self.dp_group)
+        all_reduce_(loss_sum, self.dp_group)
         grad_norm = self._clip_main_grads(self.cfg.optim.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -253,7 +253,7 @@ class MegatronEngine(Engine):
             if param_is_not_shared(p) and tensor_parallel.param_is_not_tensor_parallel_duplicate(p):
                 sq += p.grad.double().pow(2).sum().cpu()
         if self.dims.tp_enabled or self.dims.pp_enabled:
-            dist.all_reduce(sq, group=parallel_state.get_model_parallel_group())
+            all_reduce_(sq, parallel_state.get_model_parallel_group())
         norm = float(sq.sqrt())
         if max_norm > 0 and norm > max_norm:
             coef = max_norm / (norm + 1e-6)
@@ -265,8 +265,7 @@ class MegatronEngine(Engine):
     def evaluate(self, batches: list[Batch]) -> float:
         total = torch.tensor([self._run(batches, forward_only=True), sum(b.num_tokens for b in batches)],
                              dtype=torch.float64)
-        if self.dp_group is not None:
-            dist.all_reduce(total, group=self.dp_group)
+        all_reduce_(total, self.dp_group)
         return float(total[0] / total[1].clamp(min=1))
 
     # --- checkpoints: one tensors-only file per (tp, pp) coordinate, written by dp rank 0 -----------
