@@ -22,14 +22,16 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """AdamW; foreach is off because it fails on mixed Tensor/DTensor groups (see ../shared/FACTS.md)."""
-    return torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay),
-        lr=cfg.lr,
-        betas=(cfg.beta1, cfg.beta2),
-        eps=cfg.eps,
-        foreach=False,
-    )
+    """AdamW over the decay groups.
+
+    foreach (multi-tensor kernels, the fast path on GPU) is left to torch unless the model mixes plain
+    tensors and DTensors (e.g. TP without FSDP), where foreach fails (../shared/FACTS.md). On CPU torch
+    uses the per-tensor loop either way, so CPU results do not depend on this choice.
+    """
+    groups = param_groups(model, cfg.weight_decay)
+    kinds = {type(p).__name__ == "DTensor" for g in groups for p in g["params"]}
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                             foreach=False if len(kinds) > 1 else None)
 
 
 def lr_factor(step: int, cfg: OptimConfig, max_steps: int) -> float:
@@ -53,16 +55,3 @@ def lr_factor(step: int, cfg: OptimConfig, max_steps: int) -> float:
     if step < decay_start:
         return 1.0
     return 1.0 - (1 - floor) * min((step - decay_start) / max(max_steps - decay_start, 1), 1.0)
-
-
-class LRSchedule:
-    """Sets each group's lr before a step. Stateless apart from the step, which the trainer owns."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int) -> None:
-        self.optimizer, self.cfg, self.max_steps = optimizer, cfg, max_steps
-
-    def apply(self, step: int) -> float:
-        lr = self.cfg.lr * lr_factor(step, self.cfg, self.max_steps)
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
-        return lr
