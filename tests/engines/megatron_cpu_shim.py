@@ -2,16 +2,17 @@
 
 Never imported by library code. megatron-core assumes CUDA in a few *bookkeeping* places, not in its
 math: buffers allocated on `torch.cuda.current_device()` (GlobalMemoryBuffer, DDP grad buffers, p2p
-shape tensors), `device="cuda"` token counters in the schedules and the default causal mask, `torch.cuda.synchronize()` after
-p2p, and the model-parallel RNG tracker that forks the CUDA generator around attention. The shim
-answers those with the CPU equivalents; every layer, the loss, the schedules' send/recv order and the
-gradient reductions are megatron's own code. Evidence that this is sound: with the shim, TP2 and PP2
-training losses equal the native single-process run to ~1e-7 (tests/engines/test_megatron.py); a
-wrong allocation device would fail loudly, and the RNG tracker only matters for dropout (0 here).
-What it cannot cover (GPU-only, see docs/engines.md): the DistributedOptimizer (needs CUDA tensor types
-in its buffers) and sequence parallelism (needs apex/TransformerEngine layer norms and CUDA streams).
+shape tensors), `device="cuda"` token counters in the schedules and the default causal mask,
+`torch.cuda.synchronize()` after p2p, `weight.data.cuda()` for the tied-embedding copy on the last
+pipeline stage, and the model-parallel RNG tracker that forks the CUDA generator around attention. The
+shim answers those with the CPU equivalents; every layer, the loss, the schedules' send/recv order and
+the gradient reductions are megatron's own code. Evidence that this is sound: with the shim, DP2, TP2,
+PP2 (1F1B, interleaved) and tied-embedding TP2/PP2 training losses equal the native single-process run
+to < 1e-7 relative (tests/engines/test_megatron.py); a wrong allocation device would fail loudly, and
+the RNG tracker only matters for dropout (0 here). What it cannot cover (see docs/engines.md): the
+DistributedOptimizer and sequence parallelism (apex/TransformerEngine norms, CUDA streams).
 
-Call `install()` in each process before building a megatron model.
+Call `install()` in each (spawned) process before building a megatron model.
 """
 
 import torch
@@ -69,6 +70,8 @@ def install() -> None:
         return
     torch.cuda.current_device = lambda: "cpu"  # allocations "on the current device" land on CPU
     torch.cuda.synchronize = lambda *a, **k: None
+    # tied embeddings with pp > 1: LanguageModule moves the last stage's copy with `.data.cuda()`
+    torch.Tensor.cuda = lambda self, *a, **k: self
     mp_random._get_cuda_rng_state = lambda device=None, clone=False, graph_safe=False: torch.get_rng_state()
     mp_random._set_cuda_rng_state = lambda state, device=-1, graph_safe=False: torch.set_rng_state(state)
     mp_random.torch = _TorchOnCpu(_CudaOnCpu())

@@ -1,5 +1,6 @@
 """megatron-core engine: weight conversion, logits equality after conversion, and loss parity with the
-single-process native run for DP2, TP2, PP2 (1F1B) and PP2 interleaved on 2 gloo ranks.
+single-process native run for DP2, TP2, PP2 (1F1B), PP2 interleaved and tied-embedding TP2/PP2 on 2
+gloo ranks.
 
 The ranks run megatron's own GPTModel, schedules and DDP under the TEST-ONLY CPU shim
 (tests/engines/megatron_cpu_shim.py): megatron-core 0.16 is CUDA-only in its buffer allocation and RNG
@@ -37,6 +38,9 @@ CASES = {  # name: (dp, tp, pp, virtual stages, extra overrides)
     "tp2": (1, 2, 1, 1, []),
     "pp2_1f1b": (1, 1, 2, 1, []),
     "pp2_interleaved": (1, 1, 2, 2, ["model.n_layers=4", "parallel.pp_schedule=interleaved_1f1b"]),
+    # tied embeddings across stages: megatron keeps a copy on the last stage and all-reduces its grad
+    "pp2_tied": (1, 1, 2, 1, ["model.tie_embeddings=true"]),
+    "tp2_tied": (1, 2, 1, 1, ["model.tie_embeddings=true"]),
 }
 
 
