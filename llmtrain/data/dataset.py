@@ -135,7 +135,7 @@ class TokenDataset:
     def locate(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Sample ids -> (record batch segment, sample number within it)."""
         ids = np.asarray(ids, dtype=np.int64)
-        if len(ids) and (ids.min() < 0 or ids.max() >= self.num_samples):
+        if len(ids) and ids.view(np.uint64).max() >= self.num_samples:  # negatives wrap to huge
             raise IndexError(f"sample id out of range [0, {self.num_samples})")
         seg = np.searchsorted(self.cum, ids, side="right") - 1
         return seg, ids - self.cum[seg]

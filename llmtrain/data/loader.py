@@ -180,11 +180,16 @@ class DataLoader:
 
     def _build(self, cur: Cursor) -> tuple[list[Batch], Cursor]:
         """This rank's micro-batches for the step starting at `cur`, and the cursor after it."""
-        sources, ordinals, counts, units = self.schedule.assign(
-            cur.counts, self.global_batch, cur.units, self._cost
-        )
         mine = self._mine
-        s = self._read(sources[mine], ordinals[mine])  # one read for the whole step
+        if len(self.datasets) == 1:  # no schedule: the source's ordinals are the global positions
+            g = self.global_batch
+            s = self.datasets[0].read(self._sample_ids(0, cur.counts[0] + mine), self.document_mask)
+            counts, units = [cur.counts[0] + g], [cur.units[0] + g]
+        else:
+            sources, ordinals, counts, units = self.schedule.assign(
+                cur.counts, self.global_batch, cur.units, self._cost
+            )
+            s = self._read(sources[mine], ordinals[mine])  # one read for the whole step
         out = []
         for m in range(self.accum):
             sl = slice(m * self.mb, (m + 1) * self.mb)
