@@ -12,12 +12,8 @@ carry over between engines. Needs neither megatron-core nor a process group.
 """
 
 import argparse
-import json
-import os
 import re
-import shutil
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -25,8 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from llmtrain.checkpoint import CheckpointError
-from llmtrain.checkpoint.dcp_io import write_tensors
-from llmtrain.checkpoint.layout import ENGINE_DIR, FORMAT, STATE_FILE, resolve_checkpoint_path, write_manifest
+from llmtrain.checkpoint.convert import write_weights_checkpoint
+from llmtrain.checkpoint.layout import ENGINE_DIR, STATE_FILE, resolve_checkpoint_path
 from llmtrain.checkpoint.manager import read_state
 from llmtrain.models.llama import TransformerArgs
 from llmtrain.parallel.backends.megatron_convert import engine_files_to_native
@@ -54,19 +50,7 @@ def convert(checkpoint: str | Path, out: str | Path) -> Path:
     fields = TransformerArgs.__dataclass_fields__
     args = TransformerArgs(**{k: v for k, v in model.items() if k in fields})
     weights = engine_files_to_native(shards, args, tp, pp, vp)
-    out = Path(out)
-    if out.exists():
-        raise CheckpointError(f"{out}: exists; choose a new output folder")
-    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write_tensors(tmp / ENGINE_DIR, weights)
-    state = {"format": FORMAT, "step": 0, "tokens_seen": 0, "ranks": [], "saved_at": time.time(),
-             "config": {"model": model}, "source": str(path.resolve())}
-    (tmp / STATE_FILE).write_text(json.dumps(state))
-    os.replace(tmp, out)
-    write_manifest(out, 0)
-    return out
+    return write_weights_checkpoint(out, weights, {"model": model}, source=str(path.resolve()))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,6 +35,28 @@ from llmtrain.models.llama import TransformerArgs
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def write_weights_checkpoint(out: str | Path, tensors: dict[str, torch.Tensor], config: dict[str, Any], *,
+                             source: str, step: int = 0, tokens_seen: int = 0) -> Path:
+    """Write full weights as a weights-only llmtrain checkpoint (for `checkpoint.init_from`).
+
+    Same atomicity as a training save: a temporary folder, renamed into place, then the manifest. Used by
+    HF import, megatron conversion and LoRA merging, so the three produce one format.
+    """
+    out = Path(out)
+    if out.exists():
+        raise CheckpointError(f"{out}: exists; choose a new output folder")
+    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write_tensors(tmp / ENGINE_DIR, tensors)
+    state = {"format": FORMAT, "step": step, "tokens_seen": tokens_seen, "ranks": [], "saved_at": time.time(),
+             "config": config, "source": source}
+    (tmp / STATE_FILE).write_text(json.dumps(state))
+    os.replace(tmp, out)
+    write_manifest(out, step)
+    return out
+
+
 def _hidden_dim(model: dict[str, Any]) -> int:
     fields = TransformerArgs.__dataclass_fields__
     return TransformerArgs(**{k: v for k, v in model.items() if k in fields and k != "name"}).hidden_dim
@@ -78,15 +100,5 @@ def import_hf(hf_folder: str | Path, out: str | Path) -> dict[str, Any]:
     tensors, config = load_hf(hf_folder)
     model = model_config_from_hf(config)
     ours = {k: v.float() for k, v in from_hf(tensors, config).items()}
-    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write_tensors(tmp / ENGINE_DIR, ours)
-    state = {"format": FORMAT, "step": 0, "tokens_seen": 0, "ranks": [], "saved_at": time.time(),
-             "config": {"model": model}, "source": str(hf_folder.resolve())}
-    (tmp / STATE_FILE).write_text(json.dumps(state))
-    if out.exists():
-        raise CheckpointError(f"{out}: exists; choose a new output folder")
-    os.replace(tmp, out)
-    write_manifest(out, 0)
+    write_weights_checkpoint(out, ours, {"model": model}, source=str(hf_folder.resolve()))
     return model

@@ -7,15 +7,12 @@ model, which `tools/export_hf.py` exports and `checkpoint.init_from` / `tools/ev
 """
 
 import copy
-import json
-import os
-import shutil
-import time
 from pathlib import Path
 
 from llmtrain.checkpoint import CheckpointError, read_state, resolve_checkpoint_path
-from llmtrain.checkpoint.dcp_io import read_tensors, tensor_shapes, write_tensors
-from llmtrain.checkpoint.layout import ENGINE_DIR, FORMAT, STATE_FILE, write_manifest
+from llmtrain.checkpoint.convert import write_weights_checkpoint
+from llmtrain.checkpoint.dcp_io import read_tensors, tensor_shapes
+from llmtrain.checkpoint.layout import ENGINE_DIR
 from llmtrain.peft.lora import is_adapter, merge_lora_state
 
 
@@ -40,23 +37,5 @@ def merge_lora_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
     plain_cfg = copy.deepcopy(cfg)
     plain_cfg["peft"] = {**peft, "method": "none"}
     plain_cfg.setdefault("checkpoint", {})["init_from"] = None
-    out = Path(out)
-    if out.exists():
-        raise CheckpointError(f"{out}: exists; choose a new output folder")
-    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write_tensors(tmp / ENGINE_DIR, merged)
-    new_state = {
-        "format": FORMAT,
-        "step": state.get("step", 0),
-        "tokens_seen": state.get("tokens_seen", 0),
-        "ranks": [],
-        "saved_at": time.time(),
-        "config": plain_cfg,
-        "source": f"lora-merge:{path.resolve()}",
-    }
-    (tmp / STATE_FILE).write_text(json.dumps(new_state))
-    os.replace(tmp, out)
-    write_manifest(out, int(new_state["step"]))
-    return out
+    return write_weights_checkpoint(out, merged, plain_cfg, source=f"lora-merge:{path.resolve()}",
+                                    step=int(state.get("step", 0)), tokens_seen=int(state.get("tokens_seen", 0)))
