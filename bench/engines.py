@@ -96,8 +96,13 @@ def _case(rank: int, world: int, cfg, case: tuple, a: argparse.Namespace) -> dic
         if step >= 2:
             times.append(time.perf_counter() - t0)
     med = statistics.median(times)
-    return {"engine": name, "step_s": med, "tokens_per_s": a.global_batch * a.seq / med,
-            "final_loss": loss, "note": note}
+    return {
+        "engine": name,
+        "step_s": med,
+        "tokens_per_s": a.global_batch * a.seq / med,
+        "final_loss": loss,
+        "note": note,
+    }
 
 
 def _all(rank: int, world: int, cfg, cases: list, a: argparse.Namespace) -> list[dict]:
@@ -126,13 +131,24 @@ def main() -> None:
     a = ap.parse_args()
     from llmtrain.testing import compose_config
 
-    cfg = compose_config([
-        f"model.dim={a.dim}", f"model.n_layers={a.layers}", "model.n_heads=4", "model.n_kv_heads=2",
-        f"model.vocab_size={a.vocab}", f"model.ffn_dim={4 * a.dim}", f"model.max_seq_len={a.seq}",
-        f"data.seq_len={a.seq}", f"trainer.global_batch_size={a.global_batch}",
-        f"trainer.micro_batch_size={a.micro}", "optim.grad_clip=1.0", "tracking=none",
-        "run.root=/tmp/llmtrain-bench-engines", "checkpoint.enabled=false",
-    ])
+    cfg = compose_config(
+        [
+            f"model.dim={a.dim}",
+            f"model.n_layers={a.layers}",
+            "model.n_heads=4",
+            "model.n_kv_heads=2",
+            f"model.vocab_size={a.vocab}",
+            f"model.ffn_dim={4 * a.dim}",
+            f"model.max_seq_len={a.seq}",
+            f"data.seq_len={a.seq}",
+            f"trainer.global_batch_size={a.global_batch}",
+            f"trainer.micro_batch_size={a.micro}",
+            "optim.grad_clip=1.0",
+            "tracking=none",
+            "run.root=/tmp/llmtrain-bench-engines",
+            "checkpoint.enabled=false",
+        ]
+    )
     runnable, rows = [], []
     for c in CASES:
         why = _installed(c[1])
@@ -142,8 +158,12 @@ def main() -> None:
             runnable.append(c)
     results = run_distributed(_all, world_size=2, args=(cfg, runnable, a), timeout=1800)[0]
     rows = results + rows
-    base = next((r["tokens_per_s"] for r in rows if r["engine"] == "native ddp" and "tokens_per_s" in r), None)
-    ref_loss = next((r["final_loss"] for r in rows if r["engine"] == "native ddp" and "final_loss" in r), None)
+    base = next(
+        (r["tokens_per_s"] for r in rows if r["engine"] == "native ddp" and "tokens_per_s" in r), None
+    )
+    ref_loss = next(
+        (r["final_loss"] for r in rows if r["engine"] == "native ddp" and "final_loss" in r), None
+    )
     for r in rows:
         if base and "tokens_per_s" in r:
             r["vs_native_ddp"] = r["tokens_per_s"] / base

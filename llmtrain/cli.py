@@ -40,8 +40,11 @@ def _sweep_run_name(base: str) -> str:
 
     hc = HydraConfig.get()
     parser = OverridesParser.create()
-    swept = {o.key_or_group for o in parser.parse_overrides([a for a in sys.argv[1:] if "=" in a])
-             if o.is_sweep_override()}
+    swept = {
+        o.key_or_group
+        for o in parser.parse_overrides([a for a in sys.argv[1:] if "=" in a])
+        if o.is_sweep_override()
+    }
     parts = [o for o in hc.overrides.task if o.split("=", 1)[0].lstrip("+~") in swept]
     suffix = ",".join(parts) or str(hc.job.num)
     return f"{base}-{re.sub(r'[^A-Za-z0-9_.=,-]+', '_', suffix)}"
@@ -54,7 +57,9 @@ def run(dcfg: DictConfig) -> int:
         base = cfg.run.name
         cfg.run.name = _sweep_run_name(base)
         # sibling MLflow runs under one parent per sweep (one sweep = one Hydra sweep folder)
-        cfg.tracking.parent_run = cfg.tracking.parent_run or f"{base}-sweep-{Path(HydraConfig.get().sweep.dir).name}"
+        cfg.tracking.parent_run = (
+            cfg.tracking.parent_run or f"{base}-sweep-{Path(HydraConfig.get().sweep.dir).name}"
+        )
     if "RANK" in os.environ and "LOCAL_RANK" in os.environ:  # already a rank (user ran torchrun/srun)
         from llmtrain.launch.local import run_as_rank
 

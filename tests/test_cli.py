@@ -8,16 +8,36 @@ from pathlib import Path
 
 import pytest
 
-TINY = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_dim=128",
-        "data.seq_len=64", "trainer.micro_batch_size=4", "trainer.global_batch_size=16", "trainer.log_every=5",
-        "trainer.val_every=10", "trainer.val_batches=2", "optim.warmup_steps=3", "optim.lr=3e-3"]
+TINY = [
+    "model.dim=64",
+    "model.n_layers=2",
+    "model.n_heads=4",
+    "model.n_kv_heads=2",
+    "model.ffn_dim=128",
+    "data.seq_len=64",
+    "trainer.micro_batch_size=4",
+    "trainer.global_batch_size=16",
+    "trainer.log_every=5",
+    "trainer.val_every=10",
+    "trainer.val_batches=2",
+    "optim.warmup_steps=3",
+    "optim.lr=3e-3",
+]
 
 
 def _cli(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
     root = str(Path(__file__).resolve().parent.parent)  # this checkout, not whatever is pip-installed
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, "-m", "llmtrain.cli", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    env = dict(
+        os.environ, OMP_NUM_THREADS="1", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", "")
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "llmtrain.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def _losses(run_dir: Path) -> list[float]:
@@ -26,8 +46,18 @@ def _losses(run_dir: Path) -> list[float]:
 
 @pytest.mark.distributed
 def test_two_rank_run_trains_checkpoints_and_tracks(shakespeare_dir, tmp_path):
-    out = _cli([*TINY, f"data.sources.0.path={shakespeare_dir}", f"run.root={tmp_path / 'runs'}",
-                "run.name=e2e", "launcher.nproc=2", "trainer.max_steps=20", "checkpoint.every_steps=10"], tmp_path)
+    out = _cli(
+        [
+            *TINY,
+            f"data.sources.0.path={shakespeare_dir}",
+            f"run.root={tmp_path / 'runs'}",
+            "run.name=e2e",
+            "launcher.nproc=2",
+            "trainer.max_steps=20",
+            "checkpoint.every_steps=10",
+        ],
+        tmp_path,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     run_dir = tmp_path / "runs" / "e2e"
     losses = _losses(run_dir)
@@ -52,8 +82,19 @@ def test_cfg_job_prints_the_composed_config(tmp_path):
 
 
 def test_multirun_creates_sibling_runs(shakespeare_dir, tmp_path):
-    out = _cli(["-m", *TINY, f"data.sources.0.path={shakespeare_dir}", f"run.root={tmp_path / 'runs'}",
-                "tracking=none", "trainer.max_steps=3", "checkpoint.enabled=false", "optim.lr=1e-3,3e-3"], tmp_path)
+    out = _cli(
+        [
+            "-m",
+            *TINY,
+            f"data.sources.0.path={shakespeare_dir}",
+            f"run.root={tmp_path / 'runs'}",
+            "tracking=none",
+            "trainer.max_steps=3",
+            "checkpoint.enabled=false",
+            "optim.lr=1e-3,3e-3",
+        ],
+        tmp_path,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     runs = sorted(p.name for p in (tmp_path / "runs").iterdir() if (p / "train_log.jsonl").is_file())
     assert runs == ["default-optim.lr=0.001", "default-optim.lr=0.003"]

@@ -38,8 +38,11 @@ def convert(checkpoint: str | Path, out: str | Path) -> Path:
     if not model:
         raise CheckpointError(f"{path / STATE_FILE}: no model config recorded")
     files = {FILE_RE.match(f.name): f for f in (path / ENGINE_DIR).glob("megatron_*.pt")}
-    shards = {(int(m[1]), int(m[3])): torch.load(f, map_location="cpu", weights_only=True)
-              for m, f in files.items() if m}
+    shards = {
+        (int(m[1]), int(m[3])): torch.load(f, map_location="cpu", weights_only=True)
+        for m, f in files.items()
+        if m
+    }
     if not shards:
         raise CheckpointError(f"{path / ENGINE_DIR}: no megatron engine files (megatron_tp*_pp*.pt)")
     tp, pp = int(next(m for m in files if m)[2]), int(next(m for m in files if m)[4])

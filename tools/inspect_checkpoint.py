@@ -28,7 +28,9 @@ def list_run(folder: Path) -> None:
     rows = list_checkpoints(ck)
     print(f"{len(rows)} complete checkpoint(s) in {ck}")
     for step, p in rows:
-        print(f"  step {step:>9}  {_size(p):>10.1f} MB  {time.ctime((p / COMPLETE).stat().st_mtime)}  {p.name}")
+        print(
+            f"  step {step:>9}  {_size(p):>10.1f} MB  {time.ctime((p / COMPLETE).stat().st_mtime)}  {p.name}"
+        )
     for p in sorted(ck.glob("step_*")):
         if TMP_MARK in p.name or not (p / COMPLETE).exists():
             print(f"  incomplete (ignored, removed at the next start): {p.name}")
@@ -41,7 +43,16 @@ def show(path: Path, tensors: bool) -> None:
         verify_dcp(path / ENGINE_DIR)
         shapes = tensor_shapes(path / ENGINE_DIR)
     print(f"{path}: OK ({_size(path):.1f} MB)")
-    for key in ("step", "tokens_seen", "world_size", "layout", "engine", "mlflow_run_id", "run_dir", "source"):
+    for key in (
+        "step",
+        "tokens_seen",
+        "world_size",
+        "layout",
+        "engine",
+        "mlflow_run_id",
+        "run_dir",
+        "source",
+    ):
         if key in state:
             print(f"  {key}: {state[key]}")
     if "saved_at" in state:

@@ -35,8 +35,15 @@ from llmtrain.models.llama import TransformerArgs
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def write_weights_checkpoint(out: str | Path, tensors: dict[str, torch.Tensor], config: dict[str, Any], *,
-                             source: str, step: int = 0, tokens_seen: int = 0) -> Path:
+def write_weights_checkpoint(
+    out: str | Path,
+    tensors: dict[str, torch.Tensor],
+    config: dict[str, Any],
+    *,
+    source: str,
+    step: int = 0,
+    tokens_seen: int = 0,
+) -> Path:
     """Write full weights as a weights-only llmtrain checkpoint (for `checkpoint.init_from`).
 
     Same atomicity as a training save: a temporary folder, renamed into place, then the manifest. Used by
@@ -49,8 +56,15 @@ def write_weights_checkpoint(out: str | Path, tensors: dict[str, torch.Tensor], 
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     write_tensors(tmp / ENGINE_DIR, tensors)
-    state = {"format": FORMAT, "step": step, "tokens_seen": tokens_seen, "ranks": [], "saved_at": time.time(),
-             "config": config, "source": source}
+    state = {
+        "format": FORMAT,
+        "step": step,
+        "tokens_seen": tokens_seen,
+        "ranks": [],
+        "saved_at": time.time(),
+        "config": config,
+        "source": source,
+    }
     (tmp / STATE_FILE).write_text(json.dumps(state))
     os.replace(tmp, out)
     write_manifest(out, step)
@@ -62,7 +76,9 @@ def _hidden_dim(model: dict[str, Any]) -> int:
     return TransformerArgs(**{k: v for k, v in model.items() if k in fields and k != "name"}).hidden_dim
 
 
-def export_hf(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", max_shard_gb: float = 5.0) -> Path:
+def export_hf(
+    checkpoint: str | Path, out: str | Path, dtype: str = "fp32", max_shard_gb: float = 5.0
+) -> Path:
     """Write the model of an llmtrain checkpoint (any parallel layout) as an HF Llama folder.
 
     Streams: one safetensors shard's tensors are read from the DCP files at a time, so memory stays
@@ -89,7 +105,9 @@ def export_hf(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", max_
         weight_map.update(dict.fromkeys(hf, shard_name(i, len(groups))))
         total += sum(t.numel() * t.element_size() for t in hf.values())  # tied output.weight is not written
     write_index(out, weight_map, total)
-    (out / "config.json").write_text(json.dumps(hf_config(model, _hidden_dim(model), DTYPES[dtype]), indent=2))
+    (out / "config.json").write_text(
+        json.dumps(hf_config(model, _hidden_dim(model), DTYPES[dtype]), indent=2)
+    )
     return out
 
 

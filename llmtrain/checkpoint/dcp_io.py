@@ -20,8 +20,14 @@ from llmtrain.checkpoint.layout import CheckpointError
 
 _ALLOWED = {
     "torch.distributed.checkpoint.metadata": {
-        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
-        "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING",
+        "Metadata",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",
+        "ChunkStorageMetadata",
+        "TensorProperties",
+        "MetadataIndex",
+        "StorageMeta",
+        "_MEM_FORMAT_ENCODING",
     },
     "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
     "torch.serialization": {"_get_layout"},
@@ -66,29 +72,40 @@ def verify_dcp(folder: Path) -> Metadata:
                 raise CheckpointError(f"{f}: missing shard referenced by {folder / '.metadata'}")
             sizes[info.relative_path] = f.stat().st_size
         if info.offset + info.length > sizes[info.relative_path]:
-            raise CheckpointError(f"{f}: {sizes[info.relative_path]} bytes, but item {index.fqn} needs "
-                                  f"{info.offset + info.length} (truncated shard)")
+            raise CheckpointError(
+                f"{f}: {sizes[info.relative_path]} bytes, but item {index.fqn} needs "
+                f"{info.offset + info.length} (truncated shard)"
+            )
         if isinstance(md.state_dict_metadata.get(index.fqn), BytesStorageMetadata):
             if info.transform_descriptors:
-                raise CheckpointError(f"{f}: item {index.fqn} uses storage transforms this loader does not verify")
+                raise CheckpointError(
+                    f"{f}: item {index.fqn} uses storage transforms this loader does not verify"
+                )
             with open(f, "rb") as fh:
                 fh.seek(info.offset)
                 raw = fh.read(info.length)
             try:
                 torch.load(io.BytesIO(raw), weights_only=True)
             except Exception as e:
-                raise CheckpointError(f"{f}: item {index.fqn} is not plain data ({type(e).__name__}: {e})") from e
+                raise CheckpointError(
+                    f"{f}: item {index.fqn} is not plain data ({type(e).__name__}: {e})"
+                ) from e
     return md
 
 
 def tensor_shapes(folder: Path, prefix: str = "model.") -> dict[str, tuple[torch.Size, torch.dtype]]:
     """{name without prefix: (global shape, dtype)} of the tensors stored under `prefix`."""
     md = read_metadata(folder)
-    return {k[len(prefix):]: (v.size, v.properties.dtype) for k, v in md.state_dict_metadata.items()
-            if k.startswith(prefix) and isinstance(v, TensorStorageMetadata)}
+    return {
+        k[len(prefix) :]: (v.size, v.properties.dtype)
+        for k, v in md.state_dict_metadata.items()
+        if k.startswith(prefix) and isinstance(v, TensorStorageMetadata)
+    }
 
 
-def read_tensors(folder: Path, names: list[str], prefix: str = "model.", verify: bool = True) -> dict[str, torch.Tensor]:
+def read_tensors(
+    folder: Path, names: list[str], prefix: str = "model.", verify: bool = True
+) -> dict[str, torch.Tensor]:
     """Full (unsharded) tensors `names` from a DCP folder in this process, no process group needed
     (verify=False only when the caller already ran `verify_dcp` on this folder)."""
     if verify:

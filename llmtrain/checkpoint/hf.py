@@ -27,8 +27,11 @@ _LAYER = {
     "feed_forward.w3.weight": "mlp.up_proj.weight",
     "feed_forward.w2.weight": "mlp.down_proj.weight",
 }
-_TOP = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-        "output.weight": "lm_head.weight"}
+_TOP = {
+    "tok_embeddings.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
 
 
 def interleaved_to_halves(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -95,17 +98,26 @@ def from_hf(state: dict[str, torch.Tensor], hf_config: dict[str, Any]) -> dict[s
 def hf_config(model: dict[str, Any], hidden_dim: int, dtype: torch.dtype) -> dict[str, Any]:
     """config.json for LlamaForCausalLM from our model config (a dict of ModelConfig)."""
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "hidden_size": model["dim"], "intermediate_size": hidden_dim,
-        "num_hidden_layers": model["n_layers"], "num_attention_heads": model["n_heads"],
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": model["dim"],
+        "intermediate_size": hidden_dim,
+        "num_hidden_layers": model["n_layers"],
+        "num_attention_heads": model["n_heads"],
         "num_key_value_heads": model.get("n_kv_heads") or model["n_heads"],
-        "head_dim": model["dim"] // model["n_heads"], "vocab_size": model["vocab_size"],
-        "max_position_embeddings": model["max_seq_len"], "rms_norm_eps": model["norm_eps"],
+        "head_dim": model["dim"] // model["n_heads"],
+        "vocab_size": model["vocab_size"],
+        "max_position_embeddings": model["max_seq_len"],
+        "rms_norm_eps": model["norm_eps"],
         "rope_theta": model["rope_theta"],
         "rope_parameters": {"rope_type": "default", "rope_theta": model["rope_theta"]},
-        "tie_word_embeddings": bool(model.get("tie_embeddings")), "hidden_act": "silu",
-        "attention_bias": False, "mlp_bias": False, "initializer_range": model.get("init_std", 0.02),
-        "torch_dtype": str(dtype).removeprefix("torch."), "dtype": str(dtype).removeprefix("torch."),
+        "tie_word_embeddings": bool(model.get("tie_embeddings")),
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "initializer_range": model.get("init_std", 0.02),
+        "torch_dtype": str(dtype).removeprefix("torch."),
+        "dtype": str(dtype).removeprefix("torch."),
     }
 
 
@@ -123,12 +135,18 @@ def model_config_from_hf(cfg: dict[str, Any]) -> dict[str, Any]:
     dim, heads = cfg["hidden_size"], cfg["num_attention_heads"]
     if cfg.get("head_dim", dim // heads) != dim // heads:
         raise CheckpointError(f"config.json: head_dim {cfg['head_dim']} != hidden_size / num_attention_heads")
-    return {"dim": dim, "n_layers": cfg["num_hidden_layers"], "n_heads": heads,
-            "n_kv_heads": cfg.get("num_key_value_heads") or heads, "vocab_size": cfg["vocab_size"],
-            "ffn_dim": cfg["intermediate_size"], "norm_eps": cfg.get("rms_norm_eps", 1e-5),
-            "rope_theta": rope.get("rope_theta", cfg.get("rope_theta", 10000.0)),
-            "max_seq_len": cfg.get("max_position_embeddings", 2048),
-            "tie_embeddings": bool(cfg.get("tie_word_embeddings", False))}
+    return {
+        "dim": dim,
+        "n_layers": cfg["num_hidden_layers"],
+        "n_heads": heads,
+        "n_kv_heads": cfg.get("num_key_value_heads") or heads,
+        "vocab_size": cfg["vocab_size"],
+        "ffn_dim": cfg["intermediate_size"],
+        "norm_eps": cfg.get("rms_norm_eps", 1e-5),
+        "rope_theta": rope.get("rope_theta", cfg.get("rope_theta", 10000.0)),
+        "max_seq_len": cfg.get("max_position_embeddings", 2048),
+        "tie_embeddings": bool(cfg.get("tie_word_embeddings", False)),
+    }
 
 
 def plan_shards(sizes: dict[str, int], max_shard_bytes: int) -> list[list[str]]:
@@ -155,14 +173,19 @@ def write_index(folder: Path, weight_map: dict[str, str], total_bytes: int) -> N
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-def save_hf(folder: Path, tensors: dict[str, torch.Tensor], config: dict[str, Any],
-            max_shard_bytes: int = 5 << 30) -> list[Path]:
+def save_hf(
+    folder: Path, tensors: dict[str, torch.Tensor], config: dict[str, Any], max_shard_bytes: int = 5 << 30
+) -> list[Path]:
     """In-memory tensors as safetensors shards (+ index when more than one) and config.json."""
     folder.mkdir(parents=True, exist_ok=True)
     groups = plan_shards({n: t.numel() * t.element_size() for n, t in tensors.items()}, max_shard_bytes)
     weight_map = {}
     for i, names in enumerate(groups):
-        save_file({n: tensors[n] for n in names}, str(folder / shard_name(i, len(groups))), metadata={"format": "pt"})
+        save_file(
+            {n: tensors[n] for n in names},
+            str(folder / shard_name(i, len(groups))),
+            metadata={"format": "pt"},
+        )
         weight_map.update(dict.fromkeys(names, shard_name(i, len(groups))))
     write_index(folder, weight_map, sum(t.numel() * t.element_size() for t in tensors.values()))
     (folder / "config.json").write_text(json.dumps(config, indent=2))
@@ -176,8 +199,11 @@ def load_hf(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         raise CheckpointError(f"{cfg_file}: missing (not a Hugging Face model folder)")
     config = json.loads(cfg_file.read_text())
     index = folder / "model.safetensors.index.json"
-    names = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [
-        "model.safetensors"]
+    names = (
+        sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        if index.is_file()
+        else ["model.safetensors"]
+    )
     tensors: dict[str, torch.Tensor] = {}
     for name in names:
         f = folder / name

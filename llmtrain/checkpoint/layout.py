@@ -63,8 +63,10 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
         newest = latest_checkpoint(folder)
         if newest is not None:
             return newest
-    raise CheckpointError(f"{path}: no complete llmtrain checkpoint here (expected a step_<N> folder with a "
-                          f"{COMPLETE} file, or a run/checkpoints folder holding one)")
+    raise CheckpointError(
+        f"{path}: no complete llmtrain checkpoint here (expected a step_<N> folder with a "
+        f"{COMPLETE} file, or a run/checkpoints folder holding one)"
+    )
 
 
 def fsync_path(path: Path) -> None:

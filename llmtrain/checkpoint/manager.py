@@ -74,7 +74,7 @@ class SaveResult:
 def retained_steps(steps: list[int], keep_last: int, keep_every: int) -> set[int]:
     """Steps to keep: the newest `keep_last`, every multiple of `keep_every`, and always the newest."""
     steps = sorted(steps)
-    keep = set(steps[-max(keep_last, 1):])
+    keep = set(steps[-max(keep_last, 1) :])
     if keep_every:
         keep |= {s for s in steps if s % keep_every == 0}
     return keep
@@ -83,8 +83,14 @@ def retained_steps(steps: list[int], keep_last: int, keep_every: int) -> set[int
 class CheckpointManager:
     """Save/load/retention for one run's checkpoint folder. Every rank calls save/load together."""
 
-    def __init__(self, folder: str | Path, keep_last: int = 3, keep_every: int = 0, async_save: bool = False,
-                 staging_dir: str | None = None) -> None:
+    def __init__(
+        self,
+        folder: str | Path,
+        keep_last: int = 3,
+        keep_every: int = 0,
+        async_save: bool = False,
+        staging_dir: str | None = None,
+    ) -> None:
         self.folder = Path(folder)
         self.keep_last, self.keep_every, self.async_save = keep_last, keep_every, async_save
         self._pending: Future | None = None
@@ -98,7 +104,9 @@ class CheckpointManager:
                 self._group = dist.new_group(backend="gloo")
 
     # -- save ---------------------------------------------------------------------------------------
-    def save(self, step: int, engine: "Engine", state: dict[str, Any], rank_state: dict[str, Any]) -> SaveResult:
+    def save(
+        self, step: int, engine: "Engine", state: dict[str, Any], rank_state: dict[str, Any]
+    ) -> SaveResult:
         """Collective. `state` (JSON) from rank 0 plus every rank's `rank_state` (JSON) become
         trainer_state.json. Returns once this rank may continue training (async: after staging)."""
         t0 = time.perf_counter()
@@ -131,8 +139,12 @@ class CheckpointManager:
             done.set_result(step_dir(self.folder, step))
             return SaveResult(step, step_dir(self.folder, step), blocked, done)
         done = Future()
-        thread = threading.Thread(target=self._background, args=(done, step, tmp, stage, error),
-                                  name=f"ckpt-save-{step}", daemon=True)
+        thread = threading.Thread(
+            target=self._background,
+            args=(done, step, tmp, stage, error),
+            name=f"ckpt-save-{step}",
+            daemon=True,
+        )
         thread.start()
         self._pending = done
         return SaveResult(step, step_dir(self.folder, step), blocked, done)
@@ -187,8 +199,10 @@ class CheckpointManager:
         if errors:
             if rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
-            raise CheckpointError(f"checkpoint step {step} into {self.folder} failed, the previous checkpoint "
-                                  f"is kept: {'; '.join(dict.fromkeys(errors))}")
+            raise CheckpointError(
+                f"checkpoint step {step} into {self.folder} failed, the previous checkpoint "
+                f"is kept: {'; '.join(dict.fromkeys(errors))}"
+            )
 
     def _publish(self, step: int, tmp: Path) -> None:
         final = step_dir(self.folder, step)
@@ -224,9 +238,14 @@ class CheckpointManager:
 
     def clean_stale(self) -> list[Path]:
         """Remove temporary folders of saves that never completed (rank 0, no save in flight)."""
-        stale = [p for p in self.folder.glob(f"step_*{TMP_MARK}*") if p.is_dir()] if self.folder.is_dir() else []
-        stale += [p for p in self.folder.glob("step_*") if p.is_dir() and not (p / COMPLETE).exists()
-                  and p not in stale]
+        stale = (
+            [p for p in self.folder.glob(f"step_*{TMP_MARK}*") if p.is_dir()] if self.folder.is_dir() else []
+        )
+        stale += [
+            p
+            for p in self.folder.glob("step_*")
+            if p.is_dir() and not (p / COMPLETE).exists() and p not in stale
+        ]
         for p in stale:
             shutil.rmtree(p, ignore_errors=True)
         return stale
@@ -243,8 +262,9 @@ class CheckpointManager:
                 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
                 engine.load(path / ENGINE_DIR, load_optimizer=load_optimizer)
         except Exception as e:
-            raise CheckpointError(f"{path / ENGINE_DIR}: cannot load model/optimizer state "
-                                  f"({type(e).__name__}: {e})") from e
+            raise CheckpointError(
+                f"{path / ENGINE_DIR}: cannot load model/optimizer state ({type(e).__name__}: {e})"
+            ) from e
         state["path"] = str(path)
         return state
 

@@ -21,8 +21,17 @@ from llmtrain.checkpoint.layout import CheckpointError, latest_checkpoint, resol
 from llmtrain.config.checkpoint import CheckpointConfig
 
 # model fields that change parameter shapes or names (max_seq_len/init_std/rope_theta do not)
-SHAPE_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_dim", "multiple_of",
-              "ffn_dim_multiplier", "tie_embeddings")
+SHAPE_KEYS = (
+    "dim",
+    "n_layers",
+    "n_heads",
+    "n_kv_heads",
+    "vocab_size",
+    "ffn_dim",
+    "multiple_of",
+    "ffn_dim_multiplier",
+    "tie_embeddings",
+)
 
 
 class SaveSchedule:
@@ -67,7 +76,8 @@ def plan_resume(ck: CheckpointConfig, folder: Path) -> ResumePlan:
         if own is not None:
             raise CheckpointError(
                 f"checkpoint.resume=none but {folder} already holds checkpoints (newest {own.name}): use another "
-                f"run.name, move that folder away, or leave checkpoint.resume=auto to continue it")
+                f"run.name, move that folder away, or leave checkpoint.resume=auto to continue it"
+            )
     elif own is not None:
         return ResumePlan(own, True, True, f"resuming this run from {own}")
     elif mode != "auto":
@@ -84,8 +94,11 @@ def check_model_matches(saved_config: dict[str, Any] | None, model_cfg: Any, pat
     saved = (saved_config or {}).get("model")
     if not saved:
         return
-    diff = {k: (saved.get(k), getattr(model_cfg, k)) for k in SHAPE_KEYS
-            if k in saved and saved.get(k) != getattr(model_cfg, k)}
+    diff = {
+        k: (saved.get(k), getattr(model_cfg, k))
+        for k in SHAPE_KEYS
+        if k in saved and saved.get(k) != getattr(model_cfg, k)
+    }
     if diff:
         lines = ", ".join(f"model.{k}: checkpoint {a!r} vs run {b!r}" for k, (a, b) in diff.items())
         raise CheckpointError(f"{path}: saved for another model shape ({lines})")

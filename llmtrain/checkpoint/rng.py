@@ -23,8 +23,10 @@ def capture_host_rng() -> dict[str, Any]:
     """Python `random` and NumPy global generator states as plain JSON values."""
     version, internal, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"python": [version, list(internal), gauss],
-            "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
+    return {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+    }
 
 
 def save_torch_rng(path: Path) -> None:

@@ -54,7 +54,11 @@ def validate_config(cfg: Config) -> Config:
     check_choice("trainer.precision", t.precision, PRECISIONS)
     check_choice("tracking.backend", cfg.tracking.backend, TRACKING_BACKENDS)
     for key in ("flush_every_s", "system_metrics_every_s", "max_buffer", "request_timeout_s"):
-        check(getattr(cfg.tracking, key) > 0, f"tracking.{key}", f"must be positive, got {getattr(cfg.tracking, key)}")
+        check(
+            getattr(cfg.tracking, key) > 0,
+            f"tracking.{key}",
+            f"must be positive, got {getattr(cfg.tracking, key)}",
+        )
     check_choice("launcher.name", cfg.launcher.name, LAUNCHERS)
     for key in ("dim", "n_layers", "n_heads", "vocab_size"):
         check(getattr(m, key) > 0, f"model.{key}", "must be positive")
@@ -82,7 +86,9 @@ def validate_config(cfg: Config) -> Config:
     check(ck.keep_last >= 1, "checkpoint.keep_last", "must be >= 1 (the newest checkpoint is always kept)")
     check(ck.every_steps >= 0 and ck.every_minutes >= 0, "checkpoint.every_steps", "must be >= 0")
     check(ck.keep_every >= 0, "checkpoint.keep_every", "must be >= 0 (0 keeps no permanent checkpoints)")
-    check(str(ck.resume).strip() != "", "checkpoint.resume", "allowed: auto, none (false) or a checkpoint path")
+    check(
+        str(ck.resume).strip() != "", "checkpoint.resume", "allowed: auto, none (false) or a checkpoint path"
+    )
     ck.resume = resume_mode(ck.resume)
     check(cfg.launcher.nproc >= 1, "launcher.nproc", "must be >= 1")
     check(bool(cfg.run.name) and "/" not in cfg.run.name, "run.name", "must be a non-empty folder name")

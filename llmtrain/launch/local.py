@@ -49,7 +49,9 @@ def check_multinode(cfg: Config) -> None:
 
     lc = cfg.launcher
     if lc.rdzv_backend not in ("static", "c10d"):
-        raise ConfigError(f"launcher.rdzv_backend={lc.rdzv_backend!r} is not allowed; choose one of: static, c10d")
+        raise ConfigError(
+            f"launcher.rdzv_backend={lc.rdzv_backend!r} is not allowed; choose one of: static, c10d"
+        )
     if not 0 <= lc.node_rank < lc.nnodes:
         raise ConfigError(f"launcher.node_rank={lc.node_rank} must be in [0, launcher.nnodes={lc.nnodes})")
     host, _, port = lc.rdzv_endpoint.rpartition(":")

@@ -37,5 +37,11 @@ def merge_lora_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
     plain_cfg = copy.deepcopy(cfg)
     plain_cfg["peft"] = {**peft, "method": "none"}
     plain_cfg.setdefault("checkpoint", {})["init_from"] = None
-    return write_weights_checkpoint(out, merged, plain_cfg, source=f"lora-merge:{path.resolve()}",
-                                    step=int(state.get("step", 0)), tokens_seen=int(state.get("tokens_seen", 0)))
+    return write_weights_checkpoint(
+        out,
+        merged,
+        plain_cfg,
+        source=f"lora-merge:{path.resolve()}",
+        step=int(state.get("step", 0)),
+        tokens_seen=int(state.get("tokens_seen", 0)),
+    )

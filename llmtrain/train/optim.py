@@ -30,8 +30,13 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     """
     groups = param_groups(model, cfg.weight_decay)
     kinds = {type(p).__name__ == "DTensor" for g in groups for p in g["params"]}
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                             foreach=False if len(kinds) > 1 else None)
+    return torch.optim.AdamW(
+        groups,
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+        eps=cfg.eps,
+        foreach=False if len(kinds) > 1 else None,
+    )
 
 
 def lr_factor(step: int, cfg: OptimConfig, max_steps: int) -> float:

@@ -56,11 +56,13 @@ class Trainer:
         dp_rank = self.dims.coords(env.rank)["dp"]
         # objective.name: its data loaders, per-step batch transform and (optionally) loss function
         self.objective = build_objective(cfg, self.engine, self.dims, self.mesh, self.device, dp_rank)
-        self.train_loader, self.val_loader = self.objective.build_loaders(micro_batch_size=t.micro_batch_size,
-                                                                          grad_accum=self.grad_accum)
+        self.train_loader, self.val_loader = self.objective.build_loaders(
+            micro_batch_size=t.micro_batch_size, grad_accum=self.grad_accum
+        )
         ck = cfg.checkpoint
-        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", ck.keep_last, ck.keep_every, ck.async_save,
-                                      ck.async_staging_dir)
+        self.ckpt = CheckpointManager(
+            self.run_dir / "checkpoints", ck.keep_last, ck.keep_every, ck.async_save, ck.async_staging_dir
+        )
         self.save_schedule, self.saving = SaveSchedule(ck.every_steps, ck.every_minutes), None
         self.console = ConsoleLogger(env.is_main)
         self.stop = StopFlag()
@@ -69,21 +71,37 @@ class Trainer:
         self.history: list[dict[str, float]] = []
         margs, seq = model_args(cfg.model), cfg.data.seq_len  # MFU counts model FLOPs, HFU + recompute
         peak_dtype = torch.bfloat16 if t.precision == "bf16" else torch.float32
-        self.meter = Meter(flops_per_token(margs, seq), peak_tflops(self.device, t.peak_tflops, peak_dtype),
-                           env.world_size,
-                           flops_per_token(margs, seq, recompute_fraction(p.activation_checkpoint, margs.n_layers)))
+        self.meter = Meter(
+            flops_per_token(margs, seq),
+            peak_tflops(self.device, t.peak_tflops, peak_dtype),
+            env.world_size,
+            flops_per_token(margs, seq, recompute_fraction(p.activation_checkpoint, margs.n_layers)),
+        )
 
     def train(self) -> dict[str, Any]:
         """Run to trainer.max_steps (or until a stop signal), saving and logging along the way."""
         run_id = self.maybe_resume()
-        self.tracker = Tracker(self.cfg, self.run_dir, self.env.is_main, run_id,
-                               {"world_size": str(self.env.world_size), "layout": self.dims.describe(),
-                                "engine": self.cfg.parallel.backend,
-                                "slurm_job_id": os.environ.get("SLURM_JOB_ID", "")}, start_step=self.step)
+        self.tracker = Tracker(
+            self.cfg,
+            self.run_dir,
+            self.env.is_main,
+            run_id,
+            {
+                "world_size": str(self.env.world_size),
+                "layout": self.dims.describe(),
+                "engine": self.cfg.parallel.backend,
+                "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
+            },
+            start_step=self.step,
+        )
         max_steps, status, val_every = self.cfg.trainer.max_steps, "FINISHED", self.cfg.trainer.val_every
-        self.console.info(f"training {self.cfg.model.name} on {self.env.world_size} rank(s) "
-                          f"[{self.dims.describe()}] from step {self.step}, accumulation {self.grad_accum}")
-        self.profiler = build_profiler(self.cfg.trainer, self.run_dir, self.env.rank, self.device, self.tracker)
+        self.console.info(
+            f"training {self.cfg.model.name} on {self.env.world_size} rank(s) "
+            f"[{self.dims.describe()}] from step {self.step}, accumulation {self.grad_accum}"
+        )
+        self.profiler = build_profiler(
+            self.cfg.trainer, self.run_dir, self.env.rank, self.device, self.tracker
+        )
         self.profiler.begin(self.step)
         while self.step < max_steps:
             if self.stop.should_stop():
@@ -91,13 +109,17 @@ class Trainer:
                 self.console.info(f"stop requested ({self.stop.signal_name}) at step {self.step}")
                 break
             t0 = time.perf_counter()
-            batches = self.objective.prepare([b.to(self.device) for b in self.train_loader.next_step()], self.step)
+            batches = self.objective.prepare(
+                [b.to(self.device) for b in self.train_loader.next_step()], self.step
+            )
             t_data = time.perf_counter() - t0
             lr = self.cfg.optim.lr * lr_factor(self.step, self.cfg.optim, max_steps)
             res = self.engine.train_step(batches, lr)
             self.step += 1
             self.tokens_seen += res.num_tokens
-            self.meter.update(processed_tokens(batches, self.dims.dp, res.num_tokens), time.perf_counter() - t0, t_data)
+            self.meter.update(
+                processed_tokens(batches, self.dims.dp, res.num_tokens), time.perf_counter() - t0, t_data
+            )
             self.profiler.on_step_end(self.step)
             self.record(res.loss, res.grad_norm, lr)
             if val_every and self.step % val_every == 0:
@@ -112,14 +134,21 @@ class Trainer:
         self.finish_save()
         self.tracker.finish(status, model_dir=latest_checkpoint(self.ckpt.folder))
         self.summarize(status)
-        return {"step": self.step, "status": status, "history": self.history, "run_dir": str(self.run_dir),
-                "mlflow": self.tracker.describe()}
+        return {
+            "step": self.step,
+            "status": status,
+            "history": self.history,
+            "run_dir": str(self.run_dir),
+            "mlflow": self.tracker.describe(),
+        }
 
     def summarize(self, status: str) -> None:
         """Tell the user where everything landed and how to look at it."""
         info = self.tracker.describe()
-        lines = [f"run {status.lower()} at step {self.step}: {self.run_dir.resolve()}",
-                 f"  checkpoints: {self.ckpt.folder.resolve()}"]
+        lines = [
+            f"run {status.lower()} at step {self.step}: {self.run_dir.resolve()}",
+            f"  checkpoints: {self.ckpt.folder.resolve()}",
+        ]
         if info.get("run_id"):
             lines.append(f"  mlflow run {info['run_id']} in {info['uri']}")
             if str(info["uri"]).startswith("sqlite"):
@@ -132,7 +161,9 @@ class Trainer:
         the trace must stay one entry per step (as the MLflow run does, see docs/tracking.md)."""
         log_file = self.run_dir / "train_log.jsonl"
         if self.env.is_main and log_file.is_file():
-            keep = [ln for ln in log_file.read_text().splitlines() if ln and json.loads(ln)["step"] <= self.step]
+            keep = [
+                ln for ln in log_file.read_text().splitlines() if ln and json.loads(ln)["step"] <= self.step
+            ]
             tmp = log_file.with_suffix(".tmp")
             tmp.write_text("".join(ln + "\n" for ln in keep))
             tmp.replace(log_file)
@@ -146,9 +177,14 @@ class Trainer:
                 f.write(json.dumps(entry) + "\n")
         if self.step % self.cfg.trainer.log_every and self.step != self.cfg.trainer.max_steps:
             return
-        metrics = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
-                   "train/tokens_seen": float(self.tokens_seen), "sys/mem_gb": memory_gb(self.device),
-                   **self.meter.metrics(self.cfg.trainer.max_steps - self.step)}
+        metrics = {
+            "train/loss": loss,
+            "train/lr": lr,
+            "train/grad_norm": grad_norm,
+            "train/tokens_seen": float(self.tokens_seen),
+            "sys/mem_gb": memory_gb(self.device),
+            **self.meter.metrics(self.cfg.trainer.max_steps - self.step),
+        }
         self.meter.reset()
         self.console.step(self.step, self.cfg.trainer.max_steps, metrics)
         self.tracker.log_metrics(metrics, self.step)
@@ -158,8 +194,14 @@ class Trainer:
         if self.val_loader is None:
             return None
         self.val_loader.consumed = 0
-        batches = self.objective.prepare([b.to(self.device) for _ in range(self.cfg.trainer.val_batches)
-                                          for b in self.val_loader.next_step()], None)
+        batches = self.objective.prepare(
+            [
+                b.to(self.device)
+                for _ in range(self.cfg.trainer.val_batches)
+                for b in self.val_loader.next_step()
+            ],
+            None,
+        )
         loss = self.engine.evaluate(batches)
         ppl = float(torch.tensor(loss).exp())
         self.console.info(f"validation at step {self.step}: loss {loss:.4f} | ppl {ppl:.2f}")
@@ -174,18 +216,29 @@ class Trainer:
         """Checkpoint now (collective). With checkpoint.async_save only the staging blocks the loop."""
         self.finish_save()  # a background save still in flight completes (or raises) first
         o = self.cfg.optim
-        state = {"tokens_seen": self.tokens_seen, "config": to_dict(self.cfg), "mlflow_run_id": self.tracker.run_id,
-                 "run_dir": str(self.run_dir.resolve()), "world_size": self.env.world_size,
-                 "layout": self.dims.describe(), "engine": self.cfg.parallel.backend,
-                 "lr_schedule": {"step": self.step, "max_steps": self.cfg.trainer.max_steps,
-                                 "next_lr": o.lr * lr_factor(self.step, o, self.cfg.trainer.max_steps)}}
+        state = {
+            "tokens_seen": self.tokens_seen,
+            "config": to_dict(self.cfg),
+            "mlflow_run_id": self.tracker.run_id,
+            "run_dir": str(self.run_dir.resolve()),
+            "world_size": self.env.world_size,
+            "layout": self.dims.describe(),
+            "engine": self.cfg.parallel.backend,
+            "lr_schedule": {
+                "step": self.step,
+                "max_steps": self.cfg.trainer.max_steps,
+                "next_lr": o.lr * lr_factor(self.step, o, self.cfg.trainer.max_steps),
+            },
+        }
         rank_state = {"data": self.train_loader.state_dict(), "rng": capture_host_rng()}
         self.saving = self.ckpt.save(self.step, self.engine, state, rank_state)
         self.last_saved = self.step
         self.save_schedule.saved()
         if self.cfg.checkpoint.async_save:
-            self.console.info(f"checkpoint step {self.step}: loop blocked {self.saving.blocked_s:.2f}s, "
-                              "writing in the background")
+            self.console.info(
+                f"checkpoint step {self.step}: loop blocked {self.saving.blocked_s:.2f}s, "
+                "writing in the background"
+            )
         else:
             self.finish_save()
 
@@ -220,6 +273,8 @@ class Trainer:
         self.ckpt.restore_rng(state)
         self.truncate_log()
         if state.get("world_size") != self.env.world_size:
-            self.console.info(f"checkpoint saved on {state.get('world_size')} ranks [{state.get('layout')}], "
-                              f"resharded onto {self.env.world_size} [{self.dims.describe()}]")
+            self.console.info(
+                f"checkpoint saved on {state.get('world_size')} ranks [{state.get('layout')}], "
+                f"resharded onto {self.env.world_size} [{self.dims.describe()}]"
+            )
         return state.get("mlflow_run_id") if state.get("run_dir") == str(self.run_dir.resolve()) else None

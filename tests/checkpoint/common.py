@@ -4,9 +4,20 @@ import torch
 
 from llmtrain.data.loader import Batch
 
-TINY = ["model.dim=32", "model.n_layers=2", "model.n_heads=2", "model.n_kv_heads=1", "model.ffn_dim=64",
-        "data.seq_len=32", "trainer.micro_batch_size=2", "trainer.global_batch_size=4", "trainer.log_every=4",
-        "trainer.val_every=0", "trainer.num_threads=1", "optim.warmup_steps=2"]
+TINY = [
+    "model.dim=32",
+    "model.n_layers=2",
+    "model.n_heads=2",
+    "model.n_kv_heads=1",
+    "model.ffn_dim=64",
+    "data.seq_len=32",
+    "trainer.micro_batch_size=2",
+    "trainer.global_batch_size=4",
+    "trainer.log_every=4",
+    "trainer.val_every=0",
+    "trainer.num_threads=1",
+    "optim.warmup_steps=2",
+]
 
 
 def make_engine(cfg):

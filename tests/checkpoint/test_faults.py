@@ -93,7 +93,9 @@ def test_full_disk_fails_the_save_cleanly(make_config, tmp_path, async_save):
 
     assert _fork(child) == 3, _fork.report.read_text()
     msg = _fork.report.read_text()
-    assert "checkpoint step 2" in msg and "previous checkpoint is kept" in msg and "File too large" in msg, msg
+    assert "checkpoint step 2" in msg and "previous checkpoint is kept" in msg and "File too large" in msg, (
+        msg
+    )
     assert [p.name for p in (tmp_path / "ck").iterdir()] == ["step_00000001"]
     fresh = make_engine(cfg)
     CheckpointManager(tmp_path / "ck").load(latest_checkpoint(tmp_path / "ck"), fresh)
@@ -127,10 +129,17 @@ def _one_rank_full_body(rank: int, world_size: int, overrides: list[str], folder
 def test_full_disk_on_one_rank_fails_the_save_on_every_rank(make_config, shakespeare_dir, tmp_path):
     from tests.distributed import run_distributed
 
-    overrides = [*TINY, f"data.sources.0.path={shakespeare_dir}", f"run.root={tmp_path}", "tracking=none",
-                 "parallel=ddp"]
+    overrides = [
+        *TINY,
+        f"data.sources.0.path={shakespeare_dir}",
+        f"run.root={tmp_path}",
+        "tracking=none",
+        "parallel=ddp",
+    ]
     out = run_distributed(_one_rank_full_body, 2, args=(overrides, str(tmp_path / "ck")), timeout=180)
     assert [r[0] for r in out] == ["error", "error"], out
     assert all("rank 1" in r[1] and "File too large" in r[1] for r in out), out
     assert [p.name for p in (tmp_path / "ck").iterdir()] == ["step_00000001"]
-    CheckpointManager(tmp_path / "ck").load(tmp_path / "ck" / "step_00000001", make_engine(make_config(*TINY)))
+    CheckpointManager(tmp_path / "ck").load(
+        tmp_path / "ck" / "step_00000001", make_engine(make_config(*TINY))
+    )

@@ -135,7 +135,9 @@ def test_loading_never_unpickles_arbitrary_objects(cfg, tmp_path, monkeypatch):
     assert read_metadata(path / "model_optim").state_dict_metadata  # the real metadata passes
     (path / "model_optim" / ".metadata").write_bytes(pickle.dumps(_Evil()))
     write_manifest(path, 1)  # a tampered folder that is otherwise consistent
-    with pytest.raises(CheckpointError, match=r"\.metadata: unreadable or foreign DCP metadata.*posix.system"):
+    with pytest.raises(
+        CheckpointError, match=r"\.metadata: unreadable or foreign DCP metadata.*posix.system"
+    ):
         mgr.load(path, eng)
     assert not (tmp_path / "pwned").exists()
     rng = path / "rng" / "rank_00000.pt"
@@ -156,8 +158,9 @@ def test_config_options_and_inspect_tool(make_config, tmp_path, capsys):
     import importlib.util
     from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location("inspect_checkpoint",
-                                                  Path(__file__).parents[2] / "tools" / "inspect_checkpoint.py")
+    spec = importlib.util.spec_from_file_location(
+        "inspect_checkpoint", Path(__file__).parents[2] / "tools" / "inspect_checkpoint.py"
+    )
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     eng = make_engine(make_config(*TINY))

@@ -54,8 +54,12 @@ def test_stop_and_resume_reproduces_the_straight_run_bitwise(make_config, monkey
     run_dir = Path(straight["run_dir"]).parent
     got, want = _log(run_dir / "resumed"), _log(run_dir / "straight")
     assert [e["step"] for e in got] == list(range(1, 9))
-    assert [(e["loss"], e["grad_norm"], e["lr"]) for e in got] == [(e["loss"], e["grad_norm"], e["lr"]) for e in want]
-    state = json.loads((latest_checkpoint(run_dir / "resumed" / "checkpoints") / "trainer_state.json").read_text())
+    assert [(e["loss"], e["grad_norm"], e["lr"]) for e in got] == [
+        (e["loss"], e["grad_norm"], e["lr"]) for e in want
+    ]
+    state = json.loads(
+        (latest_checkpoint(run_dir / "resumed" / "checkpoints") / "trainer_state.json").read_text()
+    )
     assert state["step"] == 8 and state["tokens_seen"] == 8 * 4 * 32 and state["ranks"][0]["data"]
     assert state["config"]["checkpoint"]["async_save"] is async_save and "rng" in state["ranks"][0]
 
@@ -63,19 +67,29 @@ def test_stop_and_resume_reproduces_the_straight_run_bitwise(make_config, monkey
 def test_init_from_loads_weights_only_and_starts_at_step_zero(make_config, tmp_path):
     torch.set_num_threads(1)
     base = _train(make_config, "run.name=base")
-    tuned = _train(make_config, "run.name=tuned", "trainer.max_steps=2", f"checkpoint.init_from={base['run_dir']}")
+    tuned = _train(
+        make_config, "run.name=tuned", "trainer.max_steps=2", f"checkpoint.init_from={base['run_dir']}"
+    )
     fresh = _train(make_config, "run.name=fresh", "trainer.max_steps=2")
     assert [h["step"] for h in tuned["history"]] == [1, 2]
     # same first batch: the fine-tuned run starts from the trained weights, so its loss is lower
     assert tuned["history"][0]["loss"] < base["history"][0]["loss"] == fresh["history"][0]["loss"]
-    again = _train(make_config, "run.name=tuned", "trainer.max_steps=3", f"checkpoint.init_from={base['run_dir']}")
+    again = _train(
+        make_config, "run.name=tuned", "trainer.max_steps=3", f"checkpoint.init_from={base['run_dir']}"
+    )
     assert [h["step"] for h in again["history"]] == [3]  # its own checkpoint wins over init_from
 
 
 def _cli(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
-    return subprocess.run([sys.executable, "-m", "llmtrain.cli", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=240)
+    return subprocess.run(
+        [sys.executable, "-m", "llmtrain.cli", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
 
 
 @pytest.mark.distributed
@@ -86,11 +100,19 @@ def test_ddp_rank_killed_mid_save_resumes_exactly_and_reshards(make_config, shak
     also loads on 1 process (dp=1, 2x accumulation) and on 2 ZeRO-3 ranks with the same next losses up to
     fp32 reduction order."""
     torch.set_num_threads(1)
-    args = [*RUN, f"data.sources.0.path={shakespeare_dir}", f"run.root={tmp_path}", "run.name=ddp",
-            "tracking=none", "launcher.nproc=2"]
+    args = [
+        *RUN,
+        f"data.sources.0.path={shakespeare_dir}",
+        f"run.root={tmp_path}",
+        "run.name=ddp",
+        "tracking=none",
+        "launcher.nproc=2",
+    ]
     # the killed run saves asynchronously (background commit over its own gloo group), the rerun synchronously
-    killed = _cli([*args, "checkpoint.async_save=true", f"checkpoint.async_staging_dir={tmp_path / 'shm'}"],
-                  {FAULT_ENV: "kill:written:8:1"})
+    killed = _cli(
+        [*args, "checkpoint.async_save=true", f"checkpoint.async_staging_dir={tmp_path / 'shm'}"],
+        {FAULT_ENV: "kill:written:8:1"},
+    )
     # torchrun's failure report lists rank 1 with exit code -9 (rank 0 may be listed first, failing on the
     # broken connection to its dead peer)
     assert killed.returncode != 0, killed.stderr[-3000:]
@@ -113,8 +135,12 @@ def test_ddp_rank_killed_mid_save_resumes_exactly_and_reshards(make_config, shak
         assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-4)
     # and onto 2 ranks of ZeRO-3 (FSDP2 shards of the replicated DDP state)
     base = [a for a in args if not a.startswith(("run.name=", "launcher.nproc="))]
-    zero3 = run_distributed(_train_body, 2, timeout=240, args=(
-        [*base, "run.name=zero3", "parallel=zero3", f"checkpoint.resume={ckpts / 'step_00000004'}"],))
+    zero3 = run_distributed(
+        _train_body,
+        2,
+        timeout=240,
+        args=([*base, "run.name=zero3", "parallel=zero3", f"checkpoint.resume={ckpts / 'step_00000004'}"],),
+    )
     assert zero3[0] == zero3[1] and len(zero3[0]) == 4
     for got, want in zip(zero3[0], first[4:]):
         assert got == pytest.approx(want["loss"], rel=1e-5)

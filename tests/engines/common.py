@@ -12,11 +12,23 @@ from llmtrain.data.loader import IGNORE_INDEX, Batch
 
 SEQ, VOCAB, GLOBAL_BATCH, MICRO = 16, 256, 8, 2
 OVERRIDES = [
-    "model.dim=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", f"model.vocab_size={VOCAB}",
-    "model.ffn_dim=64", "model.max_seq_len=64", f"data.seq_len={SEQ}",
-    f"trainer.global_batch_size={GLOBAL_BATCH}", f"trainer.micro_batch_size={MICRO}", "trainer.seed=7",
-    "optim.lr=3e-3", "optim.schedule=constant", "optim.warmup_steps=0", "optim.grad_clip=0.5",
-    "optim.weight_decay=0.1", "checkpoint.enabled=false",
+    "model.dim=32",
+    "model.n_layers=2",
+    "model.n_heads=4",
+    "model.n_kv_heads=2",
+    f"model.vocab_size={VOCAB}",
+    "model.ffn_dim=64",
+    "model.max_seq_len=64",
+    f"data.seq_len={SEQ}",
+    f"trainer.global_batch_size={GLOBAL_BATCH}",
+    f"trainer.micro_batch_size={MICRO}",
+    "trainer.seed=7",
+    "optim.lr=3e-3",
+    "optim.schedule=constant",
+    "optim.warmup_steps=0",
+    "optim.grad_clip=0.5",
+    "optim.weight_decay=0.1",
+    "checkpoint.enabled=false",
 ]
 STEPS = 5
 LR = 3e-3
@@ -68,8 +80,16 @@ def native_reference(cfg, steps: int = STEPS, final_state: dict | None = None) -
     for s in range(steps):
         for g in opt.param_groups:
             g["lr"] = LR
-        r = train_step(model, opt, rank_batches(s, 1, 0), dp_size=1, dp_group=None,
-                       grad_clip=cfg.optim.grad_clip, autocast=nullcontext, no_sync=nullcontext)
+        r = train_step(
+            model,
+            opt,
+            rank_batches(s, 1, 0),
+            dp_size=1,
+            dp_group=None,
+            grad_clip=cfg.optim.grad_clip,
+            autocast=nullcontext,
+            no_sync=nullcontext,
+        )
         out.append((r.loss, r.grad_norm))
     if final_state is not None:  # the trained weights, for export/conversion checks
         final_state.update({k: v.detach().clone() for k, v in model.state_dict().items()})
@@ -110,6 +130,14 @@ def native_switch_reference(cfg, state: dict) -> tuple[float, float]:
     opt = build_optimizer(model, cfg.optim)
     for g in opt.param_groups:
         g["lr"] = LR
-    r = train_step(model, opt, rank_batches(STEPS, 1, 0), dp_size=1, dp_group=None,
-                   grad_clip=cfg.optim.grad_clip, autocast=nullcontext, no_sync=nullcontext)
+    r = train_step(
+        model,
+        opt,
+        rank_batches(STEPS, 1, 0),
+        dp_size=1,
+        dp_group=None,
+        grad_clip=cfg.optim.grad_clip,
+        autocast=nullcontext,
+        no_sync=nullcontext,
+    )
     return r.loss, evaluate(model, rank_batches(STEPS + 1, 1, 0), None, nullcontext)

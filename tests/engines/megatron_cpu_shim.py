@@ -39,6 +39,7 @@ class _TorchOnCpu:
             return self._cuda
         attr = getattr(torch, name)
         if name in _FACTORIES:
+
             def factory(*args, **kwargs):
                 if "device" in kwargs:
                     kwargs["device"] = _cpu_device(kwargs["device"])

@@ -35,9 +35,20 @@ def test_nvme_offload_needs_a_path_and_unknown_options_fail(make_config) -> None
     base = [*OVERRIDES, "parallel=zero3"]
     with pytest.raises(ConfigError, match="offload_nvme_path"):
         deepspeed_config(make_config(*base, "+parallel.engine_options.offload_optimizer=nvme"), 2, 2)
-    ok = deepspeed_config(make_config(*base, "+parallel.engine_options.offload_param=nvme",
-                                      "+parallel.engine_options.offload_nvme_path=/nvme"), 2, 2)
-    assert ok["zero_optimization"]["offload_param"] == {"device": "nvme", "pin_memory": False, "nvme_path": "/nvme"}
+    ok = deepspeed_config(
+        make_config(
+            *base,
+            "+parallel.engine_options.offload_param=nvme",
+            "+parallel.engine_options.offload_nvme_path=/nvme",
+        ),
+        2,
+        2,
+    )
+    assert ok["zero_optimization"]["offload_param"] == {
+        "device": "nvme",
+        "pin_memory": False,
+        "nvme_path": "/nvme",
+    }
     with pytest.raises(ConfigError, match=r"unknown keys.*offload_optimiser"):
         deepspeed_config(make_config(*base, "+parallel.engine_options.offload_optimiser=cpu"), 2, 2)
 

@@ -11,11 +11,16 @@ from llmtrain.parallel.engine import build_engine
 from tests.engines.common import OVERRIDES
 
 
-@pytest.mark.parametrize(("backend", "package", "extra"), [
-    ("deepspeed", "deepspeed", "llmtrain[deepspeed]"),
-    ("megatron", "megatron", "llmtrain[megatron]"),
-])
-def test_missing_engine_package_gives_install_command(make_config, monkeypatch, backend, package, extra) -> None:
+@pytest.mark.parametrize(
+    ("backend", "package", "extra"),
+    [
+        ("deepspeed", "deepspeed", "llmtrain[deepspeed]"),
+        ("megatron", "megatron", "llmtrain[megatron]"),
+    ],
+)
+def test_missing_engine_package_gives_install_command(
+    make_config, monkeypatch, backend, package, extra
+) -> None:
     # None in sys.modules makes `import deepspeed` raise ImportError, exactly as when it is not installed
     for name in [m for m in sys.modules if m == package or m.startswith(package + ".")]:
         monkeypatch.delitem(sys.modules, name)

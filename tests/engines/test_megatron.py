@@ -31,7 +31,9 @@ from tests.engines.common import (
 )
 
 ROOT = Path(__file__).resolve().parents[2]
-pytest.importorskip("megatron.core", reason="megatron-core is not installed: pip install 'llmtrain[megatron]'")
+pytest.importorskip(
+    "megatron.core", reason="megatron-core is not installed: pip install 'llmtrain[megatron]'"
+)
 
 CASES = {  # name: (dp, tp, pp, virtual stages, extra overrides)
     "dp2": (2, 1, 1, 1, []),
@@ -99,8 +101,10 @@ def _all_cases(rank: int, world: int, cfgs: dict, ckpt: str) -> dict:
 @pytest.mark.distributed
 @pytest.mark.timeout(240)
 def test_megatron_parity_dp_tp_pp(make_config, tmp_path) -> None:
-    cfgs = {name: make_config(*OVERRIDES, "parallel.backend=megatron", *extra)
-            for name, (*_, extra) in CASES.items()}
+    cfgs = {
+        name: make_config(*OVERRIDES, "parallel.backend=megatron", *extra)
+        for name, (*_, extra) in CASES.items()
+    }
     refs, states = {}, {}
     for name, cfg in cfgs.items():
         states[name] = {}
@@ -110,7 +114,9 @@ def test_megatron_parity_dp_tp_pp(make_config, tmp_path) -> None:
     for name in CASES:
         assert r0[name] == r1[name], f"{name}: ranks disagree on the global loss"
         d_loss, d_norm = max_rel_diff(r0[name], refs[name])
-        assert d_loss < 1e-6 and d_norm < 1e-5, f"{name}: loss {d_loss:.2e}, grad norm {d_norm:.2e} off native"
+        assert d_loss < 1e-6 and d_norm < 1e-5, (
+            f"{name}: loss {d_loss:.2e}, grad norm {d_norm:.2e} off native"
+        )
     # logits after native -> megatron conversion (QKV fusion, RoPE row permutation, fused gate/up, TP split)
     from llmtrain.models import build_model
 
@@ -166,8 +172,9 @@ def test_cpu_refusals_name_the_key(make_config, megatron_checks, overrides, dims
     assert not getattr(megatron.core, "_llmtrain_cpu_shim", False), "the shim must stay out of this process"
     cfg = make_config(*OVERRIDES, "parallel.backend=megatron", *overrides)
     with pytest.raises(ConfigError, match=match):
-        megatron_checks(cfg, ParallelDims(dims[0], 1, dims[1], dims[2], dims[0] * dims[1] * dims[2]),
-                        torch.device("cpu"))
+        megatron_checks(
+            cfg, ParallelDims(dims[0], 1, dims[1], dims[2], dims[0] * dims[1] * dims[2]), torch.device("cpu")
+        )
 
 
 def _gpu_sp_case(rank: int, world: int, cfg) -> list:
@@ -180,11 +187,15 @@ def _gpu_sp_case(rank: int, world: int, cfg) -> list:
 
 @pytest.mark.gpu
 @pytest.mark.distributed
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="TP2 + sequence parallel needs 2 CUDA devices: "
-                    "megatron's SP uses CUDA streams and apex/TransformerEngine norms")
+@pytest.mark.skipif(
+    torch.cuda.device_count() < 2,
+    reason="TP2 + sequence parallel needs 2 CUDA devices: "
+    "megatron's SP uses CUDA streams and apex/TransformerEngine norms",
+)
 def test_megatron_sequence_parallel_on_gpu(make_config) -> None:
-    cfg = make_config(*OVERRIDES, "parallel.backend=megatron", "parallel.sequence_parallel=true",
-                      "trainer.device=cuda")
+    cfg = make_config(
+        *OVERRIDES, "parallel.backend=megatron", "parallel.sequence_parallel=true", "trainer.device=cuda"
+    )
     ref = native_reference(cfg)
     r0, _ = run_distributed(_gpu_sp_case, world_size=2, args=(cfg,), backend="nccl")
     assert max_rel_diff(r0, ref)[0] < 1e-4  # TF32/cuBLAS reductions on GPU

@@ -12,10 +12,23 @@ from tests.distributed import run_distributed
 
 pytest.importorskip("deepspeed", reason="DeepSpeed is not installed: pip install 'llmtrain[deepspeed]'")
 
-RUN = ["model.dim=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_dim=64",
-       "data.seq_len=32", "trainer.micro_batch_size=2", "trainer.global_batch_size=8", "trainer.log_every=100",
-       "trainer.val_every=0", "optim.lr=3e-3", "optim.warmup_steps=2", "trainer.num_threads=1",
-       "checkpoint.every_steps=3", "trainer.val_batches=1"]
+RUN = [
+    "model.dim=32",
+    "model.n_layers=2",
+    "model.n_heads=4",
+    "model.n_kv_heads=2",
+    "model.ffn_dim=64",
+    "data.seq_len=32",
+    "trainer.micro_batch_size=2",
+    "trainer.global_batch_size=8",
+    "trainer.log_every=100",
+    "trainer.val_every=0",
+    "optim.lr=3e-3",
+    "optim.warmup_steps=2",
+    "trainer.num_threads=1",
+    "checkpoint.every_steps=3",
+    "trainer.val_batches=1",
+]
 
 
 def _losses(out: dict) -> list[float]:
@@ -36,7 +49,9 @@ def _ds_runs(rank: int, world: int, cfg) -> dict:
 def test_trainer_with_deepspeed_matches_native_and_resumes(make_config) -> None:
     native = make_config(*RUN, "trainer.max_steps=6", "run.name=native")
     ref = _losses(Trainer(native, DistEnv(0, 0, 1, 1)).train())
-    ds = make_config(*RUN, "trainer.max_steps=6", "run.name=ds", "parallel=zero2", "parallel.backend=deepspeed")
+    ds = make_config(
+        *RUN, "trainer.max_steps=6", "run.name=ds", "parallel=zero2", "parallel.backend=deepspeed"
+    )
     r0, r1 = run_distributed(_ds_runs, world_size=2, args=(ds,), timeout=180)
     assert r0 == r1 and r0["first_step_b"] == 4
     # 3 steps + save + auto-resume + 3 steps on DeepSpeed == 6 straight native steps

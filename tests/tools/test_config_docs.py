@@ -8,8 +8,12 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_configuration_reference_is_up_to_date():
-    out = subprocess.run([sys.executable, str(ROOT / "tools" / "config_docs.py"), "--check"], capture_output=True,
-                         text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "config_docs.py"), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr + "\nregenerate with: python tools/config_docs.py"
 
 
@@ -23,5 +27,9 @@ def test_every_field_is_documented():
 
     for cls in GROUP_SCHEMAS.values():
         docs = field_docs(cls)
-        missing = [f.name for f in dataclasses.fields(cls) if not dataclasses.is_dataclass(f.type) and f.name not in docs]
+        missing = [
+            f.name
+            for f in dataclasses.fields(cls)
+            if not dataclasses.is_dataclass(f.type) and f.name not in docs
+        ]
         assert not missing, f"{cls.__name__}: fields without a docstring: {missing}"

@@ -13,9 +13,20 @@ from llmtrain.train.step import train_step
 from llmtrain.train.trainer import Trainer
 from tests.distributed import run_distributed
 
-SMALL = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_dim=128",
-         "data.seq_len=64", "trainer.micro_batch_size=4", "trainer.global_batch_size=16", "trainer.log_every=5",
-         "trainer.val_every=0", "checkpoint.enabled=false", "optim.warmup_steps=5"]
+SMALL = [
+    "model.dim=64",
+    "model.n_layers=2",
+    "model.n_heads=4",
+    "model.n_kv_heads=2",
+    "model.ffn_dim=128",
+    "data.seq_len=64",
+    "trainer.micro_batch_size=4",
+    "trainer.global_batch_size=16",
+    "trainer.log_every=5",
+    "trainer.val_every=0",
+    "checkpoint.enabled=false",
+    "optim.warmup_steps=5",
+]
 
 
 def test_loss_falls_on_the_sample_corpus(make_config):
@@ -59,8 +70,16 @@ def _step(model, batches):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     from contextlib import nullcontext
 
-    res = train_step(model, opt, batches, dp_size=1, dp_group=None, grad_clip=0.0, autocast=nullcontext,
-                     no_sync=nullcontext)
+    res = train_step(
+        model,
+        opt,
+        batches,
+        dp_size=1,
+        dp_group=None,
+        grad_clip=0.0,
+        autocast=nullcontext,
+        no_sync=nullcontext,
+    )
     return res, [p.detach().clone() for p in model.parameters()]
 
 
@@ -93,7 +112,9 @@ def test_ddp_two_ranks_matches_one_process(make_config, shakespeare_dir, tmp_pat
     base = [*SMALL, "trainer.max_steps=6", f"data.sources.0.path={shakespeare_dir}", "tracking=none"]
     single = Trainer(make_config(*base, "run.name=single"), DistEnv(0, 0, 1, 1)).train()
     ref = [h["loss"] for h in single["history"]] + [h["grad_norm"] for h in single["history"]]
-    ranks = run_distributed(_ddp_body, 2, args=([*base, f"run.root={tmp_path}", "run.name=ddp"],), timeout=240)
+    ranks = run_distributed(
+        _ddp_body, 2, args=([*base, f"run.root={tmp_path}", "run.name=ddp"],), timeout=240
+    )
     assert ranks[0] == ranks[1]  # every rank reports the same global loss
     for got, want in zip(ranks[0], ref):
         assert got == pytest.approx(want, rel=1e-5)

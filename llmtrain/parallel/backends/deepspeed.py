@@ -66,7 +66,9 @@ def _ensure_process_group(device: torch.device) -> None:
 class DeepSpeedEngine(Engine):
     """Our Transformer wrapped by `deepspeed.initialize` with a torch AdamW and a generated config."""
 
-    def __init__(self, cfg: Config, dims: ParallelDims, mesh: DeviceMesh | None, device: torch.device) -> None:
+    def __init__(
+        self, cfg: Config, dims: ParallelDims, mesh: DeviceMesh | None, device: torch.device
+    ) -> None:
         if dims.tp_enabled or dims.pp_enabled:
             raise ConfigError(
                 f"parallel.backend=deepspeed runs data parallel / ZeRO only (got {dims.describe()}); "
@@ -87,8 +89,13 @@ class DeepSpeedEngine(Engine):
         self.ds_config = deepspeed_config(cfg, dims.dp, self.grad_accum, count_params(model))
         self._write_config()
         # A torch optimizer (not DeepSpeed's fused CPU Adam): identical update rule to the native engine.
-        base = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
-                                 betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps, foreach=False)
+        base = torch.optim.AdamW(
+            param_groups(model, cfg.optim.weight_decay),
+            lr=cfg.optim.lr,
+            betas=(cfg.optim.beta1, cfg.optim.beta2),
+            eps=cfg.optim.eps,
+            foreach=False,
+        )
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=base, config=self.ds_config, dist_init_required=False
         )
@@ -111,8 +118,10 @@ class DeepSpeedEngine(Engine):
 
     def train_step(self, batches: list[Batch], lr: float) -> StepResult:
         if len(batches) != self.grad_accum:
-            raise ValueError(f"deepspeed engine got {len(batches)} micro-batches, its config says "
-                             f"gradient_accumulation_steps={self.grad_accum}")
+            raise ValueError(
+                f"deepspeed engine got {len(batches)} micro-batches, its config says "
+                f"gradient_accumulation_steps={self.grad_accum}"
+            )
         for g in self.base_optimizer.param_groups:
             g["lr"] = lr
         n_global = global_tokens(batches, self.dp_group)
@@ -157,8 +166,11 @@ class DeepSpeedEngine(Engine):
             self._load_native(read_native_weights(folder))
             return
         path, _ = self.engine.load_checkpoint(
-            str(folder), tag=CKPT_TAG, load_optimizer_states=load_optimizer,
-            load_lr_scheduler_states=False, load_module_only=not load_optimizer,
+            str(folder),
+            tag=CKPT_TAG,
+            load_optimizer_states=load_optimizer,
+            load_lr_scheduler_states=False,
+            load_module_only=not load_optimizer,
         )
         if path is None:
             raise FileNotFoundError(f"{folder}: no DeepSpeed checkpoint (tag {CKPT_TAG!r})")

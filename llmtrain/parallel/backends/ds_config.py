@@ -31,7 +31,9 @@ def _option(opts: dict[str, str], key: str, default: str, allowed: tuple[str, ..
 
 def _offload(device: str, nvme_path: str | None, key: str) -> dict[str, Any]:
     if device == "nvme" and not nvme_path:
-        raise ConfigError(f"parallel.engine_options.{key}=nvme needs parallel.engine_options.offload_nvme_path")
+        raise ConfigError(
+            f"parallel.engine_options.{key}=nvme needs parallel.engine_options.offload_nvme_path"
+        )
     out: dict[str, Any] = {"device": device, "pin_memory": False}
     if device == "nvme":
         out["nvme_path"] = nvme_path
@@ -51,7 +53,9 @@ def deepspeed_config(cfg: Config, dp: int, grad_accum: int, num_params: int | No
     unknown = sorted(set(p.engine_options) - set(ENGINE_OPTIONS))
     if unknown:
         allowed = "; ".join(f"{k} ({v})" for k, v in ENGINE_OPTIONS.items())
-        raise ConfigError(f"parallel.engine_options has unknown keys {unknown} for deepspeed; allowed: {allowed}")
+        raise ConfigError(
+            f"parallel.engine_options has unknown keys {unknown} for deepspeed; allowed: {allowed}"
+        )
     if p.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"parallel.zero_stage={p.zero_stage}: deepspeed supports 0, 1, 2, 3")
     if t.precision not in ("fp32", "bf16"):
@@ -64,7 +68,9 @@ def deepspeed_config(cfg: Config, dp: int, grad_accum: int, num_params: int | No
     off_param = _option(opts, "offload_param", default if p.zero_stage == 3 else "none", OFFLOAD_DEVICES)
     if off_opt != "none":
         if p.zero_stage == 0:
-            raise ConfigError("parallel.cpu_offload / engine_options.offload_optimizer need parallel.zero_stage >= 1")
+            raise ConfigError(
+                "parallel.cpu_offload / engine_options.offload_optimizer need parallel.zero_stage >= 1"
+            )
         zero["offload_optimizer"] = _offload(off_opt, nvme, "offload_optimizer")
     if off_param != "none":
         if p.zero_stage != 3:

@@ -62,31 +62,45 @@ def check_supported(cfg: Config, dims: ParallelDims, device: torch.device) -> No
     """Refuse what this engine cannot run, naming the key and the reason."""
     p = cfg.parallel
     if cfg.data.document_mask:
-        raise ConfigError("data.document_mask=true is not supported by parallel.backend=megatron "
-                          "(its packed-sequence attention needs TransformerEngine); use backend=native")
+        raise ConfigError(
+            "data.document_mask=true is not supported by parallel.backend=megatron "
+            "(its packed-sequence attention needs TransformerEngine); use backend=native"
+        )
     if dims.dp_shard_enabled:
-        raise ConfigError("parallel.dp_shard>1 with backend=megatron: it shards only through its distributed "
-                          "optimizer (not available, see zero_stage); use dp_replicate for data parallel")
+        raise ConfigError(
+            "parallel.dp_shard>1 with backend=megatron: it shards only through its distributed "
+            "optimizer (not available, see zero_stage); use dp_replicate for data parallel"
+        )
     if p.zero_stage >= 1:
-        raise ConfigError(f"parallel.zero_stage={p.zero_stage} with backend=megatron: its DistributedOptimizer "
-                          "is not wired into llmtrain yet (it needs CUDA tensors in its buffers and clipping, "
-                          "so it cannot be tested on CPU); use zero_stage=0, or backend=deepspeed/native for ZeRO")
+        raise ConfigError(
+            f"parallel.zero_stage={p.zero_stage} with backend=megatron: its DistributedOptimizer "
+            "is not wired into llmtrain yet (it needs CUDA tensors in its buffers and clipping, "
+            "so it cannot be tested on CPU); use zero_stage=0, or backend=deepspeed/native for ZeRO"
+        )
     if p.pp_schedule == "gpipe" and dims.pp_enabled:
         raise ConfigError("parallel.pp_schedule=gpipe: megatron runs 1f1b and interleaved_1f1b")
     if p.pp_layers_per_stage is not None:
         raise ConfigError("parallel.pp_layers_per_stage: megatron splits layers evenly; leave it null")
     if cfg.model.n_layers % (dims.pp * p.pp_virtual_stages):
-        raise ConfigError(f"model.n_layers={cfg.model.n_layers} must divide evenly over parallel.pp={dims.pp} "
-                          f"x parallel.pp_virtual_stages={p.pp_virtual_stages}")
+        raise ConfigError(
+            f"model.n_layers={cfg.model.n_layers} must divide evenly over parallel.pp={dims.pp} "
+            f"x parallel.pp_virtual_stages={p.pp_virtual_stages}"
+        )
     if cfg.model.vocab_size % dims.tp:
-        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} must be divisible by parallel.tp={dims.tp}")
+        raise ConfigError(
+            f"model.vocab_size={cfg.model.vocab_size} must be divisible by parallel.tp={dims.tp}"
+        )
     if device.type == "cuda":
         return
     if dims.tp_enabled and p.sequence_parallel:
-        raise ConfigError("parallel.sequence_parallel=true with backend=megatron needs CUDA (apex or "
-                          "TransformerEngine layer norms); set parallel.sequence_parallel=false on CPU")
+        raise ConfigError(
+            "parallel.sequence_parallel=true with backend=megatron needs CUDA (apex or "
+            "TransformerEngine layer norms); set parallel.sequence_parallel=false on CPU"
+        )
     if cfg.trainer.precision != "fp32":
-        raise ConfigError(f"trainer.precision={cfg.trainer.precision} with backend=megatron needs CUDA on CPU")
+        raise ConfigError(
+            f"trainer.precision={cfg.trainer.precision} with backend=megatron needs CUDA on CPU"
+        )
     if not getattr(megatron.core, "_llmtrain_cpu_shim", False):
         raise ConfigError(f"parallel.backend=megatron needs a GPU: {CPU_REASON}. Use backend=native on CPU")
 
@@ -96,18 +110,36 @@ def transformer_config(cfg: Config, dims: ParallelDims, device: torch.device) ->
     a, p = model_args(cfg.model), cfg.parallel
     bf16 = cfg.trainer.precision == "bf16"
     return TransformerConfig(
-        num_layers=a.n_layers, hidden_size=a.dim, num_attention_heads=a.n_heads,
-        num_query_groups=a.kv_heads, kv_channels=a.head_dim, ffn_hidden_size=a.hidden_dim,
-        normalization="RMSNorm", layernorm_epsilon=a.norm_eps, gated_linear_unit=True, activation_func=F.silu,
-        add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0, init_method_std=a.init_std,
-        bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
-        apply_rope_fusion=False, persist_layer_norm=False, gradient_accumulation_fusion=False,
-        tensor_model_parallel_size=dims.tp, pipeline_model_parallel_size=dims.pp,
+        num_layers=a.n_layers,
+        hidden_size=a.dim,
+        num_attention_heads=a.n_heads,
+        num_query_groups=a.kv_heads,
+        kv_channels=a.head_dim,
+        ffn_hidden_size=a.hidden_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=a.norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=a.init_std,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        tensor_model_parallel_size=dims.tp,
+        pipeline_model_parallel_size=dims.pp,
         virtual_pipeline_model_parallel_size=p.pp_virtual_stages if p.pp_virtual_stages > 1 else None,
         sequence_parallel=dims.tp_enabled and p.sequence_parallel,
-        use_cpu_initialization=device.type == "cpu", pipeline_dtype=torch.float32,
-        enable_autocast=bf16, autocast_dtype=torch.bfloat16 if bf16 else None,
-        calculate_per_token_loss=True, batch_p2p_sync=device.type == "cuda",
+        use_cpu_initialization=device.type == "cpu",
+        pipeline_dtype=torch.float32,
+        enable_autocast=bf16,
+        autocast_dtype=torch.bfloat16 if bf16 else None,
+        calculate_per_token_loss=True,
+        batch_p2p_sync=device.type == "cuda",
         # gloo matches point-to-point messages by (peer, tag) only: a batched send+recv of an activation and
         # a gradient of the same shape to one peer (interleaved 1F1B) can land in swapped buffers.
         batch_p2p_comm=device.type == "cuda",
@@ -116,9 +148,11 @@ def transformer_config(cfg: Config, dims: ParallelDims, device: torch.device) ->
 
 def _check_rank_layout(dims: ParallelDims) -> None:
     want = dims.coords(dist.get_rank())
-    got = {"tp": parallel_state.get_tensor_model_parallel_rank(),
-           "pp": parallel_state.get_pipeline_model_parallel_rank(),
-           "dp": parallel_state.get_data_parallel_rank()}
+    got = {
+        "tp": parallel_state.get_tensor_model_parallel_rank(),
+        "pp": parallel_state.get_pipeline_model_parallel_rank(),
+        "dp": parallel_state.get_data_parallel_rank(),
+    }
     assert all(want[k] == v for k, v in got.items()), f"megatron rank layout {got} != ParallelDims {want}"
 
 
@@ -135,11 +169,14 @@ def _local_state(chunk: torch.nn.Module) -> dict[str, torch.Tensor]:
 class MegatronEngine(Engine):
     """GPTModel chunks (one, or pp_virtual_stages for interleaved 1F1B) wrapped in megatron's DDP."""
 
-    def __init__(self, cfg: Config, dims: ParallelDims, mesh: DeviceMesh | None, device: torch.device) -> None:
+    def __init__(
+        self, cfg: Config, dims: ParallelDims, mesh: DeviceMesh | None, device: torch.device
+    ) -> None:
         check_supported(cfg, dims, device)
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(),
-                                    rank=0, world_size=1)
+            dist.init_process_group(
+                "nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1
+            )
         self.cfg, self.dims, self.device = cfg, dims, device
         self.args = model_args(cfg.model)
         self.grad_accum = batch_geometry(cfg, dims.dp)
@@ -159,37 +196,62 @@ class MegatronEngine(Engine):
         self.dp_group = parallel_state.get_data_parallel_group() if dims.dp_enabled else None
         named = [(n, p) for m in self.modules for n, p in m.named_parameters() if p.requires_grad]
         tied = self.args.tie_embeddings
-        groups = [{"params": [p for n, p in named if not _no_decay(tied, n, p)], "weight_decay": cfg.optim.weight_decay},
-                  {"params": [p for n, p in named if _no_decay(tied, n, p)], "weight_decay": 0.0}]
-        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.optim.lr,
-                                           betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
-                                           foreach=False)
+        groups = [
+            {
+                "params": [p for n, p in named if not _no_decay(tied, n, p)],
+                "weight_decay": cfg.optim.weight_decay,
+            },
+            {"params": [p for n, p in named if _no_decay(tied, n, p)], "weight_decay": 0.0},
+        ]
+        self.optimizer = torch.optim.AdamW(
+            [g for g in groups if g["params"]],
+            lr=cfg.optim.lr,
+            betas=(cfg.optim.beta1, cfg.optim.beta2),
+            eps=cfg.optim.eps,
+            foreach=False,
+        )
 
     def _build_chunk(self, v: int, vp: int, full: dict[str, torch.Tensor]) -> torch.nn.Module:
         vp_stage = v if vp > 1 else None
         pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
         post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
         chunk = GPTModel(
-            self.config, get_gpt_layer_local_spec(normalization="RMSNorm"), self.args.vocab_size,
-            self.args.max_seq_len, pre_process=pre, post_process=post,
-            share_embeddings_and_output_weights=self.args.tie_embeddings, position_embedding_type="rope",
-            rotary_base=int(self.args.rope_theta), vp_stage=vp_stage,
+            self.config,
+            get_gpt_layer_local_spec(normalization="RMSNorm"),
+            self.args.vocab_size,
+            self.args.max_seq_len,
+            pre_process=pre,
+            post_process=post,
+            share_embeddings_and_output_weights=self.args.tie_embeddings,
+            position_embedding_type="rope",
+            rotary_base=int(self.args.rope_theta),
+            vp_stage=vp_stage,
         )
         layers = [layer.layer_number - 1 for layer in chunk.decoder.layers]
         pp_rank = parallel_state.get_pipeline_model_parallel_rank()
-        assert layers == chunk_layers(self.args.n_layers, self.dims.pp, vp, pp_rank, v), layers  # offline tool
+        assert layers == chunk_layers(self.args.n_layers, self.dims.pp, vp, pp_rank, v), (
+            layers
+        )  # offline tool
         self.chunk_layers.append(layers)
         self._load_chunk(chunk, layers, full)
         chunk.to(self.device)
-        ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                                use_distributed_optimizer=False)
+        ddp_cfg = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False
+        )
         return DistributedDataParallel(self.config, ddp_cfg, chunk)
 
     def _load_chunk(self, chunk: torch.nn.Module, layers: list[int], full: dict[str, torch.Tensor]) -> None:
         """This rank's TP shard of the chunk's layers from full native weights."""
         pre, post = chunk.pre_process, chunk.post_process
-        local = to_megatron(full, self.args, layers, pre_process=pre, post_process=post,
-                            tp_rank=parallel_state.get_tensor_model_parallel_rank(), tp=self.dims.tp)
+        local = to_megatron(
+            full,
+            self.args,
+            layers,
+            pre_process=pre,
+            post_process=post,
+            tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+            tp=self.dims.tp,
+        )
         expected = _local_state(chunk)
         local = {k: v for k, v in local.items() if k in expected}  # tied pp=1: no output_layer weight
         missing = set(expected) - set(local)
@@ -217,9 +279,12 @@ class MegatronEngine(Engine):
             m.train(not forward_only)
         iters = [iter(batches) for _ in self.modules]
         results = get_forward_backward_func()(
-            forward_step_func=self._forward_step, data_iterator=iters if len(iters) > 1 else iters[0],
-            model=self.modules if len(self.modules) > 1 else self.modules[0], num_microbatches=len(batches),
-            seq_length=batches[0].inputs.shape[1], micro_batch_size=batches[0].inputs.shape[0],
+            forward_step_func=self._forward_step,
+            data_iterator=iters if len(iters) > 1 else iters[0],
+            model=self.modules if len(self.modules) > 1 else self.modules[0],
+            num_microbatches=len(batches),
+            seq_length=batches[0].inputs.shape[1],
+            micro_batch_size=batches[0].inputs.shape[0],
             forward_only=forward_only,
         )
         total = torch.zeros((), dtype=torch.float64)
@@ -263,18 +328,24 @@ class MegatronEngine(Engine):
 
     @torch.no_grad()
     def evaluate(self, batches: list[Batch]) -> float:
-        total = torch.tensor([self._run(batches, forward_only=True), sum(b.num_tokens for b in batches)],
-                             dtype=torch.float64)
+        total = torch.tensor(
+            [self._run(batches, forward_only=True), sum(b.num_tokens for b in batches)], dtype=torch.float64
+        )
         all_reduce_(total, self.dp_group)
         return float(total[0] / total[1].clamp(min=1))
 
     # --- checkpoints: one tensors-only file per (tp, pp) coordinate, written by dp rank 0 -----------
     def _file(self, folder: Path) -> Path:
         c = self.dims.coords(dist.get_rank())
-        return Path(folder) / f"megatron_tp{c['tp']:02d}-of-{self.dims.tp:02d}_pp{c['pp']:02d}-of-{self.dims.pp:02d}.pt"
+        return (
+            Path(folder)
+            / f"megatron_tp{c['tp']:02d}-of-{self.dims.tp:02d}_pp{c['pp']:02d}-of-{self.dims.pp:02d}.pt"
+        )
 
     def _named_params(self) -> dict[str, torch.nn.Parameter]:
-        return {f"chunk{i}.{n}": p for i, m in enumerate(self.modules) for n, p in m.module.named_parameters()}
+        return {
+            f"chunk{i}.{n}": p for i, m in enumerate(self.modules) for n, p in m.module.named_parameters()
+        }
 
     def save(self, folder: Path) -> None:
         """Model + AdamW state of this (tp, pp) shard; tensors only, loaded with weights_only=True."""
@@ -298,8 +369,10 @@ class MegatronEngine(Engine):
             return
         path = self._file(folder)
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: no megatron shard for this tp/pp layout (saved under another "
-                                    "layout? convert with tools/convert_megatron.py)")
+            raise FileNotFoundError(
+                f"{path}: no megatron shard for this tp/pp layout (saved under another "
+                "layout? convert with tools/convert_megatron.py)"
+            )
         state = torch.load(path, map_location="cpu", weights_only=True)
         with torch.no_grad():
             for name, p in self._named_params().items():
@@ -307,7 +380,9 @@ class MegatronEngine(Engine):
                 if load_optimizer:
                     keys = [k for k in state if k.startswith(f"optim.{name}.")]
                     if keys:
-                        self.optimizer.state[p] = {k.rsplit(".", 1)[1]: state[k].to(self.device) for k in keys}
+                        self.optimizer.state[p] = {
+                            k.rsplit(".", 1)[1]: state[k].to(self.device) for k in keys
+                        }
 
     def full_model_state(self) -> dict[str, torch.Tensor]:
         """Native-named full weights (TP shards gathered, pipeline stages merged); collective."""
@@ -326,7 +401,10 @@ class MegatronEngine(Engine):
             out.update(from_megatron(full, self.args, layers, tp=self.dims.tp))
         if self.dims.pp_enabled:
             gathered: list = [None] * self.dims.pp
-            dist.all_gather_object(gathered, {k: v.numpy() for k, v in out.items()},
-                                   group=parallel_state.get_pipeline_model_parallel_group())
+            dist.all_gather_object(
+                gathered,
+                {k: v.numpy() for k, v in out.items()},
+                group=parallel_state.get_pipeline_model_parallel_group(),
+            )
             out = {k: torch.from_numpy(v) for part in gathered for k, v in part.items()}
         return out

@@ -77,7 +77,9 @@ def to_megatron(
         out[m + "self_attention.linear_proj.weight"] = row(native[a + "wo.weight"])
         out[m + "pre_mlp_layernorm.weight"] = native[n + "ffn_norm.weight"].clone()
         f = n + "feed_forward."
-        out[m + "mlp.linear_fc1.weight"] = torch.cat([col(native[f + "w1.weight"]), col(native[f + "w3.weight"])])
+        out[m + "mlp.linear_fc1.weight"] = torch.cat(
+            [col(native[f + "w1.weight"]), col(native[f + "w3.weight"])]
+        )
         out[m + "mlp.linear_fc2.weight"] = row(native[f + "w2.weight"])
     if post_process:
         out["decoder.final_layernorm.weight"] = native["norm.weight"].clone()
@@ -116,7 +118,9 @@ def tp_concat_dim(name: str) -> int | None:
     """Along which dim megatron shards `name` over TP (None: replicated)."""
     if name.endswith(("linear_proj.weight", "linear_fc2.weight")):
         return 1
-    if name.endswith(("linear_qkv.weight", "linear_fc1.weight", "word_embeddings.weight", "output_layer.weight")):
+    if name.endswith(
+        ("linear_qkv.weight", "linear_fc1.weight", "word_embeddings.weight", "output_layer.weight")
+    ):
         return 0
     return None
 
@@ -138,7 +142,7 @@ def engine_files_to_native(
     for p in range(pp):
         for v in range(vp):
             prefix = f"model.chunk{v}."
-            names = [k[len(prefix):] for k in shards[(0, p)] if k.startswith(prefix)]
+            names = [k[len(prefix) :] for k in shards[(0, p)] if k.startswith(prefix)]
             full = {}
             for name in names:
                 parts = [shards[(t, p)][prefix + name] for t in range(tp)]
