@@ -14,6 +14,7 @@ For `async_save`, steps 2-3 run in a background thread that talks over its own g
 save (or `wait()` at the end of the run) waits for it.
 """
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -24,6 +25,7 @@ import threading
 import time
 import uuid
 import warnings
+from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,18 +114,25 @@ class CheckpointManager:
         t0 = time.perf_counter()
         self.wait()
         rank, tmp = _rank(), self._agree_tmp_folder(step)
-        stage = (self._staging_root / f"rank_{rank:05d}") if self.async_save else tmp / f".rank_{rank:05d}"
-        error = None
+        error, writer = None, None
+        if self.async_save:  # engines that can: copy state to host memory now, serialize it later
+            try:
+                writer = engine.snapshot()
+            except Exception as e:
+                error = _describe(e, rank)
+        # no snapshot support: async saves stage through engine.save into RAM (/dev/shm) instead
+        in_ram = self.async_save and writer is None
+        stage = (self._staging_root / f"rank_{rank:05d}") if in_ram else tmp / f".rank_{rank:05d}"
         try:
             shutil.rmtree(stage, ignore_errors=True)
             stage.mkdir(parents=True)
             fault_point("begin", step, rank)
-            with warnings.catch_warnings():  # DCP warns that a single process saves without a group
-                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-                engine.save(stage / ENGINE_DIR)
+            if writer is None and error is None:
+                with _quiet_single_process():
+                    engine.save(stage / ENGINE_DIR)
             save_torch_rng(stage / RNG_DIR / f"rank_{rank:05d}.pt")
         except (Exception, CheckpointException) as e:  # DCP re-raises a failed write on every rank
-            error = _describe(e, rank)
+            error = error or _describe(e, rank)
         ranks = self._gather(rank_state, None)
         if rank == 0 and error is None:
             full = dict(state, format=FORMAT, step=step, ranks=ranks, saved_at=time.time())
@@ -141,7 +150,7 @@ class CheckpointManager:
         done = Future()
         thread = threading.Thread(
             target=self._background,
-            args=(done, step, tmp, stage, error),
+            args=(done, step, tmp, stage, error, writer),
             name=f"ckpt-save-{step}",
             daemon=True,
         )
@@ -154,9 +163,16 @@ class CheckpointManager:
         pending, self._pending = self._pending, None
         return pending.result() if pending is not None else None
 
-    def _background(self, done: Future, step: int, tmp: Path, stage: Path, error: str | None) -> None:
+    def _background(
+        self, done: Future, step: int, tmp: Path, stage: Path, error: str | None, writer: Any
+    ) -> None:
         try:
-            self._commit(step, tmp, stage, error, move=False, group=self._group)
+            if writer is not None and error is None:  # serialize the host snapshot straight to disk
+                try:  # (no warnings filter here: catch_warnings is not thread-safe)
+                    writer(stage / ENGINE_DIR, self._group)
+                except (Exception, CheckpointException) as e:
+                    error = _describe(e, _rank())
+            self._commit(step, tmp, stage, error, move=writer is not None, group=self._group)
             done.set_result(step_dir(self.folder, step))
         except BaseException as e:
             done.set_exception(e)
@@ -300,6 +316,14 @@ def _transfer(stage: Path, tmp: Path, move: bool) -> None:
         else:
             shutil.copyfile(src, dst)
         fsync_path(dst)
+
+
+@contextlib.contextmanager
+def _quiet_single_process() -> Iterator[None]:
+    """DCP warns that a single process saves without a process group; that is intended here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def _describe(e: BaseException, rank: int) -> str:

@@ -7,7 +7,9 @@ Backends: native (torch DTensor/FSDP2/pipelining; the reference), deepspeed, meg
 """
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -53,6 +55,13 @@ class Engine(ABC):
     @abstractmethod
     def load(self, folder: Path, *, load_optimizer: bool = True) -> None:
         """Collective: read state written by `save`, possibly under another layout."""
+
+    def snapshot(self) -> Callable[[Path, Any], None] | None:
+        """For async checkpoints: copy model + optimizer state to host memory now (the only part that
+        blocks training) and return `write(folder, process_group)`, which serializes that copy later on
+        a background thread. None (the default): the engine cannot split the two, and the checkpoint
+        manager stages through `save` into RAM instead."""
+        return None
 
     def full_model_state(self) -> dict[str, torch.Tensor]:
         """Unsharded model weights under the native parameter names (for export); collective.

@@ -2,13 +2,18 @@
 pipelining schedules), all composable, saved with DCP under parameter names that do not depend on
 the layout (so a checkpoint loads under any other layout)."""
 
+from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+
+# torch's staging helpers behind dcp.async_save's default stager (private; checked in tests)
+from torch.distributed._state_dict_utils import _copy_state_dict, _create_cpu_state_dict
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -177,9 +182,23 @@ class NativeEngine(Engine):
             loss_sum = self._pipeline_pass(batches, 1.0, train=False)
         return float(loss_sum) / max(global_token_count(batches, self.dp_group), 1)
 
-    def save(self, folder: Path) -> None:
+    def _checkpoint_state(self) -> dict[str, Any]:
         msd, osd = get_state_dict(self.model, self.optimizer, options=SD_OPTIONS)
-        dcp.save({"model": self.peft.checkpoint_keys(msd), "optim": osd}, checkpoint_id=str(folder))
+        return {"model": self.peft.checkpoint_keys(msd), "optim": osd}
+
+    def save(self, folder: Path) -> None:
+        dcp.save(self._checkpoint_state(), checkpoint_id=str(folder), no_dist=not dist.is_initialized())
+
+    def snapshot(self) -> Callable[[Path, Any], None]:
+        """Host copy of the (sharded) state now; DCP serializes the copy later (async checkpoints).
+        Uses torch's own staging helpers (the ones behind dcp.async_save's default stager)."""
+        state = self._checkpoint_state()
+        host = _copy_state_dict(state, _create_cpu_state_dict(state))
+
+        def write(folder: Path, group: Any) -> None:
+            dcp.save(host, checkpoint_id=str(folder), process_group=group, no_dist=not dist.is_initialized())
+
+        return write
 
     def load(self, folder: Path, *, load_optimizer: bool = True) -> None:
         if load_optimizer:
