@@ -20,7 +20,8 @@ class CheckpointConfig:
     async_save: bool = False
     """Block the step only for the device-to-host copy; write in the background."""
     async_staging_dir: str | None = None
-    """RAM-backed folder for async staging (None = /dev/shm, else the system temp folder)."""
+    """RAM staging folder for async saves of engines without a host snapshot (DeepSpeed, megatron);
+    None = /dev/shm, else the system temp folder."""
     save_at_end: bool = True
     """Save when training finishes or is interrupted by a signal."""
     resume: str = "auto"
