@@ -7,6 +7,7 @@ go through DCP, so a checkpoint saved under one parallel layout loads under anot
 from collections.abc import Callable
 from pathlib import Path
 
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from omegaconf import OmegaConf
 from torch import nn
@@ -71,6 +72,6 @@ def load_model_weights(model: nn.Module, path: Path, keep: Callable[[str], bool]
             "(a different model config?)"
         )
     box = {"model": state}
-    dcp.load(box, checkpoint_id=str(path / MODEL_FOLDER))
+    dcp.load(box, checkpoint_id=str(path / MODEL_FOLDER), no_dist=not dist.is_initialized())
     set_model_state_dict(model, box["model"], options=StateDictOptions(strict=False))
     return sorted(state)

@@ -204,7 +204,7 @@ class NativeEngine(Engine):
         if load_optimizer:
             msd, osd = get_state_dict(self.model, self.optimizer, options=SD_OPTIONS)
             state = {"model": self.peft.checkpoint_keys(msd, folder), "optim": osd}
-            dcp.load(state, checkpoint_id=str(folder))
+            dcp.load(state, checkpoint_id=str(folder), no_dist=not dist.is_initialized())
             set_state_dict(
                 self.model,
                 self.optimizer,
@@ -215,7 +215,7 @@ class NativeEngine(Engine):
         else:
             msd = get_model_state_dict(self.model, options=SD_OPTIONS)
             state = {"model": self.peft.checkpoint_keys(msd, folder)}
-            dcp.load(state, checkpoint_id=str(folder))
+            dcp.load(state, checkpoint_id=str(folder), no_dist=not dist.is_initialized())
             set_model_state_dict(self.model, {**msd, **state["model"]}, options=SD_OPTIONS)
 
     def full_model_state(self) -> dict[str, torch.Tensor]:
