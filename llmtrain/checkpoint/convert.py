@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -79,14 +80,22 @@ def _hidden_dim(model: dict[str, Any]) -> int:
 def export_hf(
     checkpoint: str | Path, out: str | Path, dtype: str = "fp32", max_shard_gb: float = 5.0
 ) -> Path:
-    """Write the model of an llmtrain checkpoint (any parallel layout) as an HF Llama folder.
+    """Write the model of an llmtrain checkpoint (any parallel layout) as an HF Llama folder; a LoRA
+    checkpoint is merged into its base weights first.
 
     Streams: one safetensors shard's tensors are read from the DCP files at a time, so memory stays
     around one shard (never the optimizer state, never the whole model for large ones)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}; allowed: {', '.join(DTYPES)}")
     path = resolve_checkpoint_path(checkpoint)
-    model = (read_state(path).get("config") or {}).get("model")
+    config = read_state(path).get("config") or {}
+    if (config.get("peft") or {}).get("method") == "lora":  # fold the adapters in first (into a temp folder)
+        from llmtrain.peft.export import merge_lora_checkpoint
+
+        with tempfile.TemporaryDirectory(dir=Path(out).resolve().parent) as tmp:
+            merged = merge_lora_checkpoint(path, Path(tmp) / "merged")
+            return export_hf(merged, out, dtype, max_shard_gb)
+    model = config.get("model")
     if not model:
         raise CheckpointError(f"{path / STATE_FILE}: no model config recorded")
     verify_dcp(path / ENGINE_DIR)

@@ -133,3 +133,11 @@ def test_merged_checkpoint_matches_the_adapted_model(shakespeare_dir, tmp_path, 
     for k, v in plain.model.state_dict().items():
         if k in exported:
             torch.testing.assert_close(exported[k], v)
+    # the HF export of the LoRA run itself merges first: identical safetensors to exporting `merged`
+    from safetensors.torch import load_file
+
+    from llmtrain.checkpoint.convert import export_hf
+
+    direct = load_file(export_hf(tmp_path / "ft", tmp_path / "hf_direct") / "model.safetensors")
+    via_merge = load_file(export_hf(merged, tmp_path / "hf_merged") / "model.safetensors")
+    assert direct.keys() == via_merge.keys() and all(torch.equal(direct[k], via_merge[k]) for k in direct)
