@@ -3,9 +3,11 @@
 #   bash tools/setup.sh          # runtime only (enough for the quick start)
 #   bash tools/setup.sh dev      # + test/lint tools
 #   bash tools/setup.sh dev deepspeed megatron   # + optional engines (see docs/engines.md)
-# Torch: on CPU machines we install the CPU wheel first (torch==2.13.0, which these machines keep on
-# local disk) so that pip never resolves the multi-GB CUDA build. On a GPU cluster set
-# LLMTRAIN_TORCH="torch==<version>" (or "skip" to keep an existing install) before running this.
+# Torch is installed first, pinned, so that the later `pip install -e .` never resolves a torch of its
+# own: LLMTRAIN_TORCH (default "torch==2.13.0") is passed to pip as words. On the project's CPU machines
+# pip takes that pin's CPU wheel from local disk; on a GPU node the same pin from PyPI is the CUDA build;
+# elsewhere on a CPU-only box use LLMTRAIN_TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu";
+# LLMTRAIN_TORCH=skip keeps the torch already in the environment.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -14,7 +16,8 @@ VPY=.venv/bin/python
 "$VPY" -m pip install -q --upgrade pip
 TORCH_SPEC=${LLMTRAIN_TORCH:-torch==2.13.0}
 if [ "$TORCH_SPEC" != skip ] && ! "$VPY" -c "import torch" 2>/dev/null; then
-  "$VPY" -m pip install -q "$TORCH_SPEC"
+  # shellcheck disable=SC2086  # word splitting intended: a spec plus pip options
+  "$VPY" -m pip install -q $TORCH_SPEC
 fi
 extras=$(IFS=,; echo "$*")
 "$VPY" -m pip install -q -e ".${extras:+[$extras]}"
