@@ -80,6 +80,10 @@ def torchrun_command(cfg: Config, config_path: Path) -> list[str]:
 
 def launch_local(cfg: Config) -> int:
     """Start the run on this machine; returns the exit code of the ranks."""
+    from llmtrain.parallel.layout import build_dims
+
+    # the world size is known here: check the layout and batch geometry before any rank is spawned
+    build_dims(cfg, cfg.launcher.nproc * cfg.launcher.nnodes)
     run_dir = prepare_run(cfg)
     config_path = run_dir / "config.yaml"
     if cfg.launcher.nproc == 1 and cfg.launcher.nnodes == 1:

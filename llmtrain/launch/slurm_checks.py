@@ -11,7 +11,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
-from llmtrain.config import Config, ConfigError, batch_geometry
+from llmtrain.config import Config, ConfigError
 
 
 def tasks_per_node(cfg: Config) -> int:
@@ -63,18 +63,17 @@ def check_static(cfg: Config) -> None:
 
 
 def check_layout(cfg: Config, world: int) -> None:
-    """The parallel layout and batch geometry must fit the number of tasks the job will have."""
-    from llmtrain.parallel.dims import ParallelDims
+    """The parallel layout and batch geometry must fit the number of tasks the job will have (the same
+    rules the ranks apply, checked before submission)."""
+    from llmtrain.parallel.layout import build_dims
 
-    p = cfg.parallel
     try:
-        dims = ParallelDims(p.dp_replicate, p.dp_shard, p.tp, p.pp, world)
+        build_dims(cfg, world)
     except ConfigError as e:
         lc = cfg.launcher
         raise ConfigError(
             f"{e} (SLURM world = launcher.nodes={lc.nodes} x {tasks_per_node(cfg)} tasks per node)"
         ) from None
-    batch_geometry(cfg, dims.dp)
 
 
 @dataclass(frozen=True)

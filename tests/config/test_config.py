@@ -103,3 +103,19 @@ def test_cli_reports_config_error_before_starting(tmp_path):
         timeout=120,
     )
     assert out.returncode == 2 and "choose one of: cosine" in out.stderr
+
+
+def test_cli_checks_the_layout_against_the_world_size_before_spawning(tmp_path):
+    """launcher.nproc fixes the world size in the launching process: a layout that cannot fit is a
+    config error (exit 2, no run folder), not a crash inside the ranks."""
+    out = subprocess.run(
+        [sys.executable, "-m", "llmtrain.cli", f"run.root={tmp_path}", "parallel=tp2", "launcher.nproc=3"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "world size 3" in out.stderr and "tp=2" in out.stderr
+    # only Hydra's own (empty) log folder exists: no resolved config, no data, no rank was started
+    made = {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")}
+    assert made <= {"default", "default/hydra", "default/hydra/cli.log"}, made
