@@ -66,6 +66,9 @@ EOC
   chmod 600 "$BASE/slurmdbd.conf"
   ACCT=$'AccountingStorageType=accounting_storage/slurmdbd\nAccountingStorageHost=127.0.0.1\nAccountingStoragePort=6819'
 fi
+# CPUs from getconf, not nproc: nproc obeys OMP_NUM_THREADS (.ci/run sets it to 1), which once gave a
+# 1-CPU node on which every 2-task test job was refused. At least 2, since the tests run 2 tasks.
+NCPU=$(getconf _NPROCESSORS_ONLN); [ "$NCPU" -ge 2 ] || NCPU=2
 cat > "$SLURM_CONF" <<EOC
 ClusterName=ci
 SlurmctldHost=localhost(127.0.0.1)
@@ -92,10 +95,12 @@ SchedulerParameters=bf_interval=2,sched_interval=5
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 MpiDefault=none
+# trust CPUs= below even where the machine has fewer (the tests need 2 tasks on 1-core machines too)
+SlurmdParameters=config_overrides
 ReturnToService=2
 KillWait=5
 MinJobAge=300
-NodeName=localhost NodeAddr=127.0.0.1 CPUs=$(nproc) RealMemory=$(( $(awk '/MemTotal/{print $2}' /proc/meminfo) / 1024 - 1024 )) State=UNKNOWN
+NodeName=localhost NodeAddr=127.0.0.1 CPUs=$NCPU RealMemory=$(( $(awk '/MemTotal/{print $2}' /proc/meminfo) / 1024 - 1024 )) State=UNKNOWN
 PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 EOC
 if [ "$WITH_DBD" = 1 ]; then
