@@ -11,8 +11,11 @@ default divides the loss by gradient_accumulation_steps; we call `backward(..., 
 the gradient is exactly dL/dw of the token-weighted global mean, whatever the micro-batch token counts.
 """
 
+import argparse
+import contextlib
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -61,6 +64,36 @@ def _ensure_process_group(device: torch.device) -> None:
     if device.type == "cpu":
         _skip_shm_comm_build()
     deepspeed.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False, verbose=False)
+
+
+def saved_zero_layout(tag_dir: Path) -> tuple[int | None, bool]:
+    """(data-parallel ranks that wrote a ZeRO 1-3 checkpoint, whether it is ZeRO-3), from its file names:
+    one optimizer shard per rank, and per-rank model files only under ZeRO-3. None ranks for ZeRO-0,
+    whose optimizer state is whole and loads under any world size."""
+    ranks = len(list(tag_dir.glob("*zero_pp_rank_*_mp_rank_*_optim_states.pt"))) or None
+    return ranks, any(tag_dir.glob("zero_pp_rank_*_mp_rank_*_model_states.pt"))
+
+
+def to_universal(tag_dir: Path, out_dir: Path) -> None:
+    """DeepSpeed's `ds_to_universal` conversion, in-process and single-worker (no process pool inside a
+    training rank). Writes to a temporary name and renames, so a killed conversion is never loaded."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(out_dir.parent, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    args = argparse.Namespace(
+        input_folder=str(tag_dir),
+        output_folder=str(tmp),
+        num_extract_workers=1,
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=True,  # our saves carry no Megatron-DeepSpeed client state
+    )
+    with contextlib.redirect_stdout(sys.stderr):  # its progress output is not our console line
+        ds_to_universal.main(args)
+    tmp.rename(out_dir)
 
 
 class DeepSpeedEngine(Engine):
@@ -160,10 +193,34 @@ class DeepSpeedEngine(Engine):
         self.engine.save_checkpoint(str(folder), tag=CKPT_TAG, save_latest=False)
 
     def load(self, folder: Path, *, load_optimizer: bool = True) -> None:
-        """Same world size for optimizer state (ZeRO shards are per rank); weights-only loads also work
-        under another data-parallel size for ZeRO 0-2. A native checkpoint loads its weights only."""
+        """Resume DeepSpeed's own checkpoint; a native checkpoint loads its weights only.
+
+        ZeRO 1-3 optimizer state is sharded per data-parallel rank. When the checkpoint was written by
+        another number of ranks, it goes through DeepSpeed's universal checkpoint (per-parameter fp32
+        master, exp_avg, exp_avg_sq), which DeepSpeed re-partitions for this world size, so a run
+        moves to more or fewer GPUs without losing its Adam moments."""
         if is_native_checkpoint(folder):
             self._load_native(read_native_weights(folder))
+            return
+        saved_dp, saved_stage3 = saved_zero_layout(folder / CKPT_TAG)
+        stage = self.ds_config["zero_optimization"]["stage"]
+        if saved_dp is not None and saved_stage3 != (stage == 3):
+            saved = "3" if saved_stage3 else "1 or 2"
+            raise ConfigError(
+                f"{folder}: a ZeRO-{saved} checkpoint cannot load under parallel.zero_stage={stage} (DeepSpeed "
+                f"keeps ZeRO-3 and ZeRO-1/2 states in different layouts); resume with parallel.zero_stage={saved}"
+            )
+        if not load_optimizer and saved_stage3:
+            # DeepSpeed's own ZeRO-3 module-only load looks for a `latest` file we never write; gather the
+            # fp32 weights from the shards (any world size) instead
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+            with contextlib.redirect_stdout(sys.stderr):
+                self._load_native(get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=CKPT_TAG))
+            return
+        # ZeRO 1/2 keep whole weights in one file, which DeepSpeed loads under any world size by itself
+        if load_optimizer and saved_dp is not None and saved_dp != self.dims.dp:
+            self._load_resharded(folder, saved_dp)
             return
         path, _ = self.engine.load_checkpoint(
             str(folder),
@@ -174,6 +231,47 @@ class DeepSpeedEngine(Engine):
         )
         if path is None:
             raise FileNotFoundError(f"{folder}: no DeepSpeed checkpoint (tag {CKPT_TAG!r})")
+
+    def _load_resharded(self, folder: Path, saved_dp: int) -> None:
+        """Convert `folder` to DeepSpeed's universal format (rank 0, into this run's folder: the source
+        checkpoint may belong to another run and stays untouched), load it on every rank, remove it."""
+        staging = Path(self.cfg.run.root) / self.cfg.run.name / f".ds_universal-{folder.parent.name}"
+        error: list[str | None] = [None]
+        if dist.get_rank() == 0:
+            print(
+                f"DeepSpeed checkpoint {folder} was written by {saved_dp} data-parallel rank(s), this run "
+                f"has {self.dims.dp}: converting it to a universal checkpoint in {staging}",
+                file=sys.stderr,
+            )
+            try:
+                to_universal(folder / CKPT_TAG, staging / CKPT_TAG)
+            except Exception as e:  # every rank must learn it, not wait forever for rank 0
+                error = [f"{type(e).__name__}: {e}"]
+        dist.broadcast_object_list(error, src=0)
+        if error[0] is not None:
+            raise RuntimeError(f"converting {folder} to a universal checkpoint failed on rank 0: {error[0]}")
+        # Two DeepSpeed 0.19 ZeRO-3 universal-load bugs, undone after loading: every param group gets the
+        # first group's hyperparameters (weight decay on norms and embeddings), and all sub-groups share
+        # one `step` tensor, which torch's AdamW increments in place once per sub-group (wrong bias
+        # correction from the second step on).
+        groups = self.base_optimizer.param_groups
+        hyper = [{k: v for k, v in g.items() if k != "params"} for g in groups]
+        config = self.engine._config
+        config.load_universal_checkpoint = True
+        try:
+            path, _ = self.engine.load_checkpoint(str(staging), tag=CKPT_TAG, load_lr_scheduler_states=False)
+        finally:
+            config.load_universal_checkpoint = False
+        for group, values in zip(groups, hyper, strict=True):
+            group.update(values)
+        for state in self.base_optimizer.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
+        dist.barrier()
+        if dist.get_rank() == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+        if path is None:
+            raise FileNotFoundError(f"{staging}: the universal conversion of {folder} did not load")
 
     @torch.no_grad()
     def _load_native(self, weights: dict[str, torch.Tensor]) -> None:
