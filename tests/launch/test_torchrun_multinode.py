@@ -1,5 +1,6 @@
 """launcher=torchrun across "nodes": two torchrun agents on loopback (node_rank 0 and 1, one rank each)
-form one 2-rank job whose per-step losses equal the 2-process local run."""
+form one 2-rank job whose per-step losses equal the 2-process local run, with the static rendezvous
+(node_rank fixes the ranks) and the elastic c10d one (ranks in order of arrival)."""
 
 import subprocess
 import sys
@@ -14,9 +15,11 @@ from tests.launch.conftest import STEPS, read_losses
 
 @pytest.mark.distributed
 @pytest.mark.timeout(150)
-def test_two_torchrun_agents_on_loopback(tiny_overrides, reference_losses, tmp_path: Path) -> None:
+@pytest.mark.parametrize("rdzv", ["static", "c10d"])
+def test_two_torchrun_agents_on_loopback(rdzv: str, tiny_overrides, reference_losses, tmp_path: Path) -> None:
     endpoint = f"127.0.0.1:{free_port()}"
     common = [*tiny_overrides, "launcher=torchrun", "launcher.nnodes=2", "launcher.nproc=1"]
+    common += [f"launcher.rdzv_backend={rdzv}"]
     common += [f"launcher.rdzv_endpoint={endpoint}", f"run.root={tmp_path}", "run.name=two-nodes"]
     agents = [
         subprocess.Popen(
@@ -37,7 +40,10 @@ def test_two_torchrun_agents_on_loopback(tiny_overrides, reference_losses, tmp_p
             if a.poll() is None:
                 a.kill()
     assert [a.returncode for a in agents] == [0, 0], "\n".join(o[-3000:] for o in outputs)
-    assert f"--master_addr=127.0.0.1 --master_port={endpoint.rsplit(':')[1]}" in outputs[0]
+    if rdzv == "static":
+        assert f"--master_addr=127.0.0.1 --master_port={endpoint.rsplit(':')[1]}" in outputs[0]
+    else:
+        assert all(f"--rdzv_backend=c10d --rdzv_endpoint={endpoint}" in o for o in outputs)
     losses = read_losses(tmp_path / "two-nodes")
     assert sorted(losses) == list(range(1, STEPS + 1))
     worst = max(abs(losses[s] - reference_losses[s]) for s in reference_losses)
