@@ -5,6 +5,7 @@ This file knows nothing of parallelism (STYLE.md §2). Build it on the meta devi
 """
 
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -208,15 +209,25 @@ class Transformer(nn.Module):
         self.rope = rope_tables(
             self.args.head_dim, self.args.max_seq_len, self.args.rope_theta, device=buffer_device
         )
+        for name, p, draw, param_seed in self.init_plan(seed):
+            fill_param(p, draw, seed=param_seed, name=name)
+
+    def init_plan(self, seed: int) -> Iterator[tuple[str, nn.Parameter, Callable, int]]:
+        """(name, parameter, draw(shape, generator), seed) of every parameter: the init rule, apart from
+        how a rank reaches its storage (plain/DTensor here; DeepSpeed ZeRO-3 gathers one at a time)."""
         std, out_std = self.args.init_std, self.args.init_std / math.sqrt(2 * self.args.n_layers)
         for name, p in self.named_parameters():
             leaf = name.rsplit(".", 1)[0].rsplit(".", 1)[-1]
             if name.endswith("norm.weight"):
-                fill_param(p, lambda shape, g: torch.ones(shape))
+                yield name, p, _ones, 0
             elif leaf in ("wo", "w2"):
-                fill_param(p, _normal(out_std), seed=seed, name=name)
+                yield name, p, _normal(out_std), seed
             else:
-                fill_param(p, _normal(std), seed=seed, name=name)
+                yield name, p, _normal(std), seed
+
+
+def _ones(shape: torch.Size, g: torch.Generator) -> torch.Tensor:
+    return torch.ones(shape)
 
 
 def _normal(std: float):

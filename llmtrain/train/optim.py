@@ -16,7 +16,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        (decay if p.ndim >= 2 and "tok_embeddings" not in name else no_decay).append(p)
+        ndim = len(getattr(p, "ds_shape", p.shape))  # DeepSpeed ZeRO-3 params are empty outside forward
+        (decay if ndim >= 2 and "tok_embeddings" not in name else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
 

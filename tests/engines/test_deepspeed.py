@@ -1,5 +1,6 @@
 """DeepSpeed engine: parity with the single-process native run for ZeRO 0/1/2/3 (+ offload, bf16) on
-2 gloo ranks, save/load through our checkpoint manager, loading a native checkpoint (engine switch), the generated
+2 gloo ranks (ZeRO-3 models built partitioned under zero.Init), save/load through our checkpoint
+manager, resuming on another world size, loading a native checkpoint (engine switch), the generated
 JSON, and export of full weights.
 
 All cases share one spawned process group: importing DeepSpeed costs ~2 s per process and each engine
@@ -62,6 +63,11 @@ def _all_cases(rank: int, world: int, cfg, ckpt_root: str) -> dict:
         engine = _engine(cfg, stage, extra, world)
         out[name] = run_steps(engine, world, rank)
         if name == "zero3":  # export (gathers the ZeRO-3 shards) and checkpoint round trip
+            from llmtrain.parallel.backends.deepspeed import build_partitioned
+
+            # built under zero.Init: partitioned as constructed, this rank holds only its slice
+            built = build_partitioned(engine.cfg, engine.ds_config, torch.device("cpu"))
+            out["zero3_built"] = [(p.numel(), p.ds_tensor.numel(), p.ds_numel) for p in built.parameters()]
             # numpy, not tensors: torch would share tensor storage through a file descriptor that dies
             # with the rank process
             out["zero3_state"] = {k: v.numpy() for k, v in engine.full_model_state().items()}
@@ -94,6 +100,9 @@ def test_deepspeed_parity_all_stages(make_config, tmp_path: Path) -> None:
         tol = 1e-3 if extra.get("precision") == "bf16" else 1e-6
         assert d_loss < tol, f"{name}: loss differs from native by {d_loss:.2e} (tol {tol})"
         assert d_norm < max(tol, 1e-5) * 10, f"{name}: grad norm differs from native by {d_norm:.2e}"
+    # ZeRO-3 models are constructed partitioned (deepspeed.zero.Init): no rank materializes all of it
+    for r in (r0, r1):
+        assert all(empty == 0 and local == -(-full // 2) for empty, local, full in r["zero3_built"])
     # full weights after 5 steps, gathered from ZeRO-3 shards, under the native names
     assert set(r0["zero3_state"]) == set(ref_state)
     worst = max((torch.from_numpy(r0["zero3_state"][k]) - ref_state[k]).abs().max().item() for k in ref_state)

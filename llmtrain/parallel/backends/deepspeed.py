@@ -34,6 +34,7 @@ from llmtrain.config.validate import ConfigError
 from llmtrain.data.loader import Batch
 from llmtrain.models import build_model
 from llmtrain.models.build import count_params
+from llmtrain.models.llama import Transformer, rope_tables
 from llmtrain.parallel.backends.collectives import all_reduce_, global_tokens
 from llmtrain.parallel.backends.ds_config import deepspeed_config
 from llmtrain.parallel.backends.native_io import is_native_checkpoint, read_native_weights
@@ -96,6 +97,27 @@ def to_universal(tag_dir: Path, out_dir: Path) -> None:
     tmp.rename(out_dir)
 
 
+def build_partitioned(cfg: Config, ds_config: dict, device: torch.device) -> Transformer:
+    """ZeRO-3: construct the model under `deepspeed.zero.Init`, so each module's parameters are
+    partitioned as soon as the module exists and no rank ever holds the whole model (a 70B model does
+    not fit one GPU or one host), then initialize it with the layout-independent rule, one gathered
+    parameter at a time, drawn on rank 0 and broadcast: the same weights as any other layout."""
+    from llmtrain.models.init import fill_param
+
+    with deepspeed.zero.Init(config_dict_or_path=ds_config):
+        model = build_model(cfg.model, device)
+    model.rope = rope_tables(
+        model.args.head_dim, model.args.max_seq_len, model.args.rope_theta, device=device
+    )
+    first = dist.get_rank() == 0
+    with torch.no_grad():
+        for name, p, draw, seed in model.init_plan(cfg.trainer.seed):
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                if first:
+                    fill_param(p, draw, seed=seed, name=name)
+    return model
+
+
 class DeepSpeedEngine(Engine):
     """Our Transformer wrapped by `deepspeed.initialize` with a torch AdamW and a generated config."""
 
@@ -117,10 +139,13 @@ class DeepSpeedEngine(Engine):
         _ensure_process_group(device)
         # tp = pp = 1 here, so data parallel is the whole world (no mesh needed: DeepSpeed uses it too)
         self.dp_group = dist.group.WORLD if dims.dp_enabled else None
-        model = build_model(cfg.model, device)
-        model.init_weights(cfg.trainer.seed, buffer_device=device)
-        self.ds_config = deepspeed_config(cfg, dims.dp, self.grad_accum, count_params(model))
+        self.ds_config = deepspeed_config(cfg, dims.dp, self.grad_accum, count_params(build_model(cfg.model)))
         self._write_config()
+        if self.ds_config["zero_optimization"]["stage"] == 3:
+            model = build_partitioned(cfg, self.ds_config, device)
+        else:
+            model = build_model(cfg.model, device)
+            model.init_weights(cfg.trainer.seed, buffer_device=device)
         # A torch optimizer (not DeepSpeed's fused CPU Adam): identical update rule to the native engine.
         base = torch.optim.AdamW(
             param_groups(model, cfg.optim.weight_decay),
