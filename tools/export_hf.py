@@ -3,11 +3,14 @@
     python tools/export_hf.py runs/<name>/checkpoints/step_00001000 hf_out/ [--dtype bf16]
     python tools/export_hf.py runs/<name> hf_out/        # newest complete checkpoint of the run
 
-Writes model.safetensors (sharded with an index past --max-shard-gb) and config.json; load it with
-`transformers.LlamaForCausalLM.from_pretrained("hf_out")`. The tokenizer is not exported.
+Writes model.safetensors (sharded with an index past --max-shard-gb), config.json and the run's
+tokenizer (data.tokenizer: built-in byte level, HF tokenizer.json or sentencepiece model; see
+llmtrain/checkpoint/hf_tokenizer.py); load them with
+`transformers.LlamaForCausalLM.from_pretrained("hf_out")` and `AutoTokenizer.from_pretrained("hf_out")`.
 """
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -23,9 +26,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("out", help="output folder")
     ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     ap.add_argument("--max-shard-gb", type=float, default=5.0)
+    ap.add_argument("--no-tokenizer", action="store_true", help="weights and config.json only")
     args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="export_hf: %(message)s")
     try:
-        out = export_hf(args.checkpoint, args.out, args.dtype, args.max_shard_gb)
+        out = export_hf(args.checkpoint, args.out, args.dtype, args.max_shard_gb, not args.no_tokenizer)
     except CheckpointError as e:
         print(f"export_hf: {e}", file=sys.stderr)
         return 2

@@ -1,6 +1,7 @@
 """Checkpoint <-> Hugging Face folder conversion (the logic behind tools/export_hf.py, import_hf.py)."""
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -32,6 +33,8 @@ from llmtrain.checkpoint.layout import (
 )
 from llmtrain.checkpoint.manager import read_state
 from llmtrain.models.llama import TransformerArgs
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -78,10 +81,15 @@ def _hidden_dim(model: dict[str, Any]) -> int:
 
 
 def export_hf(
-    checkpoint: str | Path, out: str | Path, dtype: str = "fp32", max_shard_gb: float = 5.0
+    checkpoint: str | Path,
+    out: str | Path,
+    dtype: str = "fp32",
+    max_shard_gb: float = 5.0,
+    tokenizer: bool = True,
 ) -> Path:
-    """Write the model of an llmtrain checkpoint (any parallel layout) as an HF Llama folder; a LoRA
-    checkpoint is merged into its base weights first.
+    """Write the model of an llmtrain checkpoint (any parallel layout) as an HF Llama folder, with the
+    run's tokenizer (llmtrain.checkpoint.hf_tokenizer) unless tokenizer=False; a LoRA checkpoint is
+    merged into its base weights first.
 
     Streams: one safetensors shard's tensors are read from the DCP files at a time, so memory stays
     around one shard (never the optimizer state, never the whole model for large ones)."""
@@ -94,7 +102,10 @@ def export_hf(
 
         with tempfile.TemporaryDirectory(dir=Path(out).resolve().parent) as tmp:
             merged = merge_lora_checkpoint(path, Path(tmp) / "merged")
-            return export_hf(merged, out, dtype, max_shard_gb)
+            out = export_hf(merged, out, dtype, max_shard_gb, tokenizer=False)
+        if tokenizer:
+            _write_tokenizer(config, out)
+        return out
     model = config.get("model")
     if not model:
         raise CheckpointError(f"{path / STATE_FILE}: no model config recorded")
@@ -117,7 +128,26 @@ def export_hf(
     (out / "config.json").write_text(
         json.dumps(hf_config(model, _hidden_dim(model), DTYPES[dtype]), indent=2)
     )
+    if tokenizer:
+        _write_tokenizer(config, out)
     return out
+
+
+def _write_tokenizer(config: dict[str, Any], out: Path) -> None:
+    """The run's `data.tokenizer` beside the weights, its special-token ids into config.json."""
+    from llmtrain.checkpoint.hf_tokenizer import export_tokenizer
+
+    spec = (config.get("data") or {}).get("tokenizer")
+    if not spec:
+        log.warning("tokenizer not exported: the checkpoint records no data.tokenizer")
+        return
+    what, ids = export_tokenizer(spec, out, int(config["model"]["max_seq_len"]))
+    if not ids:
+        log.warning("tokenizer %s", what)
+        return
+    hf = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps(hf | ids, indent=2))
+    log.info("tokenizer: %s", what)
 
 
 def import_hf(hf_folder: str | Path, out: str | Path) -> dict[str, Any]:

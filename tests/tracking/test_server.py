@@ -88,6 +88,8 @@ def test_outages_at_start_and_mid_run_lose_no_point(mlflow_server_process, make_
     assert {a.path for a in client.list_artifacts(run_id, "model")} >= {
         "model/config.json",
         "model/model.safetensors",
+        "model/tokenizer.json",  # the run's tokenizer travels with the weights
+        "model/tokenizer_config.json",
     }
 
 
