@@ -10,15 +10,16 @@ all_reduce of S bytes 2S(n-1)/n, all_gather of a local chunk s (n-1)s, reduce_sc
 S(n-1)/n, send S, broadcast S(n-1)/n (averaged over ranks). Step 1 (pipelining shape inference,
 optimizer state allocation) is a warm-up; step 2 is measured.
 
-Analytical volume per step (P = parameter bytes, A = one micro-batch's activation b*s*dim*4 bytes,
-m = micro-batches per step, L = layers):
+Analytical volume: the planner's formulas (llmtrain/plan/comm.py, one source for both), with P =
+parameter bytes, A = one micro-batch's activation b*s*dim*4 bytes, m = micro-batches per step, L =
+layers, n = 2:
   dp (DDP)  one all-reduce of the gradients                     2P(n-1)/n
   zero1     one all-gather of parameters + one reduce-scatter    2P(n-1)/n
   zero2     one all-gather + one reduce-scatter per micro-batch   (1 + m) P(n-1)/n
   zero3     per micro-batch: all-gather fwd + bwd, reduce-scatter 3m P(n-1)/n
   tp (SP)   per micro-batch (8L + 4) all-gathers/reduce-scatters of A: fwd and bwd of 2 per block
             sub-layer pair, plus embedding and output projection   (8L + 4) m A (n-1)/n
-  pp        each micro-batch's activation forward and its gradient back, averaged over the 2 ranks: m A
+  pp        each micro-batch's activation forward (stage 0) or its gradient back (stage 1): m A
 Small extras (token count, loss, grad-norm scalars, loss-parallel (b*s) partials) are counted in
 the measurement but not in the analytical volume, so ratios slightly above 1 are expected on this
 tiny model; they vanish with size.
@@ -123,17 +124,16 @@ def _dtype(name: str) -> torch.dtype:
     }.get(name, torch.float32)
 
 
-def analytical(layout: str, p_bytes: int, n: int, dp: int) -> float:
-    act = MICRO * SEQ * DIM * 4
-    m = GLOBAL // (MICRO * dp)
-    return {
-        "dp2 (DDP)": 2 * p_bytes * (n - 1) / n,
-        "zero1 dp2": 2 * p_bytes * (n - 1) / n,
-        "zero2 dp2": (1 + m) * p_bytes * (n - 1) / n,
-        "zero3 dp2": 3 * m * p_bytes * (n - 1) / n,
-        "tp2 (SP)": (8 * LAYERS + 4) * m * act * (n - 1) / n,
-        "pp2 1f1b": m * act,
-    }[layout]
+def analytical(cfg, world: int) -> float:
+    """The planner's volume (llmtrain/plan/comm.py) for this layout: bytes the busiest rank sends."""
+    from llmtrain.models import model_args
+    from llmtrain.plan.comm import comm_volume
+    from llmtrain.plan.fit import layout_from_config
+
+    layout = layout_from_config(cfg, world)
+    accum = GLOBAL // (MICRO * layout.dp)
+    parts = comm_volume(model_args(cfg.model), SEQ, layout, accum, gpus_per_node=world, precision="fp32")
+    return sum(p.bytes for p in parts.values())
 
 
 def _batches(accum: int, g: torch.Generator) -> list:
@@ -189,7 +189,7 @@ def _body(rank: int, world: int, trace_dir: str) -> dict:
             "per_op": per_op,
             "param_bytes": p_bytes,
             "rs_excess": reduce_scatter_excess(trace, world),
-            "analytical": analytical(name, p_bytes, world, dims.dp),
+            "analytical": analytical(cfg, world),
         }
     return out
 

@@ -1,7 +1,8 @@
 """Will this config fit, how long will it take, and which layouts fit?
 
     python tools/plan.py model=8b parallel=zero3 data.seq_len=8192 trainer.global_batch_size=256 \
-        --gpus 8 --nodes 2 --gpu-mem 80 [--gpu "NVIDIA H100 80GB HBM3" | --peak-tflops 989] [--mfu 0.4]
+        --gpus 8 --nodes 2 --gpu-mem 80 [--gpu "NVIDIA H100 80GB HBM3" | --peak-tflops 989] [--mfu 0.4] \
+        [--intra-gbps 360 --inter-gbps 40]
 
 Arguments with `=` are Hydra overrides of the training config (same as `llmtrain ...`); the
 options describe the cluster. Prints the estimate for the configured layout and a table of
@@ -32,6 +33,12 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     )
     ap.add_argument("--mfu", type=float, default=0.4, help="assumed MFU before recompute and pipeline bubble")
     ap.add_argument("--headroom", type=float, default=0.1, help="share of GPU memory kept free")
+    ap.add_argument(
+        "--intra-gbps", type=float, default=360.0, help="collective bus bandwidth inside a node, GB/s"
+    )
+    ap.add_argument(
+        "--inter-gbps", type=float, default=40.0, help="collective bus bandwidth per GPU across nodes, GB/s"
+    )
     ap.add_argument("--top", type=int, default=8, help="layouts to suggest")
     ap.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
     ap.add_argument(
@@ -51,13 +58,13 @@ def row(p: Plan) -> str:
     return (
         f"{lo.dp_replicate:>4}x{lo.dp_shard:<4} {lo.tp:>3} {lo.pp:>3} {lo.zero_stage:>5} {lo.activation_checkpoint:>9} "
         f"{lo.micro_batch_size:>4} {p.grad_accum:>5} {m.total / GIB:>8.1f} {p.step_time_s:>8.2f} "
-        f"{p.tokens_per_s:>11,.0f} {100 * p.mfu:>5.1f}%"
+        f"{p.comm_exposed_s:>7.2f} {p.tokens_per_s:>11,.0f} {100 * p.mfu:>5.1f}%"
     )
 
 
 HEADER = (
     f"{'dp rxs':>9} {'tp':>3} {'pp':>3} {'zero':>5} {'ckpt':>9} {'mbs':>4} {'accum':>5} {'GiB/GPU':>8} "
-    f"{'step s':>8} {'tokens/s':>11} {'MFU':>6}"
+    f"{'step s':>8} {'comm s':>7} {'tokens/s':>11} {'MFU':>6}"
 )
 
 
@@ -102,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         peak_tflops=peak,
         mfu=opts.mfu,
         headroom=opts.headroom,
+        intra_node_gbps=opts.intra_gbps,
+        inter_node_gbps=opts.inter_gbps,
     )
     args, seq, gbs = model_args(cfg.model), cfg.data.seq_len, cfg.trainer.global_batch_size
     prec = cfg.trainer.precision
@@ -113,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"cluster: {opts.nodes} node(s) x {opts.gpus} GPUs, {opts.gpu_mem:g} GiB each "
-        f"({100 * (1 - opts.headroom):.0f}% usable), peak {peak:g} TFLOP/s, assumed MFU {opts.mfu:.0%}"
+        f"({100 * (1 - opts.headroom):.0f}% usable), peak {peak:g} TFLOP/s, assumed MFU {opts.mfu:.0%}, "
+        f"links {opts.intra_gbps:g} GB/s in a node, {opts.inter_gbps:g} GB/s per GPU across nodes"
     )
     report: dict = {
         "model": cfg.model.name,
@@ -134,6 +144,11 @@ def main(argv: list[str] | None = None) -> int:
             f"  -> {'FITS' if plan.fits else 'DOES NOT FIT'} in {cluster.usable_bytes / GIB:.1f} GiB usable"
         )
         print(f"  FLOPs/step: model {plan.model_flops_per_step:.3e}, hardware {plan.hw_flops_per_step:.3e}")
+        traffic = ", ".join(f"{k} {v / 1e9:.2f} GB" for k, v in plan.comm_bytes.items()) or "none"
+        print(
+            f"  communication per GPU per step: {traffic}; {plan.comm_s:.2f} s at the link rates, "
+            f"{plan.comm_exposed_s:.2f} s not hidden by compute"
+        )
         steps = cfg.trainer.max_steps
         print(
             f"  step {plan.step_time_s:.2f} s, {plan.tokens_per_s:,.0f} tokens/s, MFU {plan.mfu:.1%}; "
@@ -145,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
             "memory_gib": m.as_gib(),
             "step_time_s": plan.step_time_s,
             "mfu": plan.mfu,
+            "comm_bytes": plan.comm_bytes,
+            "comm_s": plan.comm_s,
+            "comm_exposed_s": plan.comm_exposed_s,
         }
     fits = suggest_layouts(args, seq, gbs, cluster, prec, top=opts.top)
     print(f"\nlayouts that fit ({len(fits)} shown, fastest first):")
@@ -156,7 +174,13 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print("none: add GPUs, lower data.seq_len or trainer.global_batch_size, or use more memory per GPU")
     report["suggestions"] = [
-        {"overrides": p.overrides(), "gib": p.memory.total / GIB, "step_time_s": p.step_time_s, "mfu": p.mfu}
+        {
+            "overrides": p.overrides(),
+            "gib": p.memory.total / GIB,
+            "step_time_s": p.step_time_s,
+            "comm_exposed_s": p.comm_exposed_s,
+            "mfu": p.mfu,
+        }
         for p in fits
     ]
     if opts.json:

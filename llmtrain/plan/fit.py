@@ -2,8 +2,9 @@
 
 Time model: a step does `flops_per_token(recompute) x global tokens` hardware FLOPs at an assumed
 `mfu` of the cluster's peak, stretched by the pipeline bubble (pp - 1) / (microbatches x virtual
-stages). Communication is not modelled (keep tp inside a node, which the search enforces); the
-reported MFU is therefore an upper bound that shrinks with recompute and bubbles only.
+stages), plus the communication that compute does not hide (llmtrain/plan/comm.py: bytes per rank at
+the intra- or inter-node bus bandwidth; data-parallel/ZeRO traffic overlaps with the backward, 2/3 of
+compute; tp and pp traffic is on the critical path). The search keeps tp inside a node.
 """
 
 import dataclasses
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from llmtrain.models.llama import TransformerArgs
+from llmtrain.plan.comm import comm_time_s, comm_volume
 from llmtrain.plan.memory import GIB, Layout, MemoryEstimate, estimate_memory, total_params
 from llmtrain.train.flops import flops_per_token, recompute_fraction
 
@@ -30,6 +32,10 @@ class Cluster:
     """Assumed model FLOPs utilization without recompute or pipeline bubble."""
     headroom: float = 0.1
     """Share of GPU memory kept free for the CUDA context, NCCL buffers and fragmentation."""
+    intra_node_gbps: float = 360.0
+    """Collective bus bandwidth inside a node, GB/s (NCCL all-reduce on 8 H100 SXM over NVLink 4)."""
+    inter_node_gbps: float = 40.0
+    """Collective bus bandwidth per GPU across nodes, GB/s (one 400 Gb/s NIC per GPU)."""
 
     @property
     def world(self) -> int:
@@ -53,6 +59,12 @@ class Plan:
     step_time_s: float
     tokens_per_s: float
     mfu: float
+    comm_bytes: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Bytes one rank sends per step, by kind (dp, dp_replicate, tp, pp)."""
+    comm_s: float = 0.0
+    """Time of all that traffic at the assumed bandwidths."""
+    comm_exposed_s: float = 0.0
+    """The part of comm_s that the step waits for (included in step_time_s)."""
 
     def overrides(self) -> str:
         """The command-line overrides that select this layout."""
@@ -118,7 +130,10 @@ def plan_layout(
     bubble = 1.0
     if layout.pp > 1:
         bubble += (layout.pp - 1) / (layout.pp_microbatches * max(layout.pp_virtual_stages, 1))
-    t = hw * bubble / (layout.world * cluster.peak_tflops * 1e12 * cluster.mfu)
+    compute = hw * bubble / (layout.world * cluster.peak_tflops * 1e12 * cluster.mfu)
+    parts = comm_volume(args, seq_len, layout, accum, cluster.gpus_per_node, precision)
+    comm, exposed = comm_time_s(parts, compute, cluster.intra_node_gbps, cluster.inter_node_gbps)
+    t = compute + exposed
     return Plan(
         layout=layout,
         grad_accum=accum,
@@ -129,6 +144,9 @@ def plan_layout(
         step_time_s=t,
         tokens_per_s=tokens / t,
         mfu=model / (t * layout.world * cluster.peak_tflops * 1e12),
+        comm_bytes={k: p.bytes for k, p in parts.items()},
+        comm_s=comm,
+        comm_exposed_s=exposed,
     )
 
 

@@ -266,4 +266,61 @@ def test_pipeline_schedules_and_microbatches() -> None:
         plan_layout(args, 64, 4, Layout(pp=2, micro_batch_size=1, pp_microbatches=3), Cluster(), "bf16")
     plan = plan_layout(args, 64, 8, Layout(pp=2, micro_batch_size=1), Cluster(), "bf16")
     assert plan.layout.pp_microbatches == 8  # default: one per accumulation step, as the engine does
-    assert plan.step_time_s == pytest.approx(plan.hw_flops_per_step * (1 + 1 / 8) / (2 * 989.4e12 * 0.4))
+    compute = plan.hw_flops_per_step * (1 + 1 / 8) / (2 * 989.4e12 * 0.4)
+    # pp traffic (8 micro-batches x 1 x 64 x dim bf16, one direction per end stage) waits on NVLink
+    boundary = 64 * args.dim * 2
+    assert plan.comm_bytes == {"pp": 8 * boundary}
+    assert plan.step_time_s == pytest.approx(compute + 8 * boundary / 360e9)
+
+
+def test_communication_volume_and_links() -> None:
+    """The formulas of llmtrain/plan/comm.py (checked against real traffic by bench/comm_volume.py) and
+    the mesh-order rule for which groups cross nodes."""
+    from llmtrain.plan.comm import comm_time_s, comm_volume
+
+    args = model_args(small())
+    p = total_params(args)
+    ddp = comm_volume(args, 64, Layout(dp_replicate=8), 2, gpus_per_node=8, precision="fp32")
+    assert ddp["dp"].bytes == pytest.approx(2 * 7 / 8 * p * 4) and not ddp["dp"].inter_node
+    z3 = comm_volume(args, 64, Layout(dp_shard=16, zero_stage=3, param_dtype="bf16"), 2, gpus_per_node=8)
+    assert z3["dp"].bytes == pytest.approx(2 * 15 / 16 * p * (2 * 2 + 4)) and z3["dp"].inter_node
+    z2 = comm_volume(args, 64, Layout(dp_shard=4, zero_stage=2), 3, gpus_per_node=8)
+    assert z2["dp"].bytes == pytest.approx((3 * 4 + 4) * 3 / 4 * p)
+    # HSDP: shard inside the node, all-reduce the shards across the 2 nodes
+    hsdp = comm_volume(args, 64, Layout(dp_replicate=2, dp_shard=8, zero_stage=3), 1, gpus_per_node=8)
+    assert not hsdp["dp"].inter_node and hsdp["dp_replicate"].inter_node
+    assert hsdp["dp_replicate"].bytes == pytest.approx(2 * 1 / 2 * p / 8 * 4)
+    # tp: 4 collectives per layer and micro-batch (6 with full recompute) + 2, on the critical path
+    tp = comm_volume(args, 64, Layout(tp=2, micro_batch_size=2), 3, gpus_per_node=8)
+    act = 2 * 64 * args.dim * 2
+    assert tp["tp"].bytes == pytest.approx((4 * args.n_layers + 2) * 3 * 2 * 1 / 2 * act)
+    assert not tp["tp"].overlapped
+    full = comm_volume(args, 64, Layout(tp=2, micro_batch_size=2, activation_checkpoint="full"), 3, 8)
+    assert full["tp"].bytes == pytest.approx((6 * args.n_layers + 2) * 3 * act)
+    assert comm_volume(args, 64, Layout(), 4, gpus_per_node=8) == {}  # one GPU: nothing to send
+    # data-parallel traffic hides behind 2/3 of compute, the rest and all tp traffic is exposed
+    total, exposed = comm_time_s(ddp, compute_s=1.0, intra_gbps=ddp["dp"].bytes / 1e9, inter_gbps=1.0)
+    assert (total, exposed) == (pytest.approx(1.0), pytest.approx(1 / 3))
+    total, exposed = comm_time_s(tp, compute_s=100.0, intra_gbps=tp["tp"].bytes / 1e9, inter_gbps=1.0)
+    assert (total, exposed) == (pytest.approx(1.0), pytest.approx(1.0))
+
+
+def test_slow_network_moves_the_best_layout_off_cross_node_zero3() -> None:
+    """With a slow inter-node link, a ZeRO-3 layout sharded across 2 nodes pays for it in step time,
+    and an HSDP or intra-node layout wins; with the network free, the difference disappears."""
+    args = model_args(
+        ModelConfig(
+            name="1b", dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=128256, ffn_dim=8192
+        )
+    )
+    flat = Layout(dp_shard=16, zero_stage=3, param_dtype="bf16", micro_batch_size=4)
+    slow = Cluster(nodes=2, gpus_per_node=8, inter_node_gbps=5.0)
+    fast = Cluster(nodes=2, gpus_per_node=8, inter_node_gbps=1e9, intra_node_gbps=1e9)
+    assert plan_layout(args, 2048, 64, flat, slow, "bf16").step_time_s > 1.5 * (
+        plan_layout(args, 2048, 64, flat, fast, "bf16").step_time_s
+    )
+    best = suggest_layouts(args, 2048, 64, slow, "bf16", top=1)[0]
+    assert (
+        best.layout.dp_shard < 16
+        and best.comm_exposed_s < plan_layout(args, 2048, 64, flat, slow, "bf16").comm_exposed_s
+    )

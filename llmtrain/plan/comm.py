@@ -1,0 +1,121 @@
+"""Communication per optimizer step, for the planner's time model.
+
+Bytes are what one rank sends in a ring collective (NCCL's "bus bandwidth" convention: an all-reduce
+of S bytes over n ranks sends 2 (n-1)/n S, an all-gather or reduce-scatter (n-1)/n S), so time =
+bytes / bus bandwidth. The formulas are the ones `bench/comm_volume.py` checks against the bytes the
+native engine really sends (dp, ZeRO-1/2 and pp exactly; ZeRO-3 sends a little less because the
+last block is not re-gathered for its backward; tp a little more: loss and norm-gradient sums are
+left out here; docs/benchmarks.md has the measured ratios).
+
+Per step, with P parameters per (tp, pp) shard, m micro-batches, n = dp_shard, r = dp_replicate:
+  ZeRO-0/1 (DDP)   all-reduce of the gradients once:          2 (dp-1)/dp P g
+  ZeRO-2           reduce-scatter per micro-batch + gather:   m (n-1)/n P g + (n-1)/n P a
+  ZeRO-3 (FSDP)    gather fwd + gather bwd + reduce-scatter:  m (n-1)/n P (2a + g)
+  HSDP             ZeRO-3 in the shard group + all-reduce of the shard across replicas: 2 (r-1)/r P/n g
+  tp               4 collectives per layer per micro-batch (2 fwd, 2 bwd; all-reduce, or all-gather +
+                   reduce-scatter under sequence parallel: the same bytes), 2 more with full recompute,
+                   2 for the vocab-parallel embedding and output, each 2 (t-1)/t A, A = micro-batch
+                   activations (mbs x seq x dim)
+  pp               per micro-batch an activation forward and a gradient backward over each boundary:
+                   a middle stage sends both, an end stage one (the busiest rank is counted)
+g = gradient reduce bytes (fp32 here: 4), a = parameter bytes (bf16 params: 2, else 4), activations in
+the compute dtype. Which links a group uses follows the mesh order (pp, dp_replicate, dp_shard, tp;
+tp innermost): a group whose ranks lie in one node uses the intra-node bandwidth, else inter-node.
+"""
+
+from dataclasses import dataclass
+
+from llmtrain.models.llama import TransformerArgs
+from llmtrain.plan.memory import Layout, total_params
+
+
+@dataclass(kw_only=True)
+class CommPart:
+    """One kind of traffic: bytes a rank sends per step, and whether its group crosses nodes."""
+
+    bytes: float
+    inter_node: bool
+    overlapped: bool
+    """Data-parallel traffic can hide behind the backward; tp and pp traffic sits on the critical path."""
+
+
+def _inter_node(extent: int, gpus_per_node: int) -> bool:
+    """A group spanning `extent` consecutive ranks stays inside a node when it fits one evenly."""
+    return extent > gpus_per_node or gpus_per_node % extent != 0
+
+
+def comm_volume(
+    args: TransformerArgs,
+    seq_len: int,
+    layout: Layout,
+    grad_accum: int,
+    gpus_per_node: int,
+    precision: str = "bf16",
+) -> dict[str, CommPart]:
+    """Bytes per rank per step for `layout` by kind (dp, dp_replicate, tp, pp; see the module doc)."""
+    lo = layout
+    shard_params = total_params(args) / (lo.tp * lo.pp)
+    g = 4.0  # gradients are reduced in fp32 (FSDP's reduce dtype, DDP on fp32 grads)
+    a = 2.0 if lo.param_dtype == "bf16" else 4.0
+    act_bytes = 2.0 if precision == "bf16" else 4.0
+    m, n, r, t = grad_accum, lo.dp_shard, lo.dp_replicate, lo.tp
+    parts: dict[str, CommPart] = {}
+
+    if lo.dp > 1:
+        if lo.zero_stage <= 1:  # one all-reduce over every data-parallel rank
+            parts["dp"] = CommPart(
+                bytes=2 * (lo.dp - 1) / lo.dp * shard_params * g,
+                inter_node=_inter_node(lo.dp * t, gpus_per_node),
+                overlapped=True,
+            )
+        else:
+            per = (m * g + a) if lo.zero_stage == 2 else m * (2 * a + g)
+            if n > 1:
+                parts["dp"] = CommPart(
+                    bytes=per * (n - 1) / n * shard_params,
+                    inter_node=_inter_node(n * t, gpus_per_node),
+                    overlapped=True,
+                )
+            if r > 1:  # HSDP: the gradient shards are all-reduced across replicas
+                parts["dp_replicate"] = CommPart(
+                    bytes=2 * (r - 1) / r * shard_params / n * g,
+                    inter_node=_inter_node(r * n * t, gpus_per_node),
+                    overlapped=True,
+                )
+
+    if t > 1:
+        act = lo.micro_batch_size * seq_len * args.dim * act_bytes
+        per_layer = 6 if lo.activation_checkpoint == "full" else 4
+        collectives = per_layer * args.n_layers / lo.pp + 2  # + vocab-parallel embedding and output
+        parts["tp"] = CommPart(
+            bytes=collectives * m * 2 * (t - 1) / t * act,
+            inter_node=_inter_node(t, gpus_per_node),
+            overlapped=False,
+        )
+
+    if lo.pp > 1:
+        n_mb = lo.pp_microbatches or m
+        rows = lo.micro_batch_size * m // n_mb
+        boundary = rows * seq_len * args.dim * act_bytes / (t if lo.sequence_parallel else 1)
+        directions = 1 if lo.pp == 2 else 2  # an end stage sends one way, a middle stage both
+        parts["pp"] = CommPart(
+            bytes=directions * n_mb * boundary,
+            inter_node=_inter_node(lo.world, gpus_per_node),
+            overlapped=False,
+        )
+    return parts
+
+
+def comm_time_s(
+    parts: dict[str, CommPart], compute_s: float, intra_gbps: float, inter_gbps: float, overlap: float = 2 / 3
+) -> tuple[float, float]:
+    """(total, exposed) seconds: every part at its link's bus bandwidth (GB/s); data-parallel traffic
+    hides behind `overlap` x compute (the backward's share), the rest adds to the step."""
+    overlappable = exposed = 0.0
+    for part in parts.values():
+        secs = part.bytes / ((inter_gbps if part.inter_node else intra_gbps) * 1e9)
+        if part.overlapped:
+            overlappable += secs
+        else:
+            exposed += secs
+    return overlappable + exposed, exposed + max(0.0, overlappable - overlap * compute_s)
