@@ -3,6 +3,8 @@
     python tools/export_hf.py runs/<name>/checkpoints/step_00001000 hf_out/ [--dtype bf16]
     python tools/export_hf.py runs/<name> hf_out/        # newest complete checkpoint of the run
 
+Any engine's checkpoint (native, DeepSpeed, megatron) and LoRA checkpoints (merged first).
+
 Writes model.safetensors (sharded with an index past --max-shard-gb), config.json and the run's
 tokenizer (data.tokenizer: built-in byte level, HF tokenizer.json or sentencepiece model; see
 llmtrain/checkpoint/hf_tokenizer.py); load them with
@@ -30,7 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="export_hf: %(message)s")
     try:
-        out = export_hf(args.checkpoint, args.out, args.dtype, args.max_shard_gb, not args.no_tokenizer)
+        out = export_hf(
+            args.checkpoint, args.out, args.dtype, args.max_shard_gb, not args.no_tokenizer, progress=True
+        )
     except CheckpointError as e:
         print(f"export_hf: {e}", file=sys.stderr)
         return 2

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
+from tqdm import tqdm
 
 from llmtrain.checkpoint.dcp_io import read_tensors, tensor_shapes, verify_dcp, write_tensors
 from llmtrain.checkpoint.hf import (
@@ -86,10 +87,12 @@ def export_hf(
     dtype: str = "fp32",
     max_shard_gb: float = 5.0,
     tokenizer: bool = True,
+    progress: bool = False,
 ) -> Path:
     """Write the model of an llmtrain checkpoint (any parallel layout) as an HF Llama folder, with the
     run's tokenizer (llmtrain.checkpoint.hf_tokenizer) unless tokenizer=False; a LoRA checkpoint is
-    merged into its base weights first.
+    merged into its base weights first, a DeepSpeed or megatron one converted to native weights.
+    progress=True shows a bar (bytes) on stderr.
 
     Streams: one safetensors shard's tensors are read from the DCP files at a time, so memory stays
     around one shard (never the optimizer state, never the whole model for large ones)."""
@@ -102,10 +105,16 @@ def export_hf(
 
         with tempfile.TemporaryDirectory(dir=Path(out).resolve().parent) as tmp:
             merged = merge_lora_checkpoint(path, Path(tmp) / "merged")
-            out = export_hf(merged, out, dtype, max_shard_gb, tokenizer=False)
+            out = export_hf(merged, out, dtype, max_shard_gb, tokenizer=False, progress=progress)
         if tokenizer:
             _write_tokenizer(config, out)
         return out
+    from llmtrain.checkpoint.engines import engine_of, to_native
+
+    if engine_of(path) != "native":  # DeepSpeed / megatron files: gather native weights first
+        with tempfile.TemporaryDirectory(dir=Path(out).resolve().parent) as tmp:
+            native = to_native(path, Path(tmp) / "native")
+            return export_hf(native, out, dtype, max_shard_gb, tokenizer, progress)
     model = config.get("model")
     if not model:
         raise CheckpointError(f"{path / STATE_FILE}: no model config recorded")
@@ -118,12 +127,15 @@ def export_hf(
     out.mkdir(parents=True, exist_ok=True)
     weight_map: dict[str, str] = {}
     total = 0
+    bar = tqdm(total=sum(sizes.values()), unit="B", unit_scale=True, desc="export_hf", disable=not progress)
     for i, names in enumerate(groups):
         tensors = read_tensors(path / ENGINE_DIR, names, verify=False)
         hf = to_hf({k: v.to(DTYPES[dtype]) for k, v in tensors.items()}, model)
         save_file(hf, str(out / shard_name(i, len(groups))), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(hf, shard_name(i, len(groups))))
         total += sum(t.numel() * t.element_size() for t in hf.values())  # tied output.weight is not written
+        bar.update(sum(sizes[n] for n in names))
+    bar.close()
     write_index(out, weight_map, total)
     (out / "config.json").write_text(
         json.dumps(hf_config(model, _hidden_dim(model), DTYPES[dtype]), indent=2)

@@ -137,7 +137,7 @@ def test_megatron_parity_dp_tp_pp(make_config, tmp_path) -> None:
 
     from llmtrain.checkpoint.dcp_io import read_tensors, tensor_shapes
 
-    spec = importlib.util.spec_from_file_location("convert_megatron", ROOT / "tools" / "convert_megatron.py")
+    spec = importlib.util.spec_from_file_location("to_native", ROOT / "tools" / "to_native.py")
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     out = tool.convert(tmp_path / "checkpoints", tmp_path / "as_native")

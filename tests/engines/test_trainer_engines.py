@@ -1,6 +1,7 @@
 """`parallel.backend` switches the engine with no other change: the real trainer (data loader, LR
 schedule, checkpoint manager, auto-resume) drives DeepSpeed ZeRO-2 on 2 ranks through a save and an
-auto-resume, and matches 6 straight steps of the native single-process trainer."""
+auto-resume, and matches 6 straight steps of the native single-process trainer; its checkpoint then
+converts to native weights (tools/to_native.py) and exports to Hugging Face like the native run's."""
 
 import copy
 
@@ -46,7 +47,7 @@ def _ds_runs(rank: int, world: int, cfg) -> dict:
 
 @pytest.mark.distributed
 @pytest.mark.timeout(200)
-def test_trainer_with_deepspeed_matches_native_and_resumes(make_config) -> None:
+def test_trainer_with_deepspeed_matches_native_and_resumes(make_config, tmp_path) -> None:
     native = make_config(*RUN, "trainer.max_steps=6", "run.name=native")
     ref = _losses(Trainer(native, DistEnv(0, 0, 1, 1)).train())
     ds = make_config(
@@ -56,3 +57,27 @@ def test_trainer_with_deepspeed_matches_native_and_resumes(make_config) -> None:
     assert r0 == r1 and r0["first_step_b"] == 4
     # 3 steps + save + auto-resume + 3 steps on DeepSpeed == 6 straight native steps
     assert max(abs(a - b) / b for a, b in zip(r0["losses"], ref, strict=True)) < 1e-6
+    # the DeepSpeed checkpoint as native weights, and as an HF folder, equal the native run's
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from llmtrain.checkpoint.convert import export_hf
+    from llmtrain.checkpoint.dcp_io import read_tensors, tensor_shapes
+    from llmtrain.checkpoint.engines import engine_of, to_native
+
+    runs = Path(ds.run.root)
+    ds_ckpt, native_ckpt = (
+        runs / "ds" / "checkpoints" / "step_00000006",
+        runs / "native" / "checkpoints" / "step_00000006",
+    )
+    assert engine_of(ds_ckpt) == "deepspeed" and engine_of(native_ckpt) == "native"
+    converted = to_native(runs / "ds", tmp_path / "as_native") / "model_optim"
+    got = read_tensors(converted, sorted(tensor_shapes(converted)))
+    want = read_tensors(native_ckpt / "model_optim", sorted(got))
+    assert max((got[k] - want[k]).abs().max().item() for k in got) < 1e-5
+    hf_ds = load_file(export_hf(runs / "ds", tmp_path / "hf_ds") / "model.safetensors")
+    hf_native = load_file(export_hf(runs / "native", tmp_path / "hf_native") / "model.safetensors")
+    assert hf_ds.keys() == hf_native.keys()
+    assert max((hf_ds[k] - hf_native[k]).abs().max().item() for k in hf_ds) < 1e-5
+    assert (tmp_path / "hf_ds" / "tokenizer.json").is_file()

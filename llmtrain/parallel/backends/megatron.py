@@ -371,7 +371,7 @@ class MegatronEngine(Engine):
         if not path.is_file():
             raise FileNotFoundError(
                 f"{path}: no megatron shard for this tp/pp layout (saved under another "
-                "layout? convert with tools/convert_megatron.py)"
+                "layout? convert with tools/to_native.py)"
             )
         state = torch.load(path, map_location="cpu", weights_only=True)
         with torch.no_grad():

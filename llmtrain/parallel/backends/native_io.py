@@ -3,7 +3,7 @@
 This is how a project switches engines: `checkpoint.init_from=<native checkpoint>` (or resume from one)
 hands the engine a DCP folder; the DeepSpeed and megatron engines recognise it by DCP's `.metadata`
 file and load the full weights (optimizer state does not carry over between engines). The other way,
-`tools/convert_megatron.py` and `Engine.full_model_state` produce native checkpoints.
+`tools/to_native.py` and `Engine.full_model_state` produce native checkpoints.
 """
 
 from pathlib import Path
