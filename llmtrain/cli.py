@@ -88,11 +88,17 @@ def main() -> None:
 
 
 def _task(dcfg: DictConfig) -> int:
+    from llmtrain.checkpoint.layout import CheckpointError
+    from llmtrain.data.errors import DataError
+
     try:
         return run(dcfg)
-    except ConfigError as e:
-        print(f"llmtrain: config error: {e}", file=sys.stderr)
+    except (ConfigError, CheckpointError, DataError) as e:  # bad input: one clear line, no traceback
+        print(f"llmtrain: {USER_ERRORS[type(e).__name__]} error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+USER_ERRORS = {"ConfigError": "config", "CheckpointError": "checkpoint", "DataError": "data"}
 
 
 if __name__ == "__main__":

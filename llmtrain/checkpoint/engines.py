@@ -47,7 +47,9 @@ def megatron_weights(path: Path) -> dict[str, torch.Tensor]:
     model, parallel = _model_config(path), config.get("parallel") or {}
     files = {MEGATRON_FILE.match(f.name): f for f in (path / ENGINE_DIR).glob("megatron_*.pt")}
     shards = {
-        (int(m[1]), int(m[3])): torch.load(f, map_location="cpu", weights_only=True) for m, f in files.items() if m
+        (int(m[1]), int(m[3])): torch.load(f, map_location="cpu", weights_only=True)
+        for m, f in files.items()
+        if m
     }
     if not shards:
         raise CheckpointError(f"{path / ENGINE_DIR}: no megatron engine files (megatron_tp*_pp*.pt)")

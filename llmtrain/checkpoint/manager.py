@@ -273,6 +273,13 @@ class CheckpointManager:
         state = read_state(path)
         if (path / ENGINE_DIR / ".metadata").is_file():
             verify_dcp(path / ENGINE_DIR)
+        from llmtrain.checkpoint.engines import engine_of
+
+        written_by, running = engine_of(path), getattr(engine, "kind", "native")
+        if written_by not in ("native", running):
+            self._load_other_engine(path, written_by, running, engine, load_optimizer)
+            state["path"] = str(path)
+            return state
         try:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -283,6 +290,44 @@ class CheckpointManager:
             ) from e
         state["path"] = str(path)
         return state
+
+    def _load_other_engine(
+        self, path: Path, written_by: str, running: str, engine: "Engine", load_optimizer: bool
+    ) -> None:
+        """Weights of another engine's checkpoint: rank 0 converts them to a native checkpoint beside
+        this run's checkpoints (the source stays untouched), every rank loads it, rank 0 removes it.
+        Optimizer state does not carry over between engines, so a full resume is refused."""
+        if load_optimizer:
+            raise CheckpointError(
+                f"{path}: written by the {written_by} engine, this run has parallel.backend={running}; its "
+                f"optimizer state cannot carry over. Resume with parallel.backend={written_by}, or start "
+                f"from its weights only with checkpoint.init_from={path}"
+            )
+        from llmtrain.checkpoint.engines import to_native
+
+        staging = self.folder.parent / f".from-{written_by}-{path.name}"
+        rank0 = not dist.is_initialized() or dist.get_rank() == 0
+        error: list[str | None] = [None]
+        if rank0:
+            shutil.rmtree(staging, ignore_errors=True)
+            try:
+                to_native(path, staging)
+            except Exception as e:  # every rank must learn it, not wait for rank 0 forever
+                error = [f"{type(e).__name__}: {e}"]
+        if dist.is_initialized():
+            dist.broadcast_object_list(error, src=0)
+        if error[0] is not None:
+            raise CheckpointError(
+                f"{path}: converting the {written_by} checkpoint to native weights failed: {error[0]}"
+            )
+        try:
+            engine.load(staging / ENGINE_DIR, load_optimizer=False)
+        finally:
+            if dist.is_initialized():
+                dist.barrier()
+            if rank0:
+                shutil.rmtree(staging, ignore_errors=True)
+        log.info("loaded the weights of %s (%s engine) into the %s engine", path, written_by, running)
 
     def restore_rng(self, state: dict[str, Any]) -> None:
         """Put this rank's generators back where they were at the save (exact resume)."""

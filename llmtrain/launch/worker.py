@@ -35,8 +35,15 @@ def run_training(config_path: str) -> dict:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     code = 0
+    from llmtrain.checkpoint.layout import CheckpointError
+    from llmtrain.config import ConfigError
+    from llmtrain.data.errors import DataError
+
     try:
         run_training(argv[0])
+    except (ConfigError, CheckpointError, DataError) as e:  # bad input: one clear line per rank
+        print(f"llmtrain [rank {os.environ.get('RANK', '0')}]: {type(e).__name__}: {e}", file=sys.stderr)
+        code = 2
     except BaseException:
         traceback.print_exc()
         code = 1

@@ -35,6 +35,8 @@ class Engine(ABC):
     modules: list[nn.Module]
     #: one optimizer over all of `modules` (the native engine builds it over a merged view of the stages)
     optimizer: torch.optim.Optimizer
+    #: the `parallel.backend` value; checkpoints record which engine wrote them (checkpoint/engines.py)
+    kind: str = "native"
 
     @abstractmethod
     def train_step(self, batches: list[Batch], lr: float) -> StepResult:

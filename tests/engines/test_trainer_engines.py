@@ -81,3 +81,21 @@ def test_trainer_with_deepspeed_matches_native_and_resumes(make_config, tmp_path
     assert hf_ds.keys() == hf_native.keys()
     assert max((hf_ds[k] - hf_native[k]).abs().max().item() for k in hf_ds) < 1e-5
     assert (tmp_path / "hf_ds" / "tokenizer.json").is_file()
+    # switching engines through the trainer: init_from a DeepSpeed checkpoint on the native engine
+    # starts from the same weights as init_from the native run's checkpoint; a full resume is refused
+    from llmtrain.checkpoint import CheckpointError
+
+    first = {}
+    for src in ("ds", "native"):
+        ft = make_config(
+            *RUN, "trainer.max_steps=1", f"run.name=ft-{src}", f"checkpoint.init_from={runs / src}"
+        )
+        first[src] = _losses(Trainer(ft, DistEnv(0, 0, 1, 1)).train())[0]
+        assert not list((runs / f"ft-{src}").glob(".from-*")), "the converted weights are cleaned up"
+    assert abs(first["ds"] - first["native"]) / first["native"] < 1e-5
+    assert first["ds"] < ref[0] - 0.05, (first, ref[0])  # trained weights, not a fresh init
+    bad = make_config(*RUN, "trainer.max_steps=7", "run.name=resume-ds", f"checkpoint.resume={runs / 'ds'}")
+    with pytest.raises(
+        CheckpointError, match=r"written by the deepspeed engine, this run has parallel.backend=native"
+    ):
+        Trainer(bad, DistEnv(0, 0, 1, 1)).train()

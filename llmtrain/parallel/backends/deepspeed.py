@@ -121,6 +121,8 @@ def build_partitioned(cfg: Config, ds_config: dict, device: torch.device) -> Tra
 class DeepSpeedEngine(Engine):
     """Our Transformer wrapped by `deepspeed.initialize` with a torch AdamW and a generated config."""
 
+    kind = "deepspeed"
+
     def __init__(
         self, cfg: Config, dims: ParallelDims, mesh: DeviceMesh | None, device: torch.device
     ) -> None:

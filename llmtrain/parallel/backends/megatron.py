@@ -169,6 +169,8 @@ def _local_state(chunk: torch.nn.Module) -> dict[str, torch.Tensor]:
 class MegatronEngine(Engine):
     """GPTModel chunks (one, or pp_virtual_stages for interleaved 1F1B) wrapped in megatron's DDP."""
 
+    kind = "megatron"
+
     def __init__(
         self, cfg: Config, dims: ParallelDims, mesh: DeviceMesh | None, device: torch.device
     ) -> None:
