@@ -85,6 +85,9 @@ def main() -> None:
         raise SystemExit(2) from None
     app = hydra.main(config_path=config_dir(), config_name="config", version_base="1.3")(_task)
     app()
+    slurm = sys.modules.get("llmtrain.launch.slurm")
+    if slurm is not None:  # a multirun with launcher=slurm: its members go out as one job array
+        slurm.flush_sweep()
 
 
 def _task(dcfg: DictConfig) -> int:

@@ -1,17 +1,18 @@
 """SLURM launcher: check the request, prepare the run folder, submit with submitit, say how to watch.
 
     llmtrain launcher=slurm launcher.partition=gpu launcher.nodes=4 launcher.gpus_per_node=8 ...
-    llmtrain -m launcher=slurm optim.lr=1e-3,3e-4      # one job per sweep member, one run folder each
+    llmtrain -m launcher=slurm optim.lr=1e-3,3e-4      # one job array, one run folder per member
 
 Runs on the login node. Data is tokenized here (first use) and the resolved config written to
 `<run_dir>/config.yaml` before sbatch, so the job only reads. The job itself is
 `llmtrain.launch.slurm_job.TrainJob`: one task per GPU (or CPU rank), pre-timeout signal, requeue.
 """
 
+import json
 import logging
 import os
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -85,36 +86,92 @@ def _refuse_duplicate(run_dir: Path) -> None:
         )
 
 
-def submit_job(cfg: Config) -> Any:
-    """Validate, prepare and submit; return the submitit Job (tests and tools wait on it)."""
-    import submitit
+@dataclass
+class Prepared:
+    """One run, checked and with its run folder written, ready for sbatch."""
 
+    cfg: Config
+    run_dir: Path
+    partition: str
+    params: dict[str, Any]
+    sweep: str | None
+
+    def job(self) -> TrainJob:
+        lc = self.cfg.launcher
+        return TrainJob(str(self.run_dir / "config.yaml"), lc.max_requeues, lc.time_min)
+
+
+def prepare(cfg: Config) -> Prepared:
+    """Every check (config, cluster, no live job on the run folder), then the run folder itself."""
     from llmtrain.launch.local import prepare_run
 
     check_static(cfg)
     part = check_cluster(cfg, query_partitions())
     cfg = absolute_paths(cfg)
-    run_dir = Path(cfg.run.root) / cfg.run.name
-    _refuse_duplicate(run_dir)
+    _refuse_duplicate(Path(cfg.run.root) / cfg.run.name)
     run_dir = prepare_run(cfg)
-    folder = Path(cfg.launcher.logs_dir).resolve() if cfg.launcher.logs_dir else run_dir / "slurm"
-    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=cfg.launcher.max_requeues)
-    executor.update_parameters(**slurm_parameters(cfg, cfg.launcher.partition or part.name))
-    job = executor.submit(
-        TrainJob(str(run_dir / "config.yaml"), cfg.launcher.max_requeues, cfg.launcher.time_min)
-    )
+    partition = cfg.launcher.partition or part.name
+    return Prepared(cfg, run_dir, partition, slurm_parameters(cfg, partition), _sweep_id())
+
+
+def _record(p: Prepared, job: Any) -> JobRecord:
     rec = JobRecord(
         job_id=job.job_id,
-        run_name=cfg.run.name,
-        run_dir=str(run_dir),
-        sweep=_sweep_id(),
+        run_name=p.cfg.run.name,
+        run_dir=str(p.run_dir),
+        sweep=p.sweep,
         submitted_at=time.time(),
         stdout=str(job.paths.stdout).replace("%t", "0"),
         stderr=str(job.paths.stderr).replace("%t", "0"),
     )
-    record_job(rec, run_dir / "slurm")
-    _announce(cfg, rec, part.name)
+    record_job(rec, p.run_dir / "slurm")
+    _announce(p.cfg, rec, p.partition)
+    return rec
+
+
+def submit_job(cfg: Config) -> Any:
+    """Validate, prepare and submit; return the submitit Job (tests and tools wait on it)."""
+    import submitit
+
+    p = prepare(cfg)
+    lc = p.cfg.launcher
+    folder = Path(lc.logs_dir).resolve() if lc.logs_dir else p.run_dir / "slurm"
+    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=lc.max_requeues)
+    executor.update_parameters(**p.params)
+    job = executor.submit(p.job())
+    _record(p, job)
     return job
+
+
+def submit_array(members: list[Prepared]) -> list[Any]:
+    """Sweep members that ask for the same resources become one SLURM job array (one sbatch; each
+    task its own run folder, MLflow run and requeue budget); members with other resources get their
+    own arrays. Logs go to <run.root>/slurm-sweeps/<sweep>/ (an array has one log folder)."""
+    import submitit
+
+    groups: dict[str, list[Prepared]] = {}
+    for m in members:
+        key = json.dumps({k: v for k, v in m.params.items() if k != "job_name"}, sort_keys=True, default=str)
+        groups.setdefault(key, []).append(m)
+    jobs = []
+    for group in groups.values():
+        first = group[0]
+        lc = first.cfg.launcher
+        folder = (
+            Path(lc.logs_dir).resolve()
+            if lc.logs_dir
+            else (Path(first.cfg.run.root) / "slurm-sweeps" / (first.sweep or first.cfg.run.name))
+        )
+        executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=lc.max_requeues)
+        executor.update_parameters(
+            **{**first.params, "job_name": f"{first.sweep or 'sweep'}-{first.cfg.run.name}"}
+        )
+        with executor.batch():
+            batch = [executor.submit(m.job()) for m in group]
+        for m, job in zip(group, batch, strict=True):
+            _record(m, job)
+        jobs += batch
+    return jobs
 
 
 def _announce(cfg: Config, rec: JobRecord, partition: str) -> None:
@@ -140,7 +197,23 @@ def _announce(cfg: Config, rec: JobRecord, partition: str) -> None:
     print("\n".join(lines), flush=True)
 
 
+_SWEEP: list[Prepared] = []
+
+
 def submit(cfg: Config) -> int:
-    """CLI entry for launcher=slurm: returns 0 once the job is queued (errors raise ConfigError)."""
-    submit_job(cfg)
+    """CLI entry for launcher=slurm: returns 0 once the job is queued (errors raise ConfigError).
+    Inside a Hydra multirun the member is checked and prepared now and submitted with the others as
+    a job array by `flush_sweep` once Hydra has visited every member."""
+    if _sweep_id() is None:
+        submit_job(cfg)
+    else:
+        p = prepare(cfg)
+        _SWEEP.append(p)
+        print(f"prepared sweep member {cfg.run.name!r} ({p.run_dir}); submitting with the sweep", flush=True)
     return 0
+
+
+def flush_sweep() -> list[Any]:
+    """Submit the sweep members prepared by `submit` (called by the CLI after the multirun)."""
+    members, _SWEEP[:] = list(_SWEEP), []
+    return submit_array(members) if members else []

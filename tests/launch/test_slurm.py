@@ -148,7 +148,7 @@ def test_requeues_are_bounded_by_max_requeues(slurm_cluster, tiny_overrides, tmp
 
 
 @pytest.mark.timeout(150)
-def test_sweep_submits_one_job_per_member(slurm_cluster, shakespeare_dir, tmp_path) -> None:
+def test_sweep_submits_one_job_array(slurm_cluster, shakespeare_dir, tmp_path) -> None:
     args = [
         *TINY,
         f"data.sources.0.path={shakespeare_dir}",
@@ -169,7 +169,10 @@ def test_sweep_submits_one_job_per_member(slurm_cluster, shakespeare_dir, tmp_pa
     runs = sorted(p for p in tmp_path.iterdir() if p.name.startswith("sw-"))
     assert [p.name for p in runs] == ["sw-optim.lr=0.001", "sw-optim.lr=0.003"], out.stdout
     recs = [job_records(r)[-1] for r in runs]
-    assert recs[0].sweep and recs[0].sweep == recs[1].sweep and recs[0].job_id != recs[1].job_id
+    assert recs[0].sweep and recs[0].sweep == recs[1].sweep
+    array = recs[0].job_id.split("_")[0]  # one sbatch: a job array with a task per member
+    assert [r.job_id for r in recs] == [f"{array}_0", f"{array}_1"], out.stdout
+    assert _scontrol(recs[0].job_id).get("ArrayJobId") == array
     for r in recs:
         assert wait_for_state(r.job_id, timeout_s=100) == "COMPLETED", Path(r.stderr).read_text()[-3000:]
     losses = [read_losses(r) for r in runs]
