@@ -90,6 +90,7 @@ class TokenDataset:
         """Token values per segment once opened, when they are mmap views (kept: they cost nothing)."""
         self._since_release = 0
         self._touched: set[int] = set()
+        self._valid_cache: dict[int, np.ndarray] = {}
         if packing == "concat":
             counts = [max((self.index.shards[s].batch_tokens[b] - 1) // seq_len, 0) for s, b in self.segments]
         else:
@@ -132,12 +133,13 @@ class TokenDataset:
         self._touched.clear()
         self._since_release = 0
 
-    def locate(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Sample ids -> (record batch segment, sample number within it)."""
+    def locate(self, ids: np.ndarray, check: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Sample ids -> (record batch segment, sample number within it). check=False leaves the range
+        check to the caller (an out-of-range id then maps to segment -1 or len(segments))."""
         ids = np.asarray(ids, dtype=np.int64)
-        if len(ids) and ids.view(np.uint64).max() >= self.num_samples:  # negatives wrap to huge
+        if check and len(ids) and ids.view(np.uint64).max() >= self.num_samples:  # negatives wrap to huge
             raise IndexError(f"sample id out of range [0, {self.num_samples})")
-        seg = np.searchsorted(self.cum, ids, side="right") - 1
+        seg = self.cum.searchsorted(ids, side="right") - 1
         return seg, ids - self.cum[seg]
 
     def target_tokens(self, sample: int) -> int:
@@ -148,25 +150,38 @@ class TokenDataset:
         p, q = self._layout(int(seg[0]))[int(j[0])]
         return int(q - p - 1)
 
+    def _full_valid(self, n: int) -> np.ndarray:
+        """A read-only `valid` array of n full-length samples, shared between calls (the hot path)."""
+        v = self._valid_cache.get(n)
+        if v is None:
+            v = np.full(n, self.length, dtype=np.int64)
+            v.flags.writeable = False
+            self._valid_cache[n] = v
+        return v
+
     def read(self, ids: np.ndarray, doc_ids: bool = False) -> Samples:
         """Copy the given samples into one (n, seq_len + 1) int64 array (the only copy made)."""
-        segs, local = self.locate(ids)
+        hot = self.packing == "concat" and not doc_ids
+        segs, local = self.locate(ids, check=not hot)  # the hot loop checks each segment itself
         n, length = len(segs), self.length
         tokens = np.empty((n, length), dtype=np.int64)
-        valid = np.full(n, length, dtype=np.int64)
         docs = np.zeros((n, length), dtype=np.int32) if doc_ids else None
-        if self.release_every and self._since_release >= self.release_every:
-            self.release()
-        self._since_release += n
-        self._touched.update(self._seg_shard[segs].tolist())
-        if self.packing == "concat" and docs is None:  # the hot path: no layout, no document ids
-            seq, views = self.seq_len, self._views
+        if self.release_every:  # bookkeeping only when pages are unmapped (a few us per step otherwise)
+            if self._since_release >= self.release_every:
+                self.release()
+            self._since_release += n
+            self._touched.update(self._seg_shard[segs].tolist())
+        if hot:  # no layout, no document ids: a few scalar operations per sample
+            seq, views, nseg = self.seq_len, self._views, len(self._views)
             for i, (seg, j) in enumerate(zip(segs.tolist(), local.tolist())):
+                if not 0 <= seg < nseg:
+                    raise IndexError(f"sample id out of range [0, {self.num_samples})")
                 v = views[seg]
                 if v is None:
                     v = self._batch(seg)[0]
                 tokens[i] = v[j * seq : j * seq + length]
-            return Samples(tokens, valid)
+            return Samples(tokens, self._full_valid(n))
+        valid = np.full(n, length, dtype=np.int64)
         for i, (seg, j) in enumerate(zip(segs.tolist(), local.tolist())):
             values, offsets = self._batch(seg)
             if self.packing == "concat":

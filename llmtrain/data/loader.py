@@ -127,10 +127,11 @@ class DataLoader:
     def _sample_ids(self, source: int, ordinals: np.ndarray) -> np.ndarray:
         """Dataset sample ids of a source's ordinals (its c-th sample overall, over all epochs).
         `ordinals` ascend (as the schedule produces them)."""
+        if len(ordinals):  # ordinals ascend: the common case is one block (scalar checks, no array ops)
+            first = int(ordinals[0]) // ID_BLOCK
+            if int(ordinals[-1]) // ID_BLOCK == first:
+                return self._id_block(source, first)[ordinals - first * ID_BLOCK]
         blocks = ordinals // ID_BLOCK
-        if len(blocks) and blocks[0] == blocks[-1]:  # ordinals ascend: the common case, one block
-            first = int(blocks[0])
-            return self._id_block(source, first)[ordinals - first * ID_BLOCK]
         out = np.empty(len(ordinals), dtype=np.int64)
         for b in np.unique(blocks).tolist():
             sel = blocks == b
@@ -190,11 +191,14 @@ class DataLoader:
                 cur.counts, self.global_batch, cur.units, self._cost
             )
             s = self._read(sources[mine], ordinals[mine])  # one read for the whole step
-        out = []
-        for m in range(self.accum):
-            sl = slice(m * self.mb, (m + 1) * self.mb)
-            part = Samples(s.tokens[sl], s.valid[sl], None if s.doc_ids is None else s.doc_ids[sl], s.padded)
-            out.append(collate(part, self.document_mask))
+        if self.accum == 1:
+            out = [collate(s, self.document_mask)]
+        else:
+            out = []
+            for m in range(self.accum):
+                sl = slice(m * self.mb, (m + 1) * self.mb)
+                doc = None if s.doc_ids is None else s.doc_ids[sl]
+                out.append(collate(Samples(s.tokens[sl], s.valid[sl], doc, s.padded), self.document_mask))
         return out, Cursor(cur.consumed + self.global_batch, counts, units)
 
     # -- iteration -----------------------------------------------------------------------------
