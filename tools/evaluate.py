@@ -1,12 +1,16 @@
-"""Loss and perplexity of a checkpoint on held-out Arrow data, across ranks; logged to its MLflow run.
+"""Loss and perplexity of a checkpoint on held-out data, across ranks; logged to its MLflow run.
 
     python tools/evaluate.py runs/<name> --data data_cache/shakespeare-byte/val
+    python tools/evaluate.py runs/sft --data heldout.jsonl       # prompt/response pairs, SFT-style
     torchrun --nproc-per-node 2 tools/evaluate.py runs/<name>/checkpoints/step_00001000 --data <arrow folder>
 
 The checkpoint's model is rebuilt with the engine used for training (data parallel over the ranks
 here) and scored on `--batches` micro-batches per rank, unshuffled from the start of the data (so the
 same command gives the same number). A masked-LM checkpoint is scored on masked tokens, every other
-objective on next-token cross-entropy. Rank 0 prints one JSON line and, when the run tracked to
+objective on next-token cross-entropy. A .jsonl of prompt/response pairs (or chat messages, per the
+run's objective.sft settings) is rendered and packed exactly as SFT training does and scored on the
+response tokens only, each row once (whole steps of micro-batch x ranks; the JSON says how many rows
+were left over). Rank 0 prints one JSON line and, when the run tracked to
 MLflow, logs `eval/<name>/loss` and `eval/<name>/ppl` at the checkpoint's step into the same run.
 """
 
@@ -20,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from llmtrain.config import ConfigError
 from llmtrain.launch.env import detect_env, shutdown_distributed
+from llmtrain.objectives.sft_data import SFTDataError
 
 
 def log_to_mlflow(loaded, metrics: dict[str, float], name: str) -> str | None:
@@ -43,7 +48,12 @@ def log_to_mlflow(loaded, metrics: dict[str, float], name: str) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint", help="a step_<N> folder, a run's checkpoints/ folder, or a run folder")
-    ap.add_argument("--data", required=True, help="held-out tokenized Arrow folder (with index.json)")
+    ap.add_argument(
+        "--data",
+        required=True,
+        help="held-out tokenized Arrow folder (with index.json), or a prompt/response (chat) .jsonl scored "
+        "like SFT: packed as in training, loss on the response tokens only",
+    )
     ap.add_argument("--batches", type=int, default=8, help="micro-batches per rank (default 8)")
     ap.add_argument(
         "--micro-batch-size", type=int, default=None, help="default: the run's trainer.micro_batch_size"
@@ -69,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             num_batches=args.batches,
             micro_batch_size=args.micro_batch_size or cfg.trainer.micro_batch_size,
         )
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, SFTDataError) as e:
         print(f"evaluate: {e}", file=sys.stderr)
         return 2
     if env.is_main:

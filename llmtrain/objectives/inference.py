@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmtrain.config import Config
+from llmtrain.config import Config, ConfigError
 from llmtrain.data.dataset import TokenDataset
 from llmtrain.data.loader import DataLoader
 from llmtrain.launch.env import DistEnv, init_distributed, pick_device
@@ -83,20 +83,65 @@ def evaluate_checkpoint(
     # a masked-LM model is scored on masked tokens; every other objective on next-token cross-entropy
     masked = cfg.objective.name == "masked_lm"
     objective = MaskedLM(cfg, dp_rank, dims.dp) if masked else Objective(cfg, dp_rank, dims.dp)
-    ds = TokenDataset(str(data_path), cfg.data.seq_len, packing=cfg.data.packing)
-    loader = DataLoader(
-        ds,
-        micro_batch_size=micro_batch_size,
-        grad_accum=1,
-        dp_rank=dp_rank,
-        dp_size=dims.dp,
-        shuffle=False,
-        document_mask=cfg.data.document_mask,
-    )
+    extra: dict[str, float] = {}
+    if is_sft_file(data_path):
+        loader, extra = _sft_loader(cfg, data_path, micro_batch_size, dp_rank, dims.dp, num_batches)
+        num_batches = int(extra["batches_per_rank"])
+    else:
+        ds = TokenDataset(str(data_path), cfg.data.seq_len, packing=cfg.data.packing)
+        loader = DataLoader(
+            ds,
+            micro_batch_size=micro_batch_size,
+            grad_accum=1,
+            dp_rank=dp_rank,
+            dp_size=dims.dp,
+            shuffle=False,
+            document_mask=cfg.data.document_mask,
+        )
     batches = [b.to(loaded.device) for _ in range(num_batches) for b in loader.next_step()]
     loss = loaded.engine.evaluate(objective.prepare(batches, None))
     tokens = global_token_count(batches, getattr(loaded.engine, "dp_group", None))
-    return {"loss": loss, "ppl": float(torch.tensor(loss).exp()), "tokens": float(tokens)}
+    return {"loss": loss, "ppl": float(torch.tensor(loss).exp()), "tokens": float(tokens), **extra}
+
+
+def is_sft_file(path: str | Path) -> bool:
+    """A prompt/response (or chat) jsonl file rather than a tokenized Arrow folder."""
+    return str(path).endswith((".jsonl", ".jsonl.gz", ".json"))
+
+
+def _sft_loader(cfg, path, micro_batch_size: int, dp_rank: int, dp_size: int, num_batches: int):
+    """Held-out SFT examples, rendered and packed exactly as training does (loss on responses only),
+    read in order without repeats: as many whole steps of micro_batch_size x dp rows as the file
+    fills, at most num_batches per rank; the few rows of an incomplete last step are reported unused."""
+    from llmtrain.data.tokenizer import load_tokenizer
+    from llmtrain.objectives.sft_data import SFTLoader, load_examples
+
+    tok = load_tokenizer(cfg.data.tokenizer)
+    examples = load_examples(path, cfg.objective.sft, tok, cfg.data.seq_len)
+    loader = SFTLoader(
+        examples,
+        seq_len=cfg.data.seq_len,
+        pad_id=tok.pad_id,
+        micro_batch_size=micro_batch_size,
+        grad_accum=1,
+        dp_rank=dp_rank,
+        dp_size=dp_size,
+        seed=cfg.data.seed,
+        shuffle=False,
+    )
+    steps = min(num_batches, loader.num_samples // (micro_batch_size * dp_size))
+    if steps == 0:
+        raise ConfigError(
+            f"{path}: {len(examples)} examples pack into {loader.num_samples} rows, fewer than one step of "
+            f"micro_batch_size={micro_batch_size} x {dp_size} rank(s); lower --micro-batch-size"
+        )
+    used = steps * micro_batch_size * dp_size
+    stats = {
+        "batches_per_rank": float(steps),
+        "rows": float(used),
+        "rows_unused": float(loader.num_samples - used),
+    }
+    return loader, stats
 
 
 @torch.no_grad()

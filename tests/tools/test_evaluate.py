@@ -121,3 +121,49 @@ def test_top_p_keeps_the_nucleus_only() -> None:
     draws = {sample_top_p(logits, 0.7, g) for _ in range(200)}
     assert draws == {0, 1}  # 0.5 + 0.3 >= 0.7: tokens 2 and 3 are never drawn
     assert {sample_top_p(logits, 1e-6, g) for _ in range(20)} == {0}
+
+
+def test_evaluate_scores_sft_jsonl_like_the_trainers_validation(shakespeare_dir, tmp_path, capsys) -> None:
+    """An SFT run validated on a prompt/response jsonl: evaluate.py on that file (same micro-batch
+    size and batch count) gives the trainer's own validation loss, counting response tokens only."""
+    from llmtrain.launch.env import DistEnv
+    from llmtrain.train.trainer import Trainer
+    from tests.objectives.common import addition_examples, write_jsonl
+
+    data = write_jsonl(tmp_path / "add.jsonl", addition_examples())
+    cfg = tiny_config(
+        shakespeare_dir,
+        tmp_path,
+        "run.name=sft-ev",
+        "objective=sft",
+        f"objective.sft.train_path={data}",
+        f"objective.sft.val_path={data}",
+        "data.seq_len=48",
+        "trainer.global_batch_size=4",
+        "trainer.micro_batch_size=4",
+        "trainer.max_steps=3",
+        "trainer.val_batches=2",
+        "trainer.val_every=3",
+    )
+    trainer = Trainer(cfg, DistEnv(0, 0, 1, 1))
+    trainer.train()
+    val = trainer.validate()  # the final weights (the step-3 checkpoint) on the val jsonl
+    res = _eval_main(
+        [
+            str(tmp_path / "sft-ev"),
+            "--data",
+            str(data),
+            "--batches",
+            "2",
+            "--micro-batch-size",
+            "4",
+            "--no-log",
+        ],
+        capsys,
+    )
+    assert res["step"] == 3 and res["batches_per_rank"] == 2 and res["rows"] == 8
+    rows_total = res["rows"] + res["rows_unused"]
+    assert 0 < res["rows_unused"] == rows_total - 8
+    # only response tokens (1-2 digits + EOS per example) carry loss: far fewer than 8 x 48 positions
+    assert 2 * 8 <= res["tokens"] <= 3 * 25
+    assert res["loss"] == pytest.approx(val, rel=1e-6), (res, val)
