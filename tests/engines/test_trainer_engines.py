@@ -99,3 +99,29 @@ def test_trainer_with_deepspeed_matches_native_and_resumes(make_config, tmp_path
         CheckpointError, match=r"written by the deepspeed engine, this run has parallel.backend=native"
     ):
         Trainer(bad, DistEnv(0, 0, 1, 1)).train()
+
+
+def _ds_sft(rank: int, world: int, cfg) -> list[float]:
+    return _losses(Trainer(cfg, DistEnv(rank, rank, world, world)).train())
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(200)
+def test_sft_on_deepspeed_matches_native(make_config, tmp_path) -> None:
+    """The SFT objective (packed prompt/response rows, loss on responses only) on DeepSpeed ZeRO-2 over
+    2 ranks gives the native single-process losses: objectives are engine-independent."""
+    from tests.objectives.common import addition_examples, write_jsonl
+
+    data = write_jsonl(tmp_path / "add.jsonl", addition_examples())
+    sft = [
+        *RUN,
+        "objective=sft",
+        f"objective.sft.train_path={data}",
+        "data.seq_len=48",
+        "trainer.max_steps=4",
+    ]
+    ref = _losses(Trainer(make_config(*sft, "run.name=sft-native"), DistEnv(0, 0, 1, 1)).train())
+    ds = make_config(*sft, "run.name=sft-ds", "parallel=zero2", "parallel.backend=deepspeed")
+    r0, r1 = run_distributed(_ds_sft, world_size=2, args=(ds,), timeout=180)
+    assert r0 == r1 and len(r0) == 4
+    assert max(abs(a - b) / b for a, b in zip(r0, ref, strict=True)) < 1e-6, (r0, ref)
