@@ -91,17 +91,15 @@ def main() -> None:
 
 
 def _task(dcfg: DictConfig) -> int:
-    from llmtrain.checkpoint.layout import CheckpointError
-    from llmtrain.data.errors import DataError
+    from llmtrain.launch.worker import input_errors
 
+    kinds = input_errors()
     try:
         return run(dcfg)
-    except (ConfigError, CheckpointError, DataError) as e:  # bad input: one clear line, no traceback
-        print(f"llmtrain: {USER_ERRORS[type(e).__name__]} error: {e}", file=sys.stderr)
+    except tuple(kinds) as e:  # bad input: one clear line, no traceback
+        kind = next(k for cls, k in kinds.items() if isinstance(e, cls))
+        print(f"llmtrain: {kind} error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-
-
-USER_ERRORS = {"ConfigError": "config", "CheckpointError": "checkpoint", "DataError": "data"}
 
 
 if __name__ == "__main__":

@@ -63,20 +63,21 @@ def megatron_weights(path: Path) -> dict[str, torch.Tensor]:
     return engine_files_to_native(shards, args, tp, pp, vp)
 
 
-def deepspeed_weights(path: Path) -> dict[str, torch.Tensor]:
-    """Full fp32 weights from a DeepSpeed-engine checkpoint (the fp32 masters of ZeRO 1-3 shards, any
-    world size), via DeepSpeed's zero_to_fp32. Holds the whole model in host memory."""
+def deepspeed_weights(engine_dir: Path) -> dict[str, torch.Tensor]:
+    """Full fp32 weights from the `model_optim/` folder of a DeepSpeed-engine checkpoint (the fp32
+    masters of ZeRO 1-3 shards, any world size), via DeepSpeed's zero_to_fp32. Holds the whole model in
+    host memory."""
     try:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     except ImportError as e:
         raise CheckpointError(
-            f"{path}: reading a DeepSpeed checkpoint needs deepspeed (pip install 'llmtrain[deepspeed]')"
+            f"{engine_dir}: reading a DeepSpeed checkpoint needs deepspeed (pip install 'llmtrain[deepspeed]')"
         ) from e
     import contextlib
     import sys
 
     with contextlib.redirect_stdout(sys.stderr):
-        state = get_fp32_state_dict_from_zero_checkpoint(str(path / ENGINE_DIR), tag=DEEPSPEED_TAG)
+        state = get_fp32_state_dict_from_zero_checkpoint(str(engine_dir), tag=DEEPSPEED_TAG)
     return {k: v.float().contiguous() for k, v in state.items() if k != "rope"}
 
 
@@ -89,7 +90,7 @@ def to_native(checkpoint: str | Path, out: str | Path) -> Path:
     engine = engine_of(path)
     if engine == "native":
         raise CheckpointError(f"{path}: already a native checkpoint")
-    weights = megatron_weights(path) if engine == "megatron" else deepspeed_weights(path)
+    weights = megatron_weights(path) if engine == "megatron" else deepspeed_weights(path / ENGINE_DIR)
     config = read_state(path).get("config") or {}
     keep = {k: config[k] for k in ("model", "data") if k in config}
     return write_weights_checkpoint(out, weights, keep, source=str(path.resolve()))

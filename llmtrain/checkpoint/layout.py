@@ -11,10 +11,13 @@ A folder counts as a checkpoint only when its manifest exists and parses; loadin
 listed file's size, so a truncated file is reported by name instead of failing deep inside torch.
 """
 
+import contextlib
 import json
 import os
 import re
+import shutil
 import signal
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 FORMAT = "llmtrain-checkpoint/1"
@@ -129,3 +132,33 @@ def fault_point(phase: str, step: int, rank: int) -> None:
     action, want_phase, want_step, *want_rank = spec.split(":")
     if want_phase == phase and int(want_step) == step and (not want_rank or int(want_rank[0]) == rank):
         os.kill(os.getpid(), signal.SIGKILL if action == "kill" else signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def staged_by_rank0(staging: Path, build: Callable[[Path], object], what: str) -> Iterator[Path]:
+    """A folder that rank 0 builds from scratch while the others wait (converted checkpoints): a failure
+    there is raised on every rank as a CheckpointError naming `what`, instead of leaving the other ranks
+    waiting for rank 0 forever. Yields the folder for every rank to read; once all are done (or one
+    failed), rank 0 removes it. Works without a process group too (one process)."""
+    import torch.distributed as dist
+
+    group = dist.is_initialized()
+    rank0 = not group or dist.get_rank() == 0
+    error: list[str | None] = [None]
+    if rank0:
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            build(staging)
+        except Exception as e:
+            error = [f"{type(e).__name__}: {e}"]
+    if group:
+        dist.broadcast_object_list(error, src=0)
+    try:
+        if error[0] is not None:
+            raise CheckpointError(f"{what} failed on rank 0: {error[0]}")
+        yield staging
+    finally:
+        if group:
+            dist.barrier()
+        if rank0:
+            shutil.rmtree(staging, ignore_errors=True)

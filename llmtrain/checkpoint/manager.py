@@ -47,6 +47,7 @@ from llmtrain.checkpoint.layout import (
     fsync_path,
     list_checkpoints,
     resolve_checkpoint_path,
+    staged_by_rank0,
     step_dir,
     verify_manifest,
     write_manifest,
@@ -306,27 +307,9 @@ class CheckpointManager:
         from llmtrain.checkpoint.engines import to_native
 
         staging = self.folder.parent / f".from-{written_by}-{path.name}"
-        rank0 = not dist.is_initialized() or dist.get_rank() == 0
-        error: list[str | None] = [None]
-        if rank0:
-            shutil.rmtree(staging, ignore_errors=True)
-            try:
-                to_native(path, staging)
-            except Exception as e:  # every rank must learn it, not wait for rank 0 forever
-                error = [f"{type(e).__name__}: {e}"]
-        if dist.is_initialized():
-            dist.broadcast_object_list(error, src=0)
-        if error[0] is not None:
-            raise CheckpointError(
-                f"{path}: converting the {written_by} checkpoint to native weights failed: {error[0]}"
-            )
-        try:
-            engine.load(staging / ENGINE_DIR, load_optimizer=False)
-        finally:
-            if dist.is_initialized():
-                dist.barrier()
-            if rank0:
-                shutil.rmtree(staging, ignore_errors=True)
+        what = f"{path}: converting the {written_by} checkpoint to native weights"
+        with staged_by_rank0(staging, lambda out: to_native(path, out), what) as native:
+            engine.load(native / ENGINE_DIR, load_optimizer=False)
         log.info("loaded the weights of %s (%s engine) into the %s engine", path, written_by, running)
 
     def restore_rng(self, state: dict[str, Any]) -> None:

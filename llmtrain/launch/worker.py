@@ -22,6 +22,16 @@ def setup_logging(rank: int, world_size: int) -> None:
         logging.getLogger("llmtrain").setLevel(logging.WARNING)
 
 
+def input_errors() -> dict[type[Exception], str]:
+    """Errors that mean bad input (config, checkpoint, data), by kind: reported as one line and exit
+    code 2, not a traceback (the CLI and every rank treat them alike)."""
+    from llmtrain.checkpoint.layout import CheckpointError
+    from llmtrain.config import ConfigError
+    from llmtrain.data.errors import DataError
+
+    return {ConfigError: "config", CheckpointError: "checkpoint", DataError: "data"}
+
+
 def run_training(config_path: str) -> dict:
     """Build the trainer for this rank from the resolved config and train."""
     from llmtrain.train.trainer import Trainer
@@ -35,13 +45,9 @@ def run_training(config_path: str) -> dict:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     code = 0
-    from llmtrain.checkpoint.layout import CheckpointError
-    from llmtrain.config import ConfigError
-    from llmtrain.data.errors import DataError
-
     try:
         run_training(argv[0])
-    except (ConfigError, CheckpointError, DataError) as e:  # bad input: one clear line per rank
+    except tuple(input_errors()) as e:  # bad input: one clear line per rank
         print(f"llmtrain [rank {os.environ.get('RANK', '0')}]: {type(e).__name__}: {e}", file=sys.stderr)
         code = 2
     except BaseException:

@@ -140,7 +140,7 @@ def test_megatron_parity_dp_tp_pp(make_config, tmp_path) -> None:
     spec = importlib.util.spec_from_file_location("to_native", ROOT / "tools" / "to_native.py")
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
-    out = tool.convert(tmp_path / "checkpoints", tmp_path / "as_native")
+    out = tool.to_native(tmp_path / "checkpoints", tmp_path / "as_native")
     folder = out / "model_optim"
     native = read_tensors(folder, sorted(tensor_shapes(folder)))
     assert set(native) == set(states["pp2_1f1b"])

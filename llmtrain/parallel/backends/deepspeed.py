@@ -29,6 +29,8 @@ import deepspeed
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
+from llmtrain.checkpoint.engines import DEEPSPEED_TAG, deepspeed_weights
+from llmtrain.checkpoint.layout import staged_by_rank0
 from llmtrain.config import Config, batch_geometry
 from llmtrain.config.validate import ConfigError
 from llmtrain.data.loader import Batch
@@ -43,7 +45,9 @@ from llmtrain.parallel.engine import Engine
 from llmtrain.train.optim import param_groups
 from llmtrain.train.step import StepResult, token_loss_sum
 
-CKPT_TAG = "deepspeed"
+CKPT_TAG = (
+    DEEPSPEED_TAG  # one constant: llmtrain.checkpoint.engines reads these files without DeepSpeed's engine
+)
 
 
 def _skip_shm_comm_build() -> None:
@@ -81,7 +85,7 @@ def to_universal(tag_dir: Path, out_dir: Path) -> None:
     from deepspeed.checkpoint import ds_to_universal
 
     tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(out_dir.parent, ignore_errors=True)
+    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     args = argparse.Namespace(
         input_folder=str(tag_dir),
@@ -240,10 +244,7 @@ class DeepSpeedEngine(Engine):
         if not load_optimizer and saved_stage3:
             # DeepSpeed's own ZeRO-3 module-only load looks for a `latest` file we never write; gather the
             # fp32 weights from the shards (any world size) instead
-            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-            with contextlib.redirect_stdout(sys.stderr):
-                self._load_native(get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=CKPT_TAG))
+            self._load_native(deepspeed_weights(folder))
             return
         # ZeRO 1/2 keep whole weights in one file, which DeepSpeed loads under any world size by itself
         if load_optimizer and saved_dp is not None and saved_dp != self.dims.dp:
@@ -263,42 +264,35 @@ class DeepSpeedEngine(Engine):
         """Convert `folder` to DeepSpeed's universal format (rank 0, into this run's folder: the source
         checkpoint may belong to another run and stays untouched), load it on every rank, remove it."""
         staging = Path(self.cfg.run.root) / self.cfg.run.name / f".ds_universal-{folder.parent.name}"
-        error: list[str | None] = [None]
         if dist.get_rank() == 0:
             print(
                 f"DeepSpeed checkpoint {folder} was written by {saved_dp} data-parallel rank(s), this run "
                 f"has {self.dims.dp}: converting it to a universal checkpoint in {staging}",
                 file=sys.stderr,
             )
-            try:
-                to_universal(folder / CKPT_TAG, staging / CKPT_TAG)
-            except Exception as e:  # every rank must learn it, not wait forever for rank 0
-                error = [f"{type(e).__name__}: {e}"]
-        dist.broadcast_object_list(error, src=0)
-        if error[0] is not None:
-            raise RuntimeError(f"converting {folder} to a universal checkpoint failed on rank 0: {error[0]}")
         # Two DeepSpeed 0.19 ZeRO-3 universal-load bugs, undone after loading: every param group gets the
         # first group's hyperparameters (weight decay on norms and embeddings), and all sub-groups share
         # one `step` tensor, which torch's AdamW increments in place once per sub-group (wrong bias
         # correction from the second step on).
         groups = self.base_optimizer.param_groups
         hyper = [{k: v for k, v in g.items() if k != "params"} for g in groups]
-        config = self.engine._config
-        config.load_universal_checkpoint = True
-        try:
-            path, _ = self.engine.load_checkpoint(str(staging), tag=CKPT_TAG, load_lr_scheduler_states=False)
-        finally:
-            config.load_universal_checkpoint = False
+        what = f"converting {folder} to a universal checkpoint"
+        with staged_by_rank0(staging, lambda out: to_universal(folder / CKPT_TAG, out / CKPT_TAG), what):
+            config = self.engine._config
+            config.load_universal_checkpoint = True
+            try:
+                path, _ = self.engine.load_checkpoint(
+                    str(staging), tag=CKPT_TAG, load_lr_scheduler_states=False
+                )
+            finally:
+                config.load_universal_checkpoint = False
+        if path is None:
+            raise FileNotFoundError(f"{staging}: the universal conversion of {folder} did not load")
         for group, values in zip(groups, hyper, strict=True):
             group.update(values)
         for state in self.base_optimizer.state.values():
             if torch.is_tensor(state.get("step")):
                 state["step"] = state["step"].clone()
-        dist.barrier()
-        if dist.get_rank() == 0:
-            shutil.rmtree(staging, ignore_errors=True)
-        if path is None:
-            raise FileNotFoundError(f"{staging}: the universal conversion of {folder} did not load")
 
     @torch.no_grad()
     def _load_native(self, weights: dict[str, torch.Tensor]) -> None:
