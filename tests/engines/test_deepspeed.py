@@ -125,11 +125,18 @@ def test_generated_json_is_written_and_matches(make_config, tmp_path: Path) -> N
 
     cfg = make_config(*OVERRIDES, "parallel.backend=deepspeed", "run.name=dsjson")
     torch.set_num_threads(1)
-    engine = DeepSpeedEngine(cfg, ParallelDims(1, 1, 1, 1, 1), None, torch.device("cpu"))
-    written = json.loads((Path(cfg.run.root) / "dsjson" / "deepspeed_config.json").read_text())
-    assert written == deepspeed_config(cfg, 1, 4, sum(p.numel() for p in engine.model.parameters()))
-    res = engine.train_step(rank_batches(0, 1, 0), 3e-3)
-    assert abs(res.loss - native_reference(cfg, steps=1)[0][0]) < 1e-6
+    try:
+        engine = DeepSpeedEngine(cfg, ParallelDims(1, 1, 1, 1, 1), None, torch.device("cpu"))
+        written = json.loads((Path(cfg.run.root) / "dsjson" / "deepspeed_config.json").read_text())
+        assert written == deepspeed_config(cfg, 1, 4, sum(p.numel() for p in engine.model.parameters()))
+        res = engine.train_step(rank_batches(0, 1, 0), 3e-3)
+        assert abs(res.loss - native_reference(cfg, steps=1)[0][0]) < 1e-6
+    finally:  # the engine made a 1-rank process group in the pytest process: later tests (which fork,
+        # or check dist.is_initialized()) must not inherit it
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 RESHARD_STAGES = (1, 2, 3)
