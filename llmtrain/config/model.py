@@ -1,5 +1,6 @@
 """Model shape schema. Presets live in conf/model/*.yaml and mirror this dataclass."""
 
+import math
 from dataclasses import dataclass
 
 from omegaconf import MISSING
@@ -37,3 +38,24 @@ class ModelConfig:
     """Share the input embedding with the output projection."""
     init_std: float = 0.02
     """Std of the normal init; output projections are scaled by 1/sqrt(2*n_layers)."""
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads actually used (n_kv_heads, or n_heads for plain MHA)."""
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        """SwiGLU width the model is built with (see `ffn_hidden_dim`)."""
+        return ffn_hidden_dim(self.dim, self.ffn_dim, self.multiple_of, self.ffn_dim_multiplier)
+
+
+def ffn_hidden_dim(dim: int, ffn_dim: int | None, multiple_of: int, multiplier: float | None) -> int:
+    """SwiGLU width: explicit, or Llama's 2/3 * 4 * dim (times the multiplier) rounded up to multiple_of.
+    The one formula: the model (TransformerArgs) and the layout rules (config/rules.py) both use it."""
+    if ffn_dim is not None:
+        return ffn_dim
+    hidden = int(2 * 4 * dim / 3)
+    if multiplier is not None:
+        hidden = int(multiplier * hidden)
+    return multiple_of * math.ceil(hidden / multiple_of)

@@ -1,10 +1,6 @@
 """Training objective schema: what the model learns from a batch (causal LM, masked LM, SFT, distillation)."""
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from llmtrain.config.schema import Config
 
 OBJECTIVES = ("causal_lm", "masked_lm", "sft", "distill")
 CHAT_TEMPLATES = ("chatml", "plain")
@@ -73,68 +69,3 @@ class ObjectiveConfig:
     """Supervised fine-tuning data (objective=sft)."""
     distill: DistillConfig = field(default_factory=DistillConfig)
     """Distillation settings (objective=distill)."""
-
-
-def validate_objective(cfg: "Config") -> None:
-    """Choices, ranges and required fields of the objective group, naming the key."""
-    from llmtrain.config.validate import check, check_choice
-
-    o = cfg.objective
-    check_choice("objective.name", o.name, OBJECTIVES)
-    m = o.masked_lm
-    check(
-        0.0 < m.mask_prob <= 1.0, "objective.masked_lm.mask_prob", f"must be within (0, 1], got {m.mask_prob}"
-    )
-    check(
-        m.mask_token_prob >= 0
-        and m.random_token_prob >= 0
-        and m.mask_token_prob + m.random_token_prob <= 1.0,
-        "objective.masked_lm.mask_token_prob",
-        f"mask_token_prob={m.mask_token_prob} and random_token_prob={m.random_token_prob} must be >= 0 "
-        "and sum to at most 1",
-    )
-    if m.mask_token_id is not None:
-        check(
-            0 <= m.mask_token_id < cfg.model.vocab_size,
-            "objective.masked_lm.mask_token_id",
-            f"{m.mask_token_id} must be within [0, model.vocab_size={cfg.model.vocab_size})",
-        )
-    s = o.sft
-    check_choice("objective.sft.chat_template", s.chat_template, CHAT_TEMPLATES)
-    check_choice("objective.sft.overlong", s.overlong, OVERLONG)
-    if o.name == "sft":
-        check(
-            bool(s.train_path),
-            "objective.sft.train_path",
-            "a jsonl file of examples is required for objective=sft",
-        )
-    d = o.distill
-    check(d.temperature > 0, "objective.distill.temperature", f"must be > 0, got {d.temperature}")
-    check(0.0 <= d.alpha <= 1.0, "objective.distill.alpha", f"must be within [0, 1], got {d.alpha}")
-    if o.name == "distill":
-        check(
-            bool(d.teacher),
-            "objective.distill.teacher",
-            "a teacher checkpoint path is required for objective=distill",
-        )
-    if o.name == "causal_lm":
-        return
-    p = cfg.parallel
-    check(
-        p.pp == 1,
-        "objective.name",
-        f"{o.name} is not supported with pipeline parallelism (parallel.pp={p.pp})",
-    )
-    # deepspeed passes positions and masks but not the causal flag or a loss hook; megatron neither
-    engines = ("native", "deepspeed") if o.name == "sft" else ("native",)
-    check(
-        p.backend in engines,
-        "objective.name",
-        f"{o.name} runs on parallel.backend={' or '.join(engines)}, got {p.backend}",
-    )
-    if o.name == "distill":
-        check(
-            p.tp == 1,
-            "objective.name",
-            f"distill needs whole-vocabulary logits; parallel.tp={p.tp} is not supported",
-        )

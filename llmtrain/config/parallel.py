@@ -1,10 +1,6 @@
 """Parallel layout schema: dp_replicate x dp_shard x pp x tp = world size."""
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from llmtrain.config.schema import Config
 
 BACKENDS = ("native", "deepspeed", "megatron")
 PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
@@ -53,70 +49,3 @@ class ParallelConfig:
     a no-op on CPU)."""
     engine_options: dict[str, str] = field(default_factory=dict)
     """Extra engine-specific options (e.g. DeepSpeed offload_nvme_path)."""
-
-
-def check_parallel_config(cfg: "Config") -> None:
-    """World-size-independent layout rules (the world-size ones live in llmtrain.parallel.layout).
-
-    Every message names the config keys involved, so an impossible layout fails before a rank starts.
-    """
-    from llmtrain.config.validate import ConfigError
-    from llmtrain.models.build import model_args
-
-    p, m = cfg.parallel, model_args(cfg.model)
-    for key in ("tp", "pp", "pp_virtual_stages"):
-        if getattr(p, key) < 1:
-            raise ConfigError(f"parallel.{key}={getattr(p, key)} must be >= 1")
-    for key in ("dp_replicate", "dp_shard"):
-        if getattr(p, key) == 0 or getattr(p, key) < -1:
-            raise ConfigError(f"parallel.{key}={getattr(p, key)} must be >= 1 or -1 (fill the world)")
-    tp_divides = {
-        "model.n_heads": m.n_heads,
-        "model.n_kv_heads": m.kv_heads,
-        "model.ffn_dim": m.hidden_dim,
-        "model.vocab_size": m.vocab_size,
-    }
-    for key, value in tp_divides.items():
-        if value % p.tp:
-            hint = (
-                " (KV-head replication across tp ranks is not implemented)"
-                if key.endswith("kv_heads")
-                else ""
-            )
-            raise ConfigError(f"{key}={value} must be divisible by parallel.tp={p.tp}{hint}")
-    if p.tp > 1 and p.sequence_parallel and cfg.data.seq_len % p.tp:
-        raise ConfigError(
-            f"data.seq_len={cfg.data.seq_len} must be divisible by parallel.tp={p.tp} with "
-            "parallel.sequence_parallel=true"
-        )
-    if m.tie_embeddings and (p.tp > 1 or p.pp > 1):
-        raise ConfigError(
-            "model.tie_embeddings=true is not supported with parallel.tp > 1 or parallel.pp > 1"
-        )
-    interleaved = p.pp_schedule == "interleaved_1f1b"
-    if p.pp > 1 and interleaved and p.pp_virtual_stages < 2:
-        raise ConfigError("parallel.pp_schedule=interleaved_1f1b needs parallel.pp_virtual_stages >= 2")
-    if p.pp > 1 and not interleaved and p.pp_virtual_stages != 1:
-        raise ConfigError(
-            f"parallel.pp_schedule={p.pp_schedule} runs one stage per rank: "
-            "set parallel.pp_virtual_stages=1 (or pp_schedule=interleaved_1f1b)"
-        )
-    if p.pp > 1:
-        from llmtrain.parallel.pipeline import stage_layer_counts
-
-        stage_layer_counts(m.n_layers, p.pp * p.pp_virtual_stages, p.pp_layers_per_stage)
-        if p.pp_microbatches is not None and p.pp_microbatches < p.pp:
-            raise ConfigError(
-                f"parallel.pp_microbatches={p.pp_microbatches} must be >= parallel.pp={p.pp} "
-                "(fewer micro-batches than stages leaves stages idle; 1F1B rejects it)"
-            )
-    if p.zero_stage == 0 and p.dp_shard not in (1, -1):
-        raise ConfigError(
-            f"parallel.dp_shard={p.dp_shard} shards parameters/optimizer state, which needs "
-            "parallel.zero_stage 1, 2 or 3 (zero_stage=0 is DDP over parallel.dp_replicate)"
-        )
-    if p.backend == "native" and p.zero_stage == 0 and p.param_dtype != "fp32":
-        raise ConfigError(
-            f"parallel.param_dtype={p.param_dtype} is applied by ZeRO/FSDP2 only; with "
-            "parallel.zero_stage=0 use trainer.precision=bf16 (autocast) instead"
-        )

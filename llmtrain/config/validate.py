@@ -12,31 +12,14 @@ from collections.abc import Iterable
 from typing import Any
 
 from llmtrain.config.checkpoint import resume_mode
+from llmtrain.config.errors import ConfigError, check, check_choice
 from llmtrain.config.launcher import LAUNCHERS
-from llmtrain.config.objective import validate_objective
 from llmtrain.config.optim import SCHEDULES
-from llmtrain.config.parallel import AC_MODES, BACKENDS, DTYPES, PP_SCHEDULES, check_parallel_config
-from llmtrain.config.peft import validate_peft
+from llmtrain.config.parallel import AC_MODES, BACKENDS, DTYPES, PP_SCHEDULES
+from llmtrain.config.rules import check_parallel_config, validate_objective, validate_peft
 from llmtrain.config.schema import Config
 from llmtrain.config.tracking import TRACKING_BACKENDS
 from llmtrain.config.trainer import DEVICES, PRECISIONS
-
-
-class ConfigError(ValueError):
-    """A user mistake in the configuration; the message names the key and what is allowed."""
-
-
-def check_choice(key: str, value: Any, allowed: Iterable[Any]) -> None:
-    """Raise ConfigError unless value is one of allowed."""
-    allowed = tuple(allowed)
-    if value not in allowed:
-        raise ConfigError(f"{key}={value!r} is not allowed; choose one of: {', '.join(map(str, allowed))}")
-
-
-def check(cond: bool, key: str, msg: str) -> None:
-    """Raise ConfigError naming key when cond is false."""
-    if not cond:
-        raise ConfigError(f"{key}: {msg}")
 
 
 def validate_config(cfg: Config) -> Config:

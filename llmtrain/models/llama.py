@@ -1,6 +1,6 @@
 """Llama-style decoder: RMSNorm, RoPE, SwiGLU, grouped-query attention through SDPA.
 
-This file knows nothing of parallelism (STYLE.md §2). Build it on the meta device, let the
+This file knows nothing of parallelism (docs/architecture.md). Build it on the meta device, let the
 `llmtrain.parallel` functions transform it, then materialize and call `init_weights`.
 """
 
@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from llmtrain.config.model import ffn_hidden_dim
 
 
 @dataclass(kw_only=True)
@@ -42,12 +44,7 @@ class TransformerArgs:
     @property
     def hidden_dim(self) -> int:
         """SwiGLU width: explicit, or Llama's 2/3 * 4 * dim rounded up to multiple_of."""
-        if self.ffn_dim is not None:
-            return self.ffn_dim
-        hidden = int(2 * 4 * self.dim / 3)
-        if self.ffn_dim_multiplier is not None:
-            hidden = int(self.ffn_dim_multiplier * hidden)
-        return self.multiple_of * math.ceil(hidden / self.multiple_of)
+        return ffn_hidden_dim(self.dim, self.ffn_dim, self.multiple_of, self.ffn_dim_multiplier)
 
 
 class RMSNorm(nn.Module):

@@ -1,4 +1,4 @@
-"""ParallelDims: the one owner of the rank topology (STYLE.md §3).
+"""ParallelDims: the one owner of the rank topology (docs/architecture.md).
 
 World = pp x dp_replicate x dp_shard x tp, in that mesh order (tp innermost so that tensor-parallel
 peers are neighbours, i.e. on the same node). Meshes are returned to callers, never kept in globals.
@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from llmtrain.config.validate import ConfigError
+from llmtrain.config.errors import ConfigError
+from llmtrain.config.rules import check_parallel_factors
 
 MESH_ORDER = ("pp", "dp_replicate", "dp_shard", "tp")
 
@@ -26,11 +27,7 @@ class ParallelDims:
     _dp_mesh: DeviceMesh | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        for name in ("tp", "pp"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"parallel.{name}={getattr(self, name)} must be >= 1")
-        if self.dp_replicate == -1 and self.dp_shard == -1:
-            raise ConfigError("parallel.dp_replicate and parallel.dp_shard cannot both be -1 (auto)")
+        check_parallel_factors(dp_replicate=self.dp_replicate, dp_shard=self.dp_shard, tp=self.tp, pp=self.pp)
         fixed = self.tp * self.pp * max(self.dp_replicate, 1) * max(self.dp_shard, 1)
         if self.world_size % fixed:
             raise ConfigError(self._mismatch())

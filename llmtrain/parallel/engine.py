@@ -16,7 +16,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from llmtrain.config import Config
-from llmtrain.config.validate import ConfigError
+from llmtrain.config.errors import ConfigError
 from llmtrain.data.loader import Batch
 from llmtrain.parallel.dims import ParallelDims
 from llmtrain.train.step import StepResult

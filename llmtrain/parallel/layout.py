@@ -1,10 +1,12 @@
-"""Layout checks that need the world size (the others run in `validate_config`).
+"""Layout rules that need the world size (config-only ones: llmtrain.config.rules; engine limits: each
+engine).
 
 `build_dims(cfg, world_size)` is what a launcher or tool calls to learn, before any model is built,
 whether a config can run on a given number of ranks; the native engine calls `check_layout` again.
 """
 
 from llmtrain.config import Config, ConfigError, batch_geometry
+from llmtrain.config.rules import check_zero_shards
 from llmtrain.parallel.dims import ParallelDims
 
 
@@ -24,11 +26,8 @@ def pipeline_microbatches(cfg: Config, dims: ParallelDims) -> int:
 def check_layout(cfg: Config, dims: ParallelDims) -> None:
     """Rules tying the layout to the world size and the batch geometry; messages name the keys."""
     p = cfg.parallel
-    if p.zero_stage == 0 and dims.dp_shard_enabled:
-        raise ConfigError(
-            f"parallel.dp_shard resolves to {dims.dp_shard} on {dims.world_size} ranks but parallel.zero_stage=0 "
-            "does not shard: set parallel.zero_stage to 1, 2 or 3, or parallel.dp_shard=1"
-        )
+    if p.dp_shard == -1:  # an explicit dp_shard was checked with the config (config/rules.py)
+        check_zero_shards(p.zero_stage, dims.dp_shard, dims.world_size)
     if p.zero_stage > 0 and not dims.dp_shard_enabled and dims.dp_replicate_enabled:
         raise ConfigError(
             f"parallel.zero_stage={p.zero_stage} shards over parallel.dp_shard, which is 1 while "
@@ -44,7 +43,7 @@ def check_layout(cfg: Config, dims: ParallelDims) -> None:
         if p.pp_microbatches
         else "the accumulation count (parallel.pp_microbatches unset)"
     )
-    if n_mb < dims.pp:
+    if p.pp_microbatches is None and n_mb < dims.pp:  # an explicit count was checked with the config
         raise ConfigError(
             f"{key} = {n_mb} pipeline micro-batches is fewer than parallel.pp={dims.pp} stages; raise "
             "trainer.global_batch_size or set parallel.pp_microbatches"

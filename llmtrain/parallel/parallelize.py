@@ -16,10 +16,11 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from llmtrain.config.parallel import ParallelConfig
+from llmtrain.config.rules import stage_layer_counts
 from llmtrain.models.llama import Transformer
 from llmtrain.parallel.data_parallel import DTYPE, apply_ddp, apply_fsdp
 from llmtrain.parallel.dims import ParallelDims
-from llmtrain.parallel.pipeline import local_stage_ids, split_stage, stage_layer_counts
+from llmtrain.parallel.pipeline import local_stage_ids, split_stage
 from llmtrain.parallel.tensor_parallel import apply_grad_layout_hooks, apply_tp
 
 log = logging.getLogger("llmtrain")

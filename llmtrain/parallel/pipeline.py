@@ -20,28 +20,10 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
-from llmtrain.config.validate import ConfigError
+from llmtrain.config.errors import ConfigError
 from llmtrain.models.llama import Transformer
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B}
-
-
-def stage_layer_counts(n_layers: int, num_stages: int, layers_per_stage: list[int] | None) -> list[int]:
-    """Blocks per stage: the explicit list, or an even split (which must divide n_layers)."""
-    if layers_per_stage is not None:
-        counts = list(layers_per_stage)
-        if len(counts) != num_stages or sum(counts) != n_layers or min(counts) < 0:
-            raise ConfigError(
-                f"parallel.pp_layers_per_stage={counts} must list {num_stages} non-negative counts "
-                f"(parallel.pp x parallel.pp_virtual_stages) summing to model.n_layers={n_layers}"
-            )
-        return counts
-    if n_layers % num_stages:
-        raise ConfigError(
-            f"model.n_layers={n_layers} is not divisible by {num_stages} pipeline stages "
-            "(parallel.pp x parallel.pp_virtual_stages); set parallel.pp_layers_per_stage to split unevenly"
-        )
-    return [n_layers // num_stages] * num_stages
 
 
 def local_stage_ids(pp_rank: int, pp: int, virtual: int) -> list[int]:
@@ -80,10 +62,7 @@ def build_schedule(
     cls = SCHEDULES[name]
     if cls is ScheduleInterleaved1F1B:
         return cls(stages, n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False)
-    if len(stages) != 1:
-        raise ConfigError(
-            f"parallel.pp_schedule={name} runs one stage per rank; set parallel.pp_virtual_stages=1"
-        )
+    assert len(stages) == 1, "config/rules.py refuses virtual stages without interleaved_1f1b"
     return cls(stages[0], n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False)
 
 

@@ -6,9 +6,10 @@ import re
 import pytest
 
 from llmtrain.config import ConfigError
+from llmtrain.config.rules import stage_layer_counts
 from llmtrain.parallel import ParallelDims
 from llmtrain.parallel.layout import build_dims
-from llmtrain.parallel.pipeline import local_stage_ids, stage_layer_counts
+from llmtrain.parallel.pipeline import local_stage_ids
 from tests.parallel.common import TINY
 
 

@@ -32,7 +32,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from llmtrain.checkpoint.engines import DEEPSPEED_TAG, deepspeed_weights
 from llmtrain.checkpoint.layout import staged_by_rank0
 from llmtrain.config import Config, batch_geometry
-from llmtrain.config.validate import ConfigError
+from llmtrain.config.errors import ConfigError
 from llmtrain.data.loader import Batch
 from llmtrain.models import build_model
 from llmtrain.models.build import count_params

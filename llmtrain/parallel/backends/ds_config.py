@@ -10,7 +10,7 @@ the update identical to the native engine and avoids building the fused CPU Adam
 from typing import Any
 
 from llmtrain.config import Config
-from llmtrain.config.validate import ConfigError
+from llmtrain.config.errors import ConfigError
 
 OFFLOAD_DEVICES = ("none", "cpu", "nvme")
 ENGINE_OPTIONS = {

@@ -37,7 +37,7 @@ from megatron.core.transformer.module import param_is_not_shared
 from torch.distributed.device_mesh import DeviceMesh
 
 from llmtrain.config import Config, batch_geometry
-from llmtrain.config.validate import ConfigError
+from llmtrain.config.errors import ConfigError
 from llmtrain.data.loader import IGNORE_INDEX, Batch
 from llmtrain.models import build_model, model_args
 from llmtrain.parallel.backends.collectives import all_reduce_, global_tokens

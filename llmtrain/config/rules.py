@@ -1,0 +1,233 @@
+"""Rules that tie config sections together and need nothing but the config (no world size, no torch).
+
+Where each kind of rule lives (docs/architecture.md, "Rules"):
+- here: cross-field rules knowable from the config alone (tp divides the heads, pipeline stage counts,
+  schedule <-> virtual stages, objective/peft compatibility), run by `validate_config` at compose time;
+- `llmtrain.parallel.layout.check_layout`: rules that need the world size (factors resolved from -1,
+  batch geometry, derived pipeline micro-batches), run by every launcher before a rank starts;
+- each engine: what that engine cannot do (e.g. DeepSpeed without ZeRO family switch).
+Each rule is written once, in one of these places.
+"""
+
+from llmtrain.config.errors import ConfigError, check, check_choice
+from llmtrain.config.objective import CHAT_TEMPLATES, OBJECTIVES, OVERLONG
+from llmtrain.config.peft import LORA_TARGETS, PEFT_METHODS
+from llmtrain.config.schema import Config
+
+
+def check_parallel_factors(*, dp_replicate: int, dp_shard: int, tp: int, pp: int) -> None:
+    """Each factor is >= 1, data-parallel ones may be -1 (fill the world), not both. Shared by the
+    config check and `ParallelDims`, which is also built directly by tools and tests."""
+    for key, value in (("tp", tp), ("pp", pp)):
+        if value < 1:
+            raise ConfigError(f"parallel.{key}={value} must be >= 1")
+    for key, value in (("dp_replicate", dp_replicate), ("dp_shard", dp_shard)):
+        if value == 0 or value < -1:
+            raise ConfigError(f"parallel.{key}={value} must be >= 1 or -1 (fill the world)")
+    if dp_replicate == -1 and dp_shard == -1:
+        raise ConfigError("parallel.dp_replicate and parallel.dp_shard cannot both be -1 (auto)")
+
+
+def stage_layer_counts(n_layers: int, num_stages: int, layers_per_stage: list[int] | None) -> list[int]:
+    """Blocks per pipeline stage: the explicit list, or an even split (which must divide n_layers).
+    Pure arithmetic, so validating a config never imports torch.distributed.pipelining."""
+    if layers_per_stage is not None:
+        counts = list(layers_per_stage)
+        if len(counts) != num_stages or sum(counts) != n_layers or min(counts) < 0:
+            raise ConfigError(
+                f"parallel.pp_layers_per_stage={counts} must list {num_stages} non-negative counts "
+                f"(parallel.pp x parallel.pp_virtual_stages) summing to model.n_layers={n_layers}"
+            )
+        return counts
+    if n_layers % num_stages:
+        raise ConfigError(
+            f"model.n_layers={n_layers} is not divisible by {num_stages} pipeline stages "
+            "(parallel.pp x parallel.pp_virtual_stages); set parallel.pp_layers_per_stage to split unevenly"
+        )
+    return [n_layers // num_stages] * num_stages
+
+
+def check_parallel_config(cfg: Config) -> None:
+    """World-size-independent layout rules; every message names the config keys involved."""
+    p, m = cfg.parallel, cfg.model
+    check_parallel_factors(dp_replicate=p.dp_replicate, dp_shard=p.dp_shard, tp=p.tp, pp=p.pp)
+    check(p.pp_virtual_stages >= 1, "parallel.pp_virtual_stages", f"{p.pp_virtual_stages} must be >= 1")
+    _check_tp_divides(cfg)
+    if m.tie_embeddings and (p.tp > 1 or p.pp > 1):
+        raise ConfigError(
+            "model.tie_embeddings=true is not supported with parallel.tp > 1 or parallel.pp > 1"
+        )
+    _check_pipeline(cfg)
+    if p.dp_shard != -1:  # -1 resolves with the world size: parallel.layout applies the same rule then
+        check_zero_shards(p.zero_stage, p.dp_shard)
+    if p.backend == "native" and p.zero_stage == 0 and p.param_dtype != "fp32":
+        raise ConfigError(
+            f"parallel.param_dtype={p.param_dtype} is applied by ZeRO/FSDP2 only; with "
+            "parallel.zero_stage=0 use trainer.precision=bf16 (autocast) instead"
+        )
+
+
+def check_zero_shards(zero_stage: int, dp_shard: int, world_size: int | None = None) -> None:
+    """dp_shard > 1 shards parameters/optimizer state, which only ZeRO stages 1-3 do. `world_size`:
+    dp_shard was -1 and resolved on that many ranks."""
+    if zero_stage == 0 and dp_shard > 1:
+        what = (
+            f"parallel.dp_shard resolves to {dp_shard} on {world_size} ranks"
+            if world_size is not None
+            else f"parallel.dp_shard={dp_shard} shards parameters/optimizer state"
+        )
+        raise ConfigError(
+            f"{what}, which needs parallel.zero_stage 1, 2 or 3 (zero_stage=0 is DDP over "
+            "parallel.dp_replicate): set parallel.zero_stage to 1, 2 or 3, or parallel.dp_shard=1"
+        )
+
+
+def _check_tp_divides(cfg: Config) -> None:
+    p, m = cfg.parallel, cfg.model
+    tp_divides = {
+        "model.n_heads": m.n_heads,
+        "model.n_kv_heads": m.kv_heads,
+        "model.ffn_dim": m.hidden_dim,
+        "model.vocab_size": m.vocab_size,
+    }
+    for key, value in tp_divides.items():
+        if value % p.tp:
+            hint = (
+                " (KV-head replication across tp ranks is not implemented)"
+                if key.endswith("kv_heads")
+                else ""
+            )
+            raise ConfigError(f"{key}={value} must be divisible by parallel.tp={p.tp}{hint}")
+    if p.tp > 1 and p.sequence_parallel and cfg.data.seq_len % p.tp:
+        raise ConfigError(
+            f"data.seq_len={cfg.data.seq_len} must be divisible by parallel.tp={p.tp} with "
+            "parallel.sequence_parallel=true"
+        )
+
+
+def _check_pipeline(cfg: Config) -> None:
+    """Schedule <-> virtual stages, stage split, explicit micro-batch count (the derived one needs the
+    world size: parallel.layout)."""
+    p = cfg.parallel
+    if p.pp == 1:
+        return
+    interleaved = p.pp_schedule == "interleaved_1f1b"
+    if interleaved and p.pp_virtual_stages < 2:
+        raise ConfigError("parallel.pp_schedule=interleaved_1f1b needs parallel.pp_virtual_stages >= 2")
+    if not interleaved and p.pp_virtual_stages != 1:
+        raise ConfigError(
+            f"parallel.pp_schedule={p.pp_schedule} runs one stage per rank: "
+            "set parallel.pp_virtual_stages=1 (or pp_schedule=interleaved_1f1b)"
+        )
+    stage_layer_counts(cfg.model.n_layers, p.pp * p.pp_virtual_stages, p.pp_layers_per_stage)
+    if p.pp_microbatches is not None and p.pp_microbatches < p.pp:
+        raise ConfigError(
+            f"parallel.pp_microbatches={p.pp_microbatches} must be >= parallel.pp={p.pp} "
+            "(fewer micro-batches than stages leaves stages idle; 1F1B rejects it)"
+        )
+
+
+def validate_objective(cfg: Config) -> None:
+    """Choices, ranges and required fields of the objective group, naming the key."""
+    o = cfg.objective
+    check_choice("objective.name", o.name, OBJECTIVES)
+    m = o.masked_lm
+    check(
+        0.0 < m.mask_prob <= 1.0, "objective.masked_lm.mask_prob", f"must be within (0, 1], got {m.mask_prob}"
+    )
+    check(
+        m.mask_token_prob >= 0
+        and m.random_token_prob >= 0
+        and m.mask_token_prob + m.random_token_prob <= 1.0,
+        "objective.masked_lm.mask_token_prob",
+        f"mask_token_prob={m.mask_token_prob} and random_token_prob={m.random_token_prob} must be >= 0 "
+        "and sum to at most 1",
+    )
+    if m.mask_token_id is not None:
+        check(
+            0 <= m.mask_token_id < cfg.model.vocab_size,
+            "objective.masked_lm.mask_token_id",
+            f"{m.mask_token_id} must be within [0, model.vocab_size={cfg.model.vocab_size})",
+        )
+    s = o.sft
+    check_choice("objective.sft.chat_template", s.chat_template, CHAT_TEMPLATES)
+    check_choice("objective.sft.overlong", s.overlong, OVERLONG)
+    if o.name == "sft":
+        check(
+            bool(s.train_path),
+            "objective.sft.train_path",
+            "a jsonl file of examples is required for objective=sft",
+        )
+    d = o.distill
+    check(d.temperature > 0, "objective.distill.temperature", f"must be > 0, got {d.temperature}")
+    check(0.0 <= d.alpha <= 1.0, "objective.distill.alpha", f"must be within [0, 1], got {d.alpha}")
+    if o.name == "distill":
+        check(
+            bool(d.teacher),
+            "objective.distill.teacher",
+            "a teacher checkpoint path is required for objective=distill",
+        )
+    if o.name == "causal_lm":
+        return
+    p = cfg.parallel
+    check(
+        p.pp == 1,
+        "objective.name",
+        f"{o.name} is not supported with pipeline parallelism (parallel.pp={p.pp})",
+    )
+    # deepspeed passes positions and masks but not the causal flag or a loss hook; megatron neither
+    engines = ("native", "deepspeed") if o.name == "sft" else ("native",)
+    check(
+        p.backend in engines,
+        "objective.name",
+        f"{o.name} runs on parallel.backend={' or '.join(engines)}, got {p.backend}",
+    )
+    if o.name == "distill":
+        check(
+            p.tp == 1,
+            "objective.name",
+            f"distill needs whole-vocabulary logits; parallel.tp={p.tp} is not supported",
+        )
+
+
+def validate_peft(cfg: Config) -> None:
+    """Choices and ranges of the peft group, naming the key."""
+    p = cfg.peft
+    check_choice("peft.method", p.method, PEFT_METHODS)
+    if p.method == "none":
+        return
+    check(p.rank > 0, "peft.rank", f"must be positive, got {p.rank}")
+    check(p.alpha > 0, "peft.alpha", f"must be positive, got {p.alpha}")
+    check(0.0 <= p.dropout < 1.0, "peft.dropout", f"must be within [0, 1), got {p.dropout}")
+    check(
+        len(p.target_modules) > 0, "peft.target_modules", f"choose at least one of: {', '.join(LORA_TARGETS)}"
+    )
+    for name in p.target_modules:
+        check(
+            name in LORA_TARGETS,
+            "peft.target_modules",
+            f"{name!r} is not allowed; choose from {', '.join(LORA_TARGETS)}",
+        )
+    check(
+        cfg.parallel.tp == 1 and cfg.parallel.pp == 1,
+        "peft.method",
+        f"lora supports data parallelism (DDP, ZeRO/FSDP2) only; got parallel.tp={cfg.parallel.tp}, "
+        f"parallel.pp={cfg.parallel.pp}",
+    )
+    check(
+        cfg.parallel.backend == "native",
+        "peft.method",
+        f"lora runs on parallel.backend=native only, got {cfg.parallel.backend}",
+    )
+    check(
+        not cfg.checkpoint.init_load_optimizer,
+        "checkpoint.init_load_optimizer",
+        "must be false with peft.method=lora (the base run's optimizer state is for other parameters)",
+    )
+    if p.adapters_only_checkpoint:
+        check(
+            bool(cfg.checkpoint.init_from),
+            "checkpoint.init_from",
+            "peft.method=lora with peft.adapters_only_checkpoint=true needs the base checkpoint to fine-tune "
+            "(or set peft.adapters_only_checkpoint=false)",
+        )
