@@ -29,7 +29,7 @@ from bench.common import ReferenceLoop, print_table, timed_cpu, write_results
 
 def build_trainer(opts: argparse.Namespace, workdir: Path):
     from llmtrain.data.prepare import prepare_dataset
-    from llmtrain.launch.env import DistEnv
+    from llmtrain.distributed.env import DistEnv
     from llmtrain.testing import compose_config
     from llmtrain.train.trainer import Trainer
 

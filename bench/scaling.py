@@ -30,9 +30,9 @@ def measure(dim: int, n_layers: int, seq: int, steps: int) -> dict[str, float]:
     from llmtrain.config.optim import OptimConfig
     from llmtrain.data.loader import Batch
     from llmtrain.models.llama import Transformer, TransformerArgs
+    from llmtrain.optim import build_optimizer
+    from llmtrain.parallel.step import train_step
     from llmtrain.train.flops import flops_per_token
-    from llmtrain.train.optim import build_optimizer
-    from llmtrain.train.step import train_step
 
     args = TransformerArgs(
         dim=dim,

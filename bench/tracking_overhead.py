@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from llmtrain.data.prepare import prepare_dataset  # noqa: E402
-from llmtrain.launch.env import DistEnv  # noqa: E402
+from llmtrain.distributed.env import DistEnv  # noqa: E402
 from llmtrain.testing import compose_config  # noqa: E402
 from llmtrain.tracking.tracker import Tracker  # noqa: E402
 from llmtrain.train.trainer import Trainer  # noqa: E402

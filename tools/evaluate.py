@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from llmtrain.config import ConfigError
-from llmtrain.launch.env import detect_env, shutdown_distributed
+from llmtrain.distributed.env import detect_env, shutdown_distributed
 from llmtrain.objectives.sft_data import SFTDataError
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from llmtrain.config import ConfigError
-from llmtrain.launch.env import DistEnv
+from llmtrain.distributed.env import DistEnv
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -142,23 +142,22 @@ def staged_by_rank0(staging: Path, build: Callable[[Path], object], what: str) -
     failed), rank 0 removes it. Works without a process group too (one process)."""
     import torch.distributed as dist
 
-    group = dist.is_initialized()
-    rank0 = not group or dist.get_rank() == 0
-    error: list[str | None] = [None]
+    from llmtrain.distributed.collectives import barrier, broadcast_object
+
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    error: str | None = None
     if rank0:
         shutil.rmtree(staging, ignore_errors=True)
         try:
             build(staging)
         except Exception as e:
-            error = [f"{type(e).__name__}: {e}"]
-    if group:
-        dist.broadcast_object_list(error, src=0)
+            error = f"{type(e).__name__}: {e}"
+    error = broadcast_object(error)
     try:
-        if error[0] is not None:
-            raise CheckpointError(f"{what} failed on rank 0: {error[0]}")
+        if error is not None:
+            raise CheckpointError(f"{what} failed on rank 0: {error}")
         yield staging
     finally:
-        if group:
-            dist.barrier()
+        barrier()
         if rank0:
             shutil.rmtree(staging, ignore_errors=True)

@@ -53,6 +53,7 @@ from llmtrain.checkpoint.layout import (
     write_manifest,
 )
 from llmtrain.checkpoint.rng import restore_rng, save_torch_rng
+from llmtrain.distributed.collectives import broadcast_object, gather_objects
 
 if TYPE_CHECKING:
     from llmtrain.parallel.engine import Engine
@@ -179,21 +180,13 @@ class CheckpointManager:
             done.set_exception(e)
 
     def _agree_tmp_folder(self, step: int) -> Path:
-        token = uuid.uuid4().hex[:8] if _rank() == 0 else ""
-        if dist.is_initialized():
-            box = [token]
-            dist.broadcast_object_list(box, src=0)
-            token = box[0]
+        token = broadcast_object(uuid.uuid4().hex[:8] if _rank() == 0 else "")
         tmp = self.folder / f"step_{step:08d}{TMP_MARK}{token}"
         tmp.mkdir(parents=True, exist_ok=True)
         return tmp
 
     def _gather(self, obj: Any, group: Any) -> list[Any]:
-        if not dist.is_initialized():
-            return [obj]
-        out: list[Any] = [None] * dist.get_world_size(group)
-        dist.all_gather_object(out, obj, group=group)
-        return out
+        return gather_objects(obj, group)
 
     def _commit(self, step: int, tmp: Path, stage: Path, error: str | None, move: bool, group: Any) -> None:
         """Per rank: bring own files into tmp and fsync them; then rank 0 publishes atomically."""

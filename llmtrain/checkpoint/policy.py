@@ -14,11 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.distributed as dist
-
 from llmtrain.checkpoint.layout import CheckpointError, latest_checkpoint, resolve_checkpoint_path
 from llmtrain.config.checkpoint import CheckpointConfig
+from llmtrain.distributed.collectives import broadcast_int
 
 # model fields that change parameter shapes or names (max_seq_len/init_std/rope_theta do not)
 SHAPE_KEYS = (
@@ -48,10 +46,7 @@ class SaveSchedule:
             return True
         if not self.every_minutes:
             return False
-        flag = torch.tensor([int(time.monotonic() - self.last_save_time >= 60 * self.every_minutes)])
-        if dist.is_initialized():
-            dist.broadcast(flag, src=0)
-        return bool(flag.item())
+        return bool(broadcast_int(int(time.monotonic() - self.last_save_time >= 60 * self.every_minutes)))
 
     def saved(self) -> None:
         self.last_save_time = time.monotonic()

@@ -87,7 +87,7 @@ def launch_local(cfg: Config) -> int:
     run_dir = prepare_run(cfg)
     config_path = run_dir / "config.yaml"
     if cfg.launcher.nproc == 1 and cfg.launcher.nnodes == 1:
-        from llmtrain.launch.env import shutdown_distributed
+        from llmtrain.distributed.env import shutdown_distributed
         from llmtrain.launch.worker import run_training, setup_logging
 
         setup_logging(0, 1)

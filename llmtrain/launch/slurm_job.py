@@ -77,7 +77,7 @@ class TrainJob:
 
     def __call__(self) -> dict[str, Any]:
         global _exit_code
-        from llmtrain.launch.signals import StopFlag
+        from llmtrain.train.signals import StopFlag
 
         early = StopFlag()  # replaces submitit's USR2 handler before anything slow happens
         early.install()
@@ -89,7 +89,7 @@ class TrainJob:
 
     def _train(self, early: Any) -> dict[str, Any]:
         from llmtrain.config import load_config
-        from llmtrain.launch.env import detect_env, shutdown_distributed
+        from llmtrain.distributed.env import detect_env, shutdown_distributed
         from llmtrain.launch.worker import setup_logging
         from llmtrain.train.trainer import Trainer
 
@@ -131,8 +131,7 @@ class TrainJob:
         finished: trained to max_steps. requeue: stopped on USR1/USR2 (pre-timeout, or submitit-style
         preemption) with requeues left. terminated: stopped on SIGTERM alone. exhausted: requeues used up.
         """
-        import torch
-        import torch.distributed as dist
+        from llmtrain.distributed.collectives import broadcast_int
 
         if status == "FINISHED":
             outcome = "finished"
@@ -143,10 +142,7 @@ class TrainJob:
             outcome = "exhausted"
         else:
             outcome = "requeue"
-        code = torch.tensor([self.OUTCOMES.index(outcome)], dtype=torch.int32)
-        if dist.is_initialized():
-            dist.broadcast(code, src=0)
-        return self.OUTCOMES[int(code.item())]
+        return self.OUTCOMES[broadcast_int(self.OUTCOMES.index(outcome))]
 
     def checkpoint(self) -> Any:
         """submitit's Checkpointable hook: resubmit this same callable (the state is on disk)."""

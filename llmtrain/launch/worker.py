@@ -10,7 +10,7 @@ import sys
 import traceback
 
 from llmtrain.config import load_config
-from llmtrain.launch.env import detect_env, shutdown_distributed
+from llmtrain.distributed.env import detect_env, shutdown_distributed
 
 
 def setup_logging(rank: int, world_size: int) -> None:

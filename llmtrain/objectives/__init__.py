@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from llmtrain.parallel.engine import Engine
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-"""(logits, targets) -> summed loss over the target tokens (as `llmtrain.train.step.token_loss_sum`)."""
+"""(logits, targets) -> summed loss over the target tokens (as `llmtrain.parallel.step.token_loss_sum`)."""
 
 
 class Loader(Protocol):

@@ -17,7 +17,8 @@ from torch import nn
 from llmtrain.config import Config, ConfigError
 from llmtrain.data.dataset import TokenDataset
 from llmtrain.data.loader import DataLoader
-from llmtrain.launch.env import DistEnv, init_distributed, pick_device
+from llmtrain.distributed.collectives import global_tokens
+from llmtrain.distributed.env import DistEnv, init_distributed, pick_device
 from llmtrain.objectives.checkpoints import (
     MODEL_FOLDER,
     checkpoint_config,
@@ -26,7 +27,6 @@ from llmtrain.objectives.checkpoints import (
 )
 from llmtrain.parallel import ParallelDims
 from llmtrain.parallel.engine import Engine, build_engine
-from llmtrain.train.step import global_token_count
 
 log = logging.getLogger("llmtrain")
 
@@ -100,7 +100,7 @@ def evaluate_checkpoint(
         )
     batches = [b.to(loaded.device) for _ in range(num_batches) for b in loader.next_step()]
     loss = loaded.engine.evaluate(objective.prepare(batches, None))
-    tokens = global_token_count(batches, getattr(loaded.engine, "dp_group", None))
+    tokens = global_tokens(batches, getattr(loaded.engine, "dp_group", None))
     return {"loss": loss, "ppl": float(torch.tensor(loss).exp()), "tokens": float(tokens), **extra}
 
 

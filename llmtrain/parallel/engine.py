@@ -19,7 +19,7 @@ from llmtrain.config import Config
 from llmtrain.config.errors import ConfigError
 from llmtrain.data.loader import Batch
 from llmtrain.parallel.dims import ParallelDims
-from llmtrain.train.step import StepResult
+from llmtrain.parallel.step import StepResult
 
 INSTALL_HINT = {
     "deepspeed": "pip install 'llmtrain[deepspeed]'  (or: bash tools/setup.sh deepspeed)",

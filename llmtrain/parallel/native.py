@@ -26,25 +26,25 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 from llmtrain.config import Config
 from llmtrain.data.loader import IGNORE_INDEX, Batch
+from llmtrain.distributed.collectives import all_reduce_, gather_objects, global_tokens
 from llmtrain.models import build_model
+from llmtrain.optim import build_optimizer
 from llmtrain.parallel.data_parallel import allreduce_grads, set_fsdp_accumulating
 from llmtrain.parallel.dims import ParallelDims
 from llmtrain.parallel.engine import Engine
 from llmtrain.parallel.layout import check_layout, pipeline_microbatches
 from llmtrain.parallel.parallelize import parallelize
 from llmtrain.parallel.pipeline import PipelineRunner, build_stages
-from llmtrain.parallel.tensor_parallel import vocab_parallel_loss_sum
-from llmtrain.peft import build_peft
-from llmtrain.train.optim import build_optimizer
-from llmtrain.train.step import (
+from llmtrain.parallel.step import (
     StepResult,
     clip_grad_norm,
     evaluate,
-    global_token_count,
     model_kwargs,
     token_loss_sum,
     train_step,
 )
+from llmtrain.parallel.tensor_parallel import vocab_parallel_loss_sum
+from llmtrain.peft import build_peft
 
 # flat "state.<param fqn>.<key>" optimizer keys: mergeable across pipeline stages and layouts
 SD_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
@@ -151,14 +151,12 @@ class NativeEngine(Engine):
                 whole.inputs, whole.targets, model_kwargs(whole, self.explicit_positions), scale, train
             )
         # only the last stage saw the loss: sum over the pipeline, then over data-parallel replicas
-        dist.all_reduce(loss_sum, group=self.pp_group)
-        if self.dp_group is not None:
-            dist.all_reduce(loss_sum, group=self.dp_group)
-        return loss_sum
+        all_reduce_(loss_sum, self.pp_group)
+        return all_reduce_(loss_sum, self.dp_group)
 
     def _pipeline_train_step(self, batches: list[Batch]) -> StepResult:
-        """Same math as `llmtrain.train.step.train_step`, with the schedule doing forward/backward."""
-        n_global = global_token_count(batches, self.dp_group)
+        """Same math as `llmtrain.parallel.step.train_step`, with the schedule doing forward/backward."""
+        n_global = global_tokens(batches, self.dp_group)
         loss_sum = self._pipeline_pass(batches, self.dims.dp / max(n_global, 1), train=True)
         if self.reduce_grads is not None:
             self.reduce_grads()
@@ -180,7 +178,7 @@ class NativeEngine(Engine):
             )
         with torch.no_grad():
             loss_sum = self._pipeline_pass(batches, 1.0, train=False)
-        return float(loss_sum) / max(global_token_count(batches, self.dp_group), 1)
+        return float(loss_sum) / max(global_tokens(batches, self.dp_group), 1)
 
     def _checkpoint_state(self) -> dict[str, Any]:
         msd, osd = get_state_dict(self.model, self.optimizer, options=SD_OPTIONS)
@@ -223,7 +221,6 @@ class NativeEngine(Engine):
         opts = StateDictOptions(full_state_dict=True)
         state = {k: v.detach().cpu() for k, v in get_model_state_dict(self.model, options=opts).items()}
         if self.pp_group is not None:
-            parts: list[dict[str, torch.Tensor] | None] = [None] * self.dims.pp
-            dist.all_gather_object(parts, state, group=self.pp_group)
+            parts = gather_objects(state, self.pp_group)
             state = {k: v for part in parts if part for k, v in part.items()}
         return self.peft.export_state(state)  # LoRA: adapters merged into the base weights

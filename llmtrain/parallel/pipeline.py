@@ -8,7 +8,7 @@ when the vocabulary is large (their extra cost is about one block each at vocab 
 
 Loss: the schedule calls `loss_fn(output, target)` on the last stage once per micro-batch and backs
 each result up separately; the engine passes a loss that is already divided by the *global* token
-count (see llmtrain/train/step.py), and `scale_grads=False` stops the schedule from dividing again by
+count (see llmtrain/parallel/step.py), and `scale_grads=False` stops the schedule from dividing again by
 the number of micro-batches, so the summed gradients equal the non-pipelined ones.
 """
 

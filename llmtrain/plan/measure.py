@@ -60,9 +60,9 @@ def measure_train_peak(
     from llmtrain.config.optim import OptimConfig
     from llmtrain.data.loader import Batch
     from llmtrain.models.build import build_model
+    from llmtrain.optim import build_optimizer
     from llmtrain.parallel.parallelize import apply_activation_checkpointing
-    from llmtrain.train.optim import build_optimizer
-    from llmtrain.train.step import train_step
+    from llmtrain.parallel.step import train_step
 
     gen = torch.Generator().manual_seed(0)
     vocab = model_cfg.vocab_size

@@ -14,16 +14,16 @@ from llmtrain.checkpoint.policy import SaveSchedule, check_model_matches, plan_r
 from llmtrain.checkpoint.rng import capture_host_rng
 from llmtrain.config import Config, batch_geometry
 from llmtrain.config.io import to_dict
-from llmtrain.launch.env import DistEnv, init_distributed, pick_device
-from llmtrain.launch.signals import StopFlag
+from llmtrain.distributed.env import DistEnv, init_distributed, pick_device
+from llmtrain.train.signals import StopFlag
 from llmtrain.models import model_args
 from llmtrain.objectives import build_objective
+from llmtrain.optim import lr_factor
 from llmtrain.parallel import ParallelDims
 from llmtrain.parallel.engine import build_engine
 from llmtrain.tracking import ConsoleLogger
 from llmtrain.tracking.tracker import Tracker
 from llmtrain.train.flops import flops_per_token, recompute_fraction
-from llmtrain.train.optim import lr_factor
 from llmtrain.train.perf import Meter, memory_gb, peak_tflops, processed_tokens
 from llmtrain.train.profiler import build_profiler
 

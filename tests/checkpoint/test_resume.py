@@ -15,7 +15,7 @@ import torch
 
 from llmtrain.checkpoint import latest_checkpoint
 from llmtrain.checkpoint.layout import FAULT_ENV
-from llmtrain.launch.env import DistEnv
+from llmtrain.distributed.env import DistEnv
 from llmtrain.train.trainer import Trainer
 from tests.checkpoint.common import TINY
 from tests.distributed import run_distributed
@@ -147,7 +147,7 @@ def test_ddp_rank_killed_mid_save_resumes_exactly_and_reshards(make_config, shak
 
 
 def _train_body(rank: int, world_size: int, overrides: list[str]) -> list[float]:
-    from llmtrain.launch.env import detect_env
+    from llmtrain.distributed.env import detect_env
     from llmtrain.testing import compose_config
 
     return [h["loss"] for h in Trainer(compose_config(overrides), detect_env()).train()["history"]]

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from llmtrain.checkpoint.layout import step_dir
 from llmtrain.data.prepare import prepare_dataset
-from llmtrain.launch.env import DistEnv
+from llmtrain.distributed.env import DistEnv
 from llmtrain.train.trainer import Trainer
 
 SMALL = [

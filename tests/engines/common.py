@@ -65,13 +65,13 @@ def run_steps(engine, dp: int, dp_rank: int, steps: int = STEPS, first: int = 0)
 
 def native_reference(cfg, steps: int = STEPS, final_state: dict | None = None) -> list[tuple[float, float]]:
     """The single-process native run every engine is compared with: our model, init, AdamW and
-    `llmtrain.train.step.train_step` directly (no engine wrapper, so it does not move while the native
+    `llmtrain.parallel.step.train_step` directly (no engine wrapper, so it does not move while the native
     engine grows new layouts)."""
     from contextlib import nullcontext
 
     from llmtrain.models import build_model
-    from llmtrain.train.optim import build_optimizer
-    from llmtrain.train.step import train_step
+    from llmtrain.optim import build_optimizer
+    from llmtrain.parallel.step import train_step
 
     model = build_model(cfg.model, "cpu")
     model.init_weights(cfg.trainer.seed)
@@ -121,8 +121,8 @@ def native_switch_reference(cfg, state: dict) -> tuple[float, float]:
     from contextlib import nullcontext
 
     from llmtrain.models import build_model
-    from llmtrain.train.optim import build_optimizer
-    from llmtrain.train.step import evaluate, train_step
+    from llmtrain.optim import build_optimizer
+    from llmtrain.parallel.step import evaluate, train_step
 
     model = build_model(cfg.model, "cpu")
     model.init_weights(cfg.trainer.seed)

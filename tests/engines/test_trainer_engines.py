@@ -7,7 +7,7 @@ import copy
 
 import pytest
 
-from llmtrain.launch.env import DistEnv
+from llmtrain.distributed.env import DistEnv
 from llmtrain.train.trainer import Trainer
 from tests.distributed import run_distributed
 

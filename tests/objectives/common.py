@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from llmtrain.config import Config
-from llmtrain.launch.env import DistEnv
+from llmtrain.distributed.env import DistEnv
 from llmtrain.testing import compose_config
 
 TINY = [

@@ -55,7 +55,7 @@ def test_distill_run_from_config_teacher_is_frozen(shakespeare_dir, tmp_path, pr
         )
     )
     assert zero[0] == 0.0 and max(zero) < 1e-6
-    from llmtrain.launch.env import DistEnv
+    from llmtrain.distributed.env import DistEnv
     from llmtrain.train.trainer import Trainer
 
     trainer = Trainer(

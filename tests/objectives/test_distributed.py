@@ -28,7 +28,7 @@ COMMON = ["trainer.max_steps=3", "optim.warmup_steps=0", "optim.lr=1e-2", "check
 def _ranks_body(rank: int, world_size: int, data: str, root: str, runs: dict[str, list[str]]) -> dict:
     import torch
 
-    from llmtrain.launch.env import detect_env
+    from llmtrain.distributed.env import detect_env
     from llmtrain.train.trainer import Trainer
 
     torch.set_num_threads(1)

@@ -8,8 +8,8 @@ from llmtrain.config.objective import MaskedLMConfig
 from llmtrain.data.loader import IGNORE_INDEX, Batch
 from llmtrain.models import build_model
 from llmtrain.objectives.masked_lm import MaskedLMTransform, bidirectional_doc_mask
+from llmtrain.parallel.step import forward_loss_sum, model_kwargs
 from llmtrain.testing import compose_config
-from llmtrain.train.step import forward_loss_sum, model_kwargs
 from tests.objectives.common import losses, tiny_config, train
 
 MASK_ID, VOCAB = 258, 256

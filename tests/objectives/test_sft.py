@@ -146,7 +146,7 @@ def test_sft_learns_a_synthetic_instruction_set(shakespeare_dir, tmp_path) -> No
         "optim.warmup_steps=10",
         "checkpoint.enabled=false",
     )
-    from llmtrain.launch.env import DistEnv
+    from llmtrain.distributed.env import DistEnv
     from llmtrain.train.trainer import Trainer
 
     trainer = Trainer(cfg, DistEnv(0, 0, 1, 1))

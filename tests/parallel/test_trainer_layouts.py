@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from llmtrain.launch.env import DistEnv
+from llmtrain.distributed.env import DistEnv
 from llmtrain.train.trainer import Trainer
 from tests.distributed import run_distributed
 from tests.parallel.common import TINY
@@ -20,7 +20,7 @@ RUN = [
 
 
 def _pp2_then_tp2(rank: int, world: int, overrides: list[str]) -> list[dict]:
-    from llmtrain.launch.env import detect_env
+    from llmtrain.distributed.env import detect_env
     from llmtrain.testing import compose_config
 
     first = Trainer(compose_config([*overrides, "parallel=pp2", "trainer.max_steps=2"]), detect_env()).train()

@@ -8,9 +8,9 @@ import torch
 
 from llmtrain.models import build_model
 from llmtrain.objectives.checkpoints import saved_model_keys
+from llmtrain.optim import param_groups
 from llmtrain.peft.lora import LoRALinear, apply_lora, init_lora, is_adapter, merge_lora, merge_lora_state
 from llmtrain.testing import compose_config
-from llmtrain.train.optim import param_groups
 from tests.objectives.common import losses, tiny_config, train
 
 MODEL = ["model.dim=32", "model.n_layers=2", "model.n_heads=2", "model.n_kv_heads=1", "model.ffn_dim=64"]
@@ -116,7 +116,7 @@ def test_lora_run_trains_adapters_only_checkpoints_them_and_resumes(
 
 
 def test_merged_checkpoint_matches_the_adapted_model(shakespeare_dir, tmp_path, pretrained_run) -> None:
-    from llmtrain.launch.env import DistEnv
+    from llmtrain.distributed.env import DistEnv
     from llmtrain.objectives.inference import load_checkpoint_engine
     from llmtrain.peft.export import merge_lora_checkpoint
 

@@ -126,7 +126,7 @@ def test_top_p_keeps_the_nucleus_only() -> None:
 def test_evaluate_scores_sft_jsonl_like_the_trainers_validation(shakespeare_dir, tmp_path, capsys) -> None:
     """An SFT run validated on a prompt/response jsonl: evaluate.py on that file (same micro-batch
     size and batch count) gives the trainer's own validation loss, counting response tokens only."""
-    from llmtrain.launch.env import DistEnv
+    from llmtrain.distributed.env import DistEnv
     from llmtrain.train.trainer import Trainer
     from tests.objectives.common import addition_examples, write_jsonl
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from llmtrain.launch.env import DistEnv
+from llmtrain.distributed.env import DistEnv
 from llmtrain.launch.local import free_port
 from llmtrain.train.trainer import Trainer
 

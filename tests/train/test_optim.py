@@ -7,7 +7,7 @@ import torch
 
 from llmtrain.config.optim import OptimConfig
 from llmtrain.models.llama import Transformer, TransformerArgs
-from llmtrain.train.optim import build_optimizer, lr_factor, param_groups
+from llmtrain.optim import build_optimizer, lr_factor, param_groups
 
 
 def _cfg(**kw) -> OptimConfig:

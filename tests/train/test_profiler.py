@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from llmtrain.launch.env import DistEnv
+from llmtrain.distributed.env import DistEnv
 from llmtrain.models import model_args
 from llmtrain.tracking.tracker import Tracker
 from llmtrain.train.flops import flops_per_token, recompute_fraction

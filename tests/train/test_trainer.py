@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from llmtrain.data.loader import IGNORE_INDEX, Batch
-from llmtrain.launch.env import DistEnv
+from llmtrain.distributed.env import DistEnv
 from llmtrain.models.llama import Transformer, TransformerArgs
-from llmtrain.train.step import train_step
+from llmtrain.parallel.step import train_step
 from llmtrain.train.trainer import Trainer
 from tests.distributed import run_distributed
 
@@ -97,7 +97,7 @@ def test_accumulation_is_token_weighted_and_equals_one_big_batch():
 
 
 def _ddp_body(rank: int, world_size: int, overrides: list[str]) -> list[float]:
-    from llmtrain.launch.env import detect_env
+    from llmtrain.distributed.env import detect_env
     from llmtrain.testing import compose_config
 
     cfg = compose_config(overrides)

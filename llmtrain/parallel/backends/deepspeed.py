@@ -2,7 +2,7 @@
 
 What stays ours: ranks (torchrun or SLURM, never the `deepspeed` launcher), the model and its
 layout-independent init, the data loader, the LR schedule (set on the optimizer every step), the loss
-math of `llmtrain.train.step` and the checkpoint layout (DeepSpeed writes its files into the folder our
+math of `llmtrain.parallel.step` and the checkpoint layout (DeepSpeed writes its files into the folder our
 checkpoint manager hands us, inside its atomic tmp -> rename -> COMPLETE protocol).
 
 Loss math. step.py backpropagates  sum(ce over a micro-batch) * dp / N  (N = global target tokens of
@@ -34,16 +34,16 @@ from llmtrain.checkpoint.layout import staged_by_rank0
 from llmtrain.config import Config, batch_geometry
 from llmtrain.config.errors import ConfigError
 from llmtrain.data.loader import Batch
+from llmtrain.distributed.collectives import all_reduce_, global_tokens
 from llmtrain.models import build_model
 from llmtrain.models.build import count_params
 from llmtrain.models.llama import Transformer, rope_tables
-from llmtrain.parallel.backends.collectives import all_reduce_, global_tokens
+from llmtrain.optim import param_groups
 from llmtrain.parallel.backends.ds_config import deepspeed_config
 from llmtrain.parallel.backends.native_io import is_native_checkpoint, read_native_weights
 from llmtrain.parallel.dims import ParallelDims
 from llmtrain.parallel.engine import Engine
-from llmtrain.train.optim import param_groups
-from llmtrain.train.step import StepResult, token_loss_sum
+from llmtrain.parallel.step import StepResult, token_loss_sum
 
 CKPT_TAG = (
     DEEPSPEED_TAG  # one constant: llmtrain.checkpoint.engines reads these files without DeepSpeed's engine

@@ -5,7 +5,7 @@ fastest) is our mesh order (pp, dp_replicate, dp_shard, tp), which `_check_rank_
 Weights start from our layout-independent native init, converted by `megatron_convert` (so every
 engine starts from the same weights and users can move checkpoints between engines).
 
-Loss math as in `llmtrain.train.step`: megatron's per-token-loss mode (`calculate_per_token_loss`)
+Loss math as in `llmtrain.parallel.step`: megatron's per-token-loss mode (`calculate_per_token_loss`)
 backpropagates each micro-batch's *summed* token loss, its DDP then sums (not averages) gradients over
 dp, and `finalize_model_grads` divides by the global target-token count of the step: dL/dw of the
 token-weighted global mean. Clipping: global L2 norm over tp/pp with tensor-parallel duplicates (norm
@@ -39,8 +39,8 @@ from torch.distributed.device_mesh import DeviceMesh
 from llmtrain.config import Config, batch_geometry
 from llmtrain.config.errors import ConfigError
 from llmtrain.data.loader import IGNORE_INDEX, Batch
+from llmtrain.distributed.collectives import all_reduce_, gather_objects, global_tokens
 from llmtrain.models import build_model, model_args
-from llmtrain.parallel.backends.collectives import all_reduce_, global_tokens
 from llmtrain.parallel.backends.megatron_convert import (
     chunk_layers,
     from_megatron,
@@ -50,7 +50,7 @@ from llmtrain.parallel.backends.megatron_convert import (
 from llmtrain.parallel.backends.native_io import is_native_checkpoint, read_native_weights
 from llmtrain.parallel.dims import ParallelDims
 from llmtrain.parallel.engine import Engine
-from llmtrain.train.step import StepResult
+from llmtrain.parallel.step import StepResult
 
 CPU_REASON = (
     "megatron-core 0.16 is CUDA-only: it allocates buffers on torch.cuda.current_device() and forks the "
@@ -157,7 +157,7 @@ def _check_rank_layout(dims: ParallelDims) -> None:
 
 
 def _no_decay(model_args_tied: bool, name: str, p: torch.Tensor) -> bool:
-    """Our rule (llmtrain.train.optim.param_groups): no decay on 1-D params and on embeddings."""
+    """Our rule (llmtrain.optim.param_groups): no decay on 1-D params and on embeddings."""
     return p.ndim < 2 or "word_embeddings" in name or (model_args_tied and "output_layer" in name)
 
 
@@ -402,11 +402,8 @@ class MegatronEngine(Engine):
                 full[name] = torch.cat([x.cpu() for x in parts], dim)
             out.update(from_megatron(full, self.args, layers, tp=self.dims.tp))
         if self.dims.pp_enabled:
-            gathered: list = [None] * self.dims.pp
-            dist.all_gather_object(
-                gathered,
-                {k: v.numpy() for k, v in out.items()},
-                group=parallel_state.get_pipeline_model_parallel_group(),
+            gathered = gather_objects(
+                {k: v.numpy() for k, v in out.items()}, parallel_state.get_pipeline_model_parallel_group()
             )
             out = {k: torch.from_numpy(v) for part in gathered for k, v in part.items()}
         return out

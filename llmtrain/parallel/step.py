@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmtrain.data.loader import IGNORE_INDEX, Batch
+from llmtrain.distributed.collectives import all_reduce_, global_tokens
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """(logits, targets) -> summed cross-entropy over the target tokens."""
@@ -35,14 +36,6 @@ class StepResult:
     loss: float
     grad_norm: float
     num_tokens: int
-
-
-def global_token_count(batches: list[Batch], dp_group: dist.ProcessGroup | None) -> int:
-    """Target tokens in this step over all micro-batches and data-parallel ranks."""
-    n = torch.tensor([sum(b.num_tokens for b in batches)], dtype=torch.float64)
-    if dp_group is not None:
-        dist.all_reduce(n, group=dp_group)
-    return int(n.item())
 
 
 def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -97,7 +90,7 @@ def train_step(
     `loss_ctx` wraps forward and backward (loss_parallel under TP); `reduce_grads` runs after the last
     backward when the engine averages gradients itself.
     """
-    n_global = global_token_count(batches, dp_group)
+    n_global = global_tokens(batches, dp_group)
     scale = dp_size / max(n_global, 1)
     loss_sum = torch.zeros((), dtype=torch.float64)
     for i, batch in enumerate(batches):
@@ -108,8 +101,7 @@ def train_step(
         loss_sum += loss.detach().double().cpu()
     if reduce_grads is not None:
         reduce_grads()
-    if dp_group is not None:
-        dist.all_reduce(loss_sum, group=dp_group)
+    all_reduce_(loss_sum, dp_group)
     grad_norm = clip_grad_norm(model, grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -137,8 +129,7 @@ def clip_grad_norm(
         if hasattr(norm, "full_tensor"):
             norm = norm.full_tensor()
         total_sq += norm.detach().double().cpu() ** 2
-    if pp_group is not None:
-        dist.all_reduce(total_sq, group=pp_group)
+    all_reduce_(total_sq, pp_group)
     total = float(total_sq.sqrt())
     if max_norm > 0:
         coef = max_norm / (total + 1e-6)
@@ -166,7 +157,6 @@ def evaluate(
         with autocast(), loss_ctx():
             totals[0] += forward_loss_sum(model, batch, loss_fn, explicit_positions).double().cpu()
         totals[1] += batch.num_tokens
-    if dp_group is not None:
-        dist.all_reduce(totals, group=dp_group)
+    all_reduce_(totals, dp_group)
     model.train(was_training)
     return float(totals[0] / totals[1].clamp(min=1))

@@ -51,10 +51,17 @@ def pick_device(choice: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
+def process_group_backend(device: torch.device) -> str:
+    """Backend of the default group: on GPU one group that serves CUDA tensors (NCCL) *and* host
+    tensors (gloo), so bookkeeping collectives and object collectives work on it (see
+    llmtrain.distributed.collectives); gloo on CPU."""
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+
+
 def init_distributed(env: DistEnv, device: torch.device) -> None:
-    """Create the default process group (nccl on GPU, gloo on CPU) when running multi-process."""
+    """Create the default process group (`process_group_backend`) when running multi-process."""
     if env.world_size > 1 and not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
+        backend = process_group_backend(device)
         dist.init_process_group(
             backend=backend,
             rank=env.rank,
@@ -64,7 +71,7 @@ def init_distributed(env: DistEnv, device: torch.device) -> None:
 
 
 def shutdown_distributed() -> None:
-    """Barrier then destroy: avoids the gloo exit-time abort recorded in ../shared/FACTS.md."""
+    """Barrier then destroy: avoids the gloo exit-time abort (docs/development.md, "gloo at exit")."""
     if dist.is_initialized():
         try:
             dist.barrier()

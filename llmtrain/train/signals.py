@@ -8,8 +8,7 @@ max over all ranks, and everybody saves and exits at the same step.
 import signal
 import threading
 
-import torch
-import torch.distributed as dist
+from llmtrain.distributed.collectives import any_rank
 
 
 class StopFlag:
@@ -41,9 +40,6 @@ class StopFlag:
     def local(self) -> bool:
         return self._event.is_set()
 
-    def should_stop(self, group: dist.ProcessGroup | None = None) -> bool:
+    def should_stop(self) -> bool:
         """True on every rank if any rank was signalled (one all-reduce of one int)."""
-        flag = torch.tensor([1 if self._event.is_set() else 0], dtype=torch.int32)
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-        return bool(flag.item())
+        return any_rank(self._event.is_set())
