@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 from llmtrain.checkpoint import CheckpointManager  # noqa: E402
 from llmtrain.data.loader import Batch  # noqa: E402
 from llmtrain.parallel import ParallelDims  # noqa: E402
-from llmtrain.parallel.engine import build_engine  # noqa: E402
+from llmtrain.parallel.build import build_engine  # noqa: E402
 from llmtrain.testing import compose_config  # noqa: E402
 
 

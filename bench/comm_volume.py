@@ -149,7 +149,7 @@ def _body(rank: int, world: int, trace_dir: str) -> dict:
 
     from llmtrain.models import build_model
     from llmtrain.models.build import count_params
-    from llmtrain.parallel.engine import build_engine
+    from llmtrain.parallel.build import build_engine
     from llmtrain.parallel.layout import build_dims
     from llmtrain.testing import compose_config
 

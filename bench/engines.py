@@ -68,8 +68,8 @@ def _installed(backend: str) -> str | None:
 
 
 def _case(rank: int, world: int, cfg, case: tuple, a: argparse.Namespace) -> dict:
+    from llmtrain.parallel.build import build_engine
     from llmtrain.parallel.dims import ParallelDims
-    from llmtrain.parallel.engine import build_engine
 
     name, backend, dp, tp, pp, zero = case
     cfg = copy.deepcopy(cfg)

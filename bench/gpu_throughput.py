@@ -77,7 +77,7 @@ def applied(model: torch.nn.Module) -> tuple[bool, bool]:
 
 def build_llmtrain(cfg, device: torch.device, step_batches):
     from llmtrain.parallel import ParallelDims
-    from llmtrain.parallel.engine import build_engine
+    from llmtrain.parallel.build import build_engine
 
     engine = build_engine(cfg, ParallelDims(1, 1, 1, 1, 1), None, device)
     model = getattr(engine, "model", None) or engine.modules[0]

@@ -27,10 +27,10 @@ from llmtrain.config.objective import MaskedLMConfig  # noqa: E402
 from llmtrain.data.loader import Batch  # noqa: E402
 from llmtrain.data.tokenizer import ByteTokenizer  # noqa: E402
 from llmtrain.models import build_model  # noqa: E402
+from llmtrain.models.lora import apply_lora, init_lora  # noqa: E402
 from llmtrain.objectives.masked_lm import MaskedLMTransform  # noqa: E402
 from llmtrain.objectives.sft_data import Example, SFTLoader  # noqa: E402
 from llmtrain.parallel.step import forward_loss_sum  # noqa: E402
-from llmtrain.peft.lora import apply_lora, init_lora  # noqa: E402
 from llmtrain.testing import compose_config  # noqa: E402
 
 

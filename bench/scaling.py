@@ -13,7 +13,6 @@ Writes bench/results/scaling.json and the plot docs/scaling_cpu.png.
 import argparse
 import statistics
 import sys
-from contextlib import nullcontext
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -31,7 +30,7 @@ def measure(dim: int, n_layers: int, seq: int, steps: int) -> dict[str, float]:
     from llmtrain.data.loader import Batch
     from llmtrain.models.llama import Transformer, TransformerArgs
     from llmtrain.optim import build_optimizer
-    from llmtrain.parallel.step import train_step
+    from llmtrain.parallel.step import StepContext, train_step
     from llmtrain.train.flops import flops_per_token
 
     args = TransformerArgs(
@@ -51,16 +50,7 @@ def measure(dim: int, n_layers: int, seq: int, steps: int) -> dict[str, float]:
     batches = [Batch(toks[:, :-1].contiguous(), toks[:, 1:].contiguous())]
 
     def step() -> None:
-        train_step(
-            model,
-            opt,
-            batches,
-            dp_size=1,
-            dp_group=None,
-            grad_clip=1.0,
-            autocast=nullcontext,
-            no_sync=nullcontext,
-        )
+        train_step(model, opt, batches, StepContext(dp_size=1, dp_group=None, grad_clip=1.0))
 
     step()
     times = [timed_cpu(step, torch.device("cpu")) for _ in range(steps)]

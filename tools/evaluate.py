@@ -30,7 +30,7 @@ from llmtrain.objectives.sft_data import SFTDataError
 def log_to_mlflow(loaded, metrics: dict[str, float], name: str) -> str | None:
     """Add the metrics to the checkpoint's own MLflow run (no new run); returns the run id or None."""
     cfg, state = loaded.cfg, loaded.state
-    run_id = state.get("mlflow_run_id")
+    run_id = state.mlflow_run_id
     if cfg.tracking.backend != "mlflow" or not run_id:
         return None
     from mlflow.entities import Metric
@@ -38,9 +38,9 @@ def log_to_mlflow(loaded, metrics: dict[str, float], name: str) -> str | None:
 
     from llmtrain.tracking.mlflow_logger import default_uri
 
-    root = Path(state["run_dir"]).parent if state.get("run_dir") else cfg.run.root
+    root = Path(state.run_dir).parent if state.run_dir else cfg.run.root
     client = MlflowClient(cfg.tracking.uri or default_uri(root))
-    ts, step = int(__import__("time").time() * 1000), int(state.get("step", 0))
+    ts, step = int(__import__("time").time() * 1000), state.step
     client.log_batch(run_id, metrics=[Metric(f"eval/{name}/{k}", v, ts, step) for k, v in metrics.items()])
     return run_id
 
@@ -64,12 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-log", action="store_true", help="do not log to MLflow")
     args = ap.parse_args(argv)
 
-    from llmtrain.objectives.checkpoints import checkpoint_config, resolve_checkpoint
+    from llmtrain.checkpoint import TrainerState, resolve_checkpoint_path
     from llmtrain.objectives.inference import evaluate_checkpoint, load_checkpoint_engine
 
     env = detect_env()
     try:
-        cfg = checkpoint_config(resolve_checkpoint(args.checkpoint, "checkpoint"))
+        cfg = TrainerState.read(resolve_checkpoint_path(args.checkpoint, key="checkpoint")).run_config()
         data = dataclasses.replace(cfg.data, seq_len=args.seq_len or cfg.data.seq_len)
         loaded = load_checkpoint_engine(args.checkpoint, env, device=args.device, data=data)
         metrics = evaluate_checkpoint(
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             json.dumps(
                 {
                     "checkpoint": str(loaded.path),
-                    "step": loaded.state.get("step"),
+                    "step": loaded.state.step,
                     "data": args.data,
                     **metrics,
                     "mlflow_run_id": run_id,

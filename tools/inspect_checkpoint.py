@@ -14,9 +14,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from llmtrain.checkpoint import CheckpointError, list_checkpoints, read_state
+from llmtrain.checkpoint import CheckpointError, TrainerState, list_checkpoints
 from llmtrain.checkpoint.dcp_io import tensor_shapes, verify_dcp
-from llmtrain.checkpoint.layout import COMPLETE, ENGINE_DIR, TMP_MARK
+from llmtrain.checkpoint.folder import COMPLETE, ENGINE_DIR, TMP_MARK
 
 
 def _size(p: Path) -> float:
@@ -37,7 +37,7 @@ def list_run(folder: Path) -> None:
 
 
 def show(path: Path, tensors: bool) -> None:
-    state = read_state(path)
+    state = TrainerState.read(path).state_dict()
     shapes = {}
     if (path / ENGINE_DIR / ".metadata").is_file():
         verify_dcp(path / ENGINE_DIR)

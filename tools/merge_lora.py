@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("checkpoint", help="a LoRA step_<N> folder, checkpoints/ folder or run folder")
     ap.add_argument("out", help="new output folder")
     args = ap.parse_args(argv)
-    from llmtrain.peft.export import merge_lora_checkpoint
+    from llmtrain.checkpoint.lora_merge import merge_lora_checkpoint
 
     try:
         out = merge_lora_checkpoint(args.checkpoint, args.out)

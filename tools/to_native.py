@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from llmtrain.checkpoint import CheckpointError
-from llmtrain.checkpoint.engines import to_native
+from llmtrain.checkpoint.formats import to_native
 
 
 def main(argv: list[str] | None = None) -> int:

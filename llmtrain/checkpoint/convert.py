@@ -2,10 +2,7 @@
 
 import json
 import logging
-import os
-import shutil
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +10,9 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from llmtrain.checkpoint.dcp_io import read_tensors, tensor_shapes, verify_dcp, write_tensors
+from llmtrain.checkpoint.dcp_io import read_tensors, tensor_shapes, verify_dcp
+from llmtrain.checkpoint.folder import ENGINE_DIR, resolve_checkpoint_path
+from llmtrain.checkpoint.formats import engine_of, to_native
 from llmtrain.checkpoint.hf import (
     from_hf,
     hf_config,
@@ -24,56 +23,14 @@ from llmtrain.checkpoint.hf import (
     to_hf,
     write_index,
 )
-from llmtrain.checkpoint.layout import (
-    ENGINE_DIR,
-    FORMAT,
-    STATE_FILE,
-    CheckpointError,
-    resolve_checkpoint_path,
-    write_manifest,
-)
-from llmtrain.checkpoint.manager import read_state
+from llmtrain.checkpoint.lora_merge import merge_lora_checkpoint
+from llmtrain.checkpoint.state import TrainerState
+from llmtrain.checkpoint.weights import write_weights_checkpoint
 from llmtrain.models.llama import TransformerArgs
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def write_weights_checkpoint(
-    out: str | Path,
-    tensors: dict[str, torch.Tensor],
-    config: dict[str, Any],
-    *,
-    source: str,
-    step: int = 0,
-    tokens_seen: int = 0,
-) -> Path:
-    """Write full weights as a weights-only llmtrain checkpoint (for `checkpoint.init_from`).
-
-    Same atomicity as a training save: a temporary folder, renamed into place, then the manifest. Used by
-    HF import, megatron conversion and LoRA merging, so the three produce one format.
-    """
-    out = Path(out)
-    if out.exists():
-        raise CheckpointError(f"{out}: exists; choose a new output folder")
-    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write_tensors(tmp / ENGINE_DIR, tensors)
-    state = {
-        "format": FORMAT,
-        "step": step,
-        "tokens_seen": tokens_seen,
-        "ranks": [],
-        "saved_at": time.time(),
-        "config": config,
-        "source": source,
-    }
-    (tmp / STATE_FILE).write_text(json.dumps(state))
-    os.replace(tmp, out)
-    write_manifest(out, step)
-    return out
 
 
 def _hidden_dim(model: dict[str, Any]) -> int:
@@ -99,25 +56,20 @@ def export_hf(
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}; allowed: {', '.join(DTYPES)}")
     path = resolve_checkpoint_path(checkpoint)
-    config = read_state(path).get("config") or {}
+    state = TrainerState.read(path)
+    config = state.config
     if (config.get("peft") or {}).get("method") == "lora":  # fold the adapters in first (into a temp folder)
-        from llmtrain.peft.export import merge_lora_checkpoint
-
         with tempfile.TemporaryDirectory(dir=Path(out).resolve().parent) as tmp:
             merged = merge_lora_checkpoint(path, Path(tmp) / "merged")
             out = export_hf(merged, out, dtype, max_shard_gb, tokenizer=False, progress=progress)
         if tokenizer:
             _write_tokenizer(config, out)
         return out
-    from llmtrain.checkpoint.engines import engine_of, to_native
-
     if engine_of(path) != "native":  # DeepSpeed / megatron files: gather native weights first
         with tempfile.TemporaryDirectory(dir=Path(out).resolve().parent) as tmp:
             native = to_native(path, Path(tmp) / "native")
             return export_hf(native, out, dtype, max_shard_gb, tokenizer, progress)
-    model = config.get("model")
-    if not model:
-        raise CheckpointError(f"{path / STATE_FILE}: no model config recorded")
+    model = state.require_model(path)
     verify_dcp(path / ENGINE_DIR)
     shapes = tensor_shapes(path / ENGINE_DIR)
     itemsize = torch.empty(0, dtype=DTYPES[dtype]).element_size()

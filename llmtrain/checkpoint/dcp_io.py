@@ -16,7 +16,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, TensorStorageMetadata
 
-from llmtrain.checkpoint.layout import CheckpointError
+from llmtrain.checkpoint.folder import CheckpointError
 
 _ALLOWED = {
     "torch.distributed.checkpoint.metadata": {

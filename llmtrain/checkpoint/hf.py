@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from llmtrain.checkpoint.layout import CheckpointError
+from llmtrain.checkpoint.folder import CheckpointError
 
 _LAYER = {
     "attention.wq.weight": "self_attn.q_proj.weight",

@@ -15,8 +15,8 @@ save (or `wait()` at the end of the run) waits for it.
 """
 
 import contextlib
+import dataclasses
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -29,18 +29,16 @@ from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
 from llmtrain.checkpoint.dcp_io import verify_dcp
-from llmtrain.checkpoint.layout import (
+from llmtrain.checkpoint.folder import (
     COMPLETE,
     ENGINE_DIR,
-    FORMAT,
     RNG_DIR,
-    STATE_FILE,
     TMP_MARK,
     CheckpointError,
     fault_point,
@@ -49,14 +47,27 @@ from llmtrain.checkpoint.layout import (
     resolve_checkpoint_path,
     staged_by_rank0,
     step_dir,
-    verify_manifest,
     write_manifest,
 )
+from llmtrain.checkpoint.formats import engine_of, to_native
+from llmtrain.checkpoint.policy import check_model_matches
 from llmtrain.checkpoint.rng import restore_rng, save_torch_rng
+from llmtrain.checkpoint.state import RankState, TrainerState
 from llmtrain.distributed.collectives import broadcast_object, gather_objects
 
-if TYPE_CHECKING:
-    from llmtrain.parallel.engine import Engine
+
+class Stateful(Protocol):
+    """What the manager needs of an engine (llmtrain.parallel.engine.Engine implements it): defined here
+    so that checkpoint/ does not import the engines it serves."""
+
+    kind: str
+
+    def save(self, folder: Path) -> None: ...
+
+    def load(self, folder: Path, *, load_optimizer: bool = True) -> None: ...
+
+    def snapshot(self) -> Any: ...
+
 
 log = logging.getLogger("llmtrain")
 
@@ -108,11 +119,9 @@ class CheckpointManager:
                 self._group = dist.new_group(backend="gloo")
 
     # -- save ---------------------------------------------------------------------------------------
-    def save(
-        self, step: int, engine: "Engine", state: dict[str, Any], rank_state: dict[str, Any]
-    ) -> SaveResult:
-        """Collective. `state` (JSON) from rank 0 plus every rank's `rank_state` (JSON) become
-        trainer_state.json. Returns once this rank may continue training (async: after staging)."""
+    def save(self, step: int, engine: Stateful, state: TrainerState, rank_state: RankState) -> SaveResult:
+        """Collective. `state` from rank 0 plus every rank's `rank_state` become trainer_state.json.
+        Returns once this rank may continue training (async: after staging)."""
         t0 = time.perf_counter()
         self.wait()
         rank, tmp = _rank(), self._agree_tmp_folder(step)
@@ -137,9 +146,9 @@ class CheckpointManager:
             error = error or _describe(e, rank)
         ranks = self._gather(rank_state, None)
         if rank == 0 and error is None:
-            full = dict(state, format=FORMAT, step=step, ranks=ranks, saved_at=time.time())
+            full = dataclasses.replace(state, step=step, ranks=ranks, saved_at=time.time())
             try:
-                (stage / STATE_FILE).write_text(json.dumps(full))
+                full.write(stage)
             except OSError as e:
                 error = f"rank 0: {e}"
         fault_point("staged", step, rank)
@@ -261,18 +270,20 @@ class CheckpointManager:
         return stale
 
     # -- load ---------------------------------------------------------------------------------------
-    def load(self, path: str | Path, engine: "Engine", load_optimizer: bool = True) -> dict[str, Any]:
-        """Verify, then load model (+ optimizer) in place; returns trainer_state.json's content."""
+    def load(
+        self, path: str | Path, engine: Stateful, load_optimizer: bool = True, model: Any = None
+    ) -> TrainerState:
+        """Verify, then load model (+ optimizer) in place; returns the checkpoint's trainer state.
+        `model` (the run's ModelConfig): refuse a checkpoint of another model shape, naming the keys."""
         path = resolve_checkpoint_path(path)
-        state = read_state(path)
+        state = TrainerState.read(path)
+        if model is not None:
+            check_model_matches(state.config, model, path)
         if (path / ENGINE_DIR / ".metadata").is_file():
             verify_dcp(path / ENGINE_DIR)
-        from llmtrain.checkpoint.engines import engine_of
-
-        written_by, running = engine_of(path), getattr(engine, "kind", "native")
+        written_by, running = engine_of(path), engine.kind
         if written_by not in ("native", running):
             self._load_other_engine(path, written_by, running, engine, load_optimizer)
-            state["path"] = str(path)
             return state
         try:
             with warnings.catch_warnings():
@@ -282,11 +293,10 @@ class CheckpointManager:
             raise CheckpointError(
                 f"{path / ENGINE_DIR}: cannot load model/optimizer state ({type(e).__name__}: {e})"
             ) from e
-        state["path"] = str(path)
         return state
 
     def _load_other_engine(
-        self, path: Path, written_by: str, running: str, engine: "Engine", load_optimizer: bool
+        self, path: Path, written_by: str, running: str, engine: Stateful, load_optimizer: bool
     ) -> None:
         """Weights of another engine's checkpoint: rank 0 converts them to a native checkpoint beside
         this run's checkpoints (the source stays untouched), every rank loads it, rank 0 removes it.
@@ -297,32 +307,18 @@ class CheckpointManager:
                 f"optimizer state cannot carry over. Resume with parallel.backend={written_by}, or start "
                 f"from its weights only with checkpoint.init_from={path}"
             )
-        from llmtrain.checkpoint.engines import to_native
-
         staging = self.folder.parent / f".from-{written_by}-{path.name}"
         what = f"{path}: converting the {written_by} checkpoint to native weights"
         with staged_by_rank0(staging, lambda out: to_native(path, out), what) as native:
             engine.load(native / ENGINE_DIR, load_optimizer=False)
         log.info("loaded the weights of %s (%s engine) into the %s engine", path, written_by, running)
 
-    def restore_rng(self, state: dict[str, Any]) -> None:
-        """Put this rank's generators back where they were at the save (exact resume)."""
-        rank, ranks = _rank(), state.get("ranks") or []
-        torch_file = Path(state["path"]) / RNG_DIR / f"rank_{rank:05d}.pt"
-        restore_rng(torch_file, ranks[rank].get("rng") if rank < len(ranks) else None)
-
-
-def read_state(path: Path) -> dict[str, Any]:
-    """trainer_state.json of a verified checkpoint (plain JSON; format checked)."""
-    verify_manifest(path)
-    f = path / STATE_FILE
-    try:
-        state = json.loads(f.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{f}: unreadable trainer state ({e})") from e
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"{f}: not an llmtrain trainer state (format {FORMAT!r} expected)")
-    return state
+    def restore_rng(self, path: Path, state: TrainerState) -> None:
+        """Put this rank's generators back where they were at the save of checkpoint `path` (exact
+        resume); a rank beyond the saved world keeps its seeded generators."""
+        rank = _rank()
+        torch_file = Path(path) / RNG_DIR / f"rank_{rank:05d}.pt"
+        restore_rng(torch_file, state.ranks[rank].rng if rank < len(state.ranks) else None)
 
 
 def _transfer(stage: Path, tmp: Path, move: bool) -> None:

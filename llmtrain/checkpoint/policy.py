@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llmtrain.checkpoint.layout import CheckpointError, latest_checkpoint, resolve_checkpoint_path
+from llmtrain.checkpoint.folder import CheckpointError, latest_checkpoint, resolve_checkpoint_path
 from llmtrain.config.checkpoint import CheckpointConfig
 from llmtrain.distributed.collectives import broadcast_int
 

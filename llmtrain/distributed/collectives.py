@@ -16,8 +16,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from llmtrain.data.loader import Batch
-
 ProcessGroup = dist.ProcessGroup
 
 
@@ -67,12 +65,6 @@ def broadcast_int(value: int, src: int = 0, group: ProcessGroup | None = None) -
     t = torch.tensor([value], dtype=torch.int64, device=comm_device(group))
     dist.broadcast(t, src=src, group=group)
     return int(t.item())
-
-
-def global_tokens(batches: list[Batch], group: ProcessGroup | None) -> int:
-    """Target tokens of a step over all micro-batches and data-parallel ranks."""
-    n = torch.tensor([sum(b.num_tokens for b in batches)], dtype=torch.float64)
-    return int(all_reduce_(n, group).item())
 
 
 def gather_objects(obj: Any, group: ProcessGroup | None = None) -> list[Any]:

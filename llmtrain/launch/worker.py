@@ -25,7 +25,7 @@ def setup_logging(rank: int, world_size: int) -> None:
 def input_errors() -> dict[type[Exception], str]:
     """Errors that mean bad input (config, checkpoint, data), by kind: reported as one line and exit
     code 2, not a traceback (the CLI and every rank treat them alike)."""
-    from llmtrain.checkpoint.layout import CheckpointError
+    from llmtrain.checkpoint.folder import CheckpointError
     from llmtrain.config import ConfigError
     from llmtrain.data.errors import DataError
 

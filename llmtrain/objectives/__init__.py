@@ -146,12 +146,7 @@ class Distillation(Objective):
         self.loss_fn = DistillLoss(teacher, d.temperature, d.alpha)
 
     def install(self, engine: "Engine") -> None:
-        if not hasattr(engine, "loss_fn") or len(engine.modules) != 1:
-            raise ConfigError(
-                f"objective.name=distill needs a pluggable loss on one model part, which "
-                f"parallel.backend={self.cfg.parallel.backend} with this layout does not offer"
-            )
-        engine.loss_fn = self.loss_fn
+        engine.replace_loss(self.loss_fn)
         self.loss_fn.attach(engine.modules[0])
 
 

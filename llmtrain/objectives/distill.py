@@ -17,10 +17,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
+from llmtrain.checkpoint.folder import ENGINE_DIR, resolve_checkpoint_path
+from llmtrain.checkpoint.state import TrainerState
 from llmtrain.config import Config, ConfigError
 from llmtrain.config.peft import PeftConfig
 from llmtrain.data.loader import IGNORE_INDEX
-from llmtrain.objectives.checkpoints import MODEL_FOLDER, checkpoint_model_config, resolve_checkpoint
 from llmtrain.parallel.dims import ParallelDims
 
 
@@ -74,10 +75,10 @@ def build_teacher(
     cfg: Config, dims: ParallelDims, mesh: DeviceMesh | None, device: torch.device
 ) -> nn.Module:
     """Build the teacher with the student's engine and layout, load its weights, freeze it."""
-    from llmtrain.parallel.engine import build_engine
+    from llmtrain.parallel.build import build_engine
 
-    path = resolve_checkpoint(cfg.objective.distill.teacher, "objective.distill.teacher")
-    model_cfg, tokenizer = checkpoint_model_config(path)
+    path = resolve_checkpoint_path(cfg.objective.distill.teacher, key="objective.distill.teacher")
+    model_cfg, tokenizer = TrainerState.read(path).model_and_tokenizer(path)
     if (tokenizer not in (None, cfg.data.tokenizer)) or model_cfg.vocab_size != cfg.model.vocab_size:
         raise ConfigError(
             f"objective.distill.teacher={path}: teacher tokenizer/vocabulary ({tokenizer}, "
@@ -86,7 +87,7 @@ def build_teacher(
         )
     teacher_cfg = dataclasses.replace(cfg, model=model_cfg, peft=PeftConfig())
     engine = build_engine(teacher_cfg, dims, mesh, device)
-    engine.load(path / MODEL_FOLDER, load_optimizer=False)
+    engine.load(path / ENGINE_DIR, load_optimizer=False)
     teacher = engine.modules[0]
     teacher.requires_grad_(False)
     teacher.eval()

@@ -14,19 +14,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmtrain.checkpoint.folder import ENGINE_DIR, resolve_checkpoint_path
+from llmtrain.checkpoint.state import TrainerState
 from llmtrain.config import Config, ConfigError
 from llmtrain.data.dataset import TokenDataset
 from llmtrain.data.loader import DataLoader
-from llmtrain.distributed.collectives import global_tokens
 from llmtrain.distributed.env import DistEnv, init_distributed, pick_device
-from llmtrain.objectives.checkpoints import (
-    MODEL_FOLDER,
-    checkpoint_config,
-    checkpoint_state,
-    resolve_checkpoint,
-)
 from llmtrain.parallel import ParallelDims
-from llmtrain.parallel.engine import Engine, build_engine
+from llmtrain.parallel.build import build_engine
+from llmtrain.parallel.engine import Engine
+from llmtrain.parallel.step import global_tokens
+from llmtrain.peft import base_checkpoint, build_peft
 
 log = logging.getLogger("llmtrain")
 
@@ -37,7 +35,7 @@ class LoadedCheckpoint:
 
     path: Path
     cfg: Config
-    state: dict[str, Any]
+    state: TrainerState
     engine: Engine
     dims: ParallelDims
     device: torch.device
@@ -52,8 +50,9 @@ def load_checkpoint_engine(
 ) -> LoadedCheckpoint:
     """Collective: build the checkpoint's model (layout = data parallel over env.world_size unless
     `parallel=` is given) and load its weights. `sections` replace config sections (e.g. data=...)."""
-    ckpt = resolve_checkpoint(path, "checkpoint")
-    cfg = checkpoint_config(ckpt)
+    ckpt = resolve_checkpoint_path(path, key="checkpoint")
+    state = TrainerState.read(ckpt)
+    cfg = state.run_config()
     parallel = sections.pop("parallel", None) or dataclasses.replace(
         cfg.parallel, dp_replicate=-1, dp_shard=1, tp=1, pp=1, zero_stage=0
     )
@@ -64,9 +63,13 @@ def load_checkpoint_engine(
     p = cfg.parallel
     dims = ParallelDims(p.dp_replicate, p.dp_shard, p.tp, p.pp, env.world_size)
     mesh = dims.build_mesh(dev.type) if env.world_size > 1 else None
-    engine = build_engine(cfg, dims, mesh, dev)
-    engine.load(ckpt / MODEL_FOLDER, load_optimizer=False)
-    return LoadedCheckpoint(ckpt, cfg, checkpoint_state(ckpt), engine, dims, dev)
+    engine = build_engine(cfg, dims, mesh, dev, build_peft(cfg))
+    base = base_checkpoint(cfg)
+    if base is not None:  # adapters-only LoRA checkpoint: its frozen base first
+        base_path = resolve_checkpoint_path(base, key="checkpoint.init_from")
+        engine.load(base_path / ENGINE_DIR, load_optimizer=False)
+    engine.load(ckpt / ENGINE_DIR, load_optimizer=False)
+    return LoadedCheckpoint(ckpt, cfg, state, engine, dims, dev)
 
 
 def evaluate_checkpoint(

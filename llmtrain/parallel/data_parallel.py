@@ -24,6 +24,11 @@ With tensor/pipeline parallelism and no ZeRO, gradients are all-reduced after th
 `allreduce_grads` (DDP itself does not take DTensor parameters).
 """
 
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -69,6 +74,33 @@ def apply_fsdp(
         last = i == len(blocks) - 1
         fully_shard(block, reshard_after_forward=zero_stage == 3 and not last, **kwargs)
     fully_shard(model, reshard_after_forward=zero_stage == 3, **kwargs)
+
+
+@dataclass(frozen=True)
+class GradSync:
+    """How this rank's gradients become data-parallel averages, decided once by `parallelize`.
+
+    `accumulate` wraps every micro-batch of a step but the last (DDP's no_sync, ZeRO-1/2's deferred
+    reshard/reduce-scatter; a no-op otherwise); `reduce` runs after the last backward when the engine
+    averages gradients itself (TP or PP without ZeRO), None when DDP/FSDP already did."""
+
+    accumulate: Callable[[], AbstractContextManager[Any]] = nullcontext
+    reduce: Callable[[], None] | None = None
+
+
+def zero12_accumulate(modules: list[nn.Module], zero_stage: int) -> Callable[[], AbstractContextManager[Any]]:
+    """`GradSync.accumulate` for ZeRO-1/2: no reshard (and for stage 1 no reduce-scatter) until the
+    step's last micro-batch (see the module docstring)."""
+
+    @contextmanager
+    def accumulating() -> Iterator[None]:
+        set_fsdp_accumulating(modules, True, zero_stage)
+        try:
+            yield
+        finally:
+            set_fsdp_accumulating(modules, False, zero_stage)
+
+    return accumulating
 
 
 def set_fsdp_accumulating(modules: list[nn.Module], accumulating: bool, zero_stage: int) -> None:

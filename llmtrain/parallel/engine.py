@@ -13,18 +13,39 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.device_mesh import DeviceMesh
 
-from llmtrain.config import Config
 from llmtrain.config.errors import ConfigError
 from llmtrain.data.loader import Batch
-from llmtrain.parallel.dims import ParallelDims
-from llmtrain.parallel.step import StepResult
+from llmtrain.parallel.step import LossFn, StepResult
 
-INSTALL_HINT = {
-    "deepspeed": "pip install 'llmtrain[deepspeed]'  (or: bash tools/setup.sh deepspeed)",
-    "megatron": "pip install 'llmtrain[megatron]'  (or: bash tools/setup.sh megatron)",
-}
+
+class ModelTransform:
+    """A change to the model that the engine applies at fixed points without knowing what it is (LoRA is
+    one: `llmtrain.peft`). The caller that builds the engine hands it over, so engines never import the
+    layers above them. This base class is the identity:
+
+        model = transform.apply(build_model(cfg.model))     # on the meta model, before parallelize
+        transform.init(model, seed)                         # after materialize + init
+        state = transform.checkpoint_keys(model_state)      # what a save holds / a load reads
+        weights = transform.export_state(full_state)        # full weights of the plain model
+    """
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def init(self, model: nn.Module, seed: int) -> None:
+        return None
+
+    def checkpoint_keys(
+        self, state: dict[str, torch.Tensor], saved: set[str] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The part of a model state dict that a checkpoint holds. `saved`: the parameter names of the
+        checkpoint being loaded (None when saving)."""
+        return state
+
+    def export_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Full (unsharded) model state -> weights of the plain model for export."""
+        return state
 
 
 class Engine(ABC):
@@ -35,8 +56,17 @@ class Engine(ABC):
     modules: list[nn.Module]
     #: one optimizer over all of `modules` (the native engine builds it over a merged view of the stages)
     optimizer: torch.optim.Optimizer
-    #: the `parallel.backend` value; checkpoints record which engine wrote them (checkpoint/engines.py)
+    #: the `parallel.backend` value; checkpoints record which engine wrote them (checkpoint/formats.py)
     kind: str = "native"
+
+    def replace_loss(self, loss_fn: LossFn) -> None:
+        """Train and evaluate with `loss_fn(logits, targets)` (summed over target tokens) instead of the
+        token cross-entropy, on one model part (objectives such as distillation). Engines that cannot
+        plug a loss in refuse, naming the setting."""
+        raise ConfigError(
+            f"this objective needs a pluggable loss on one model part, which parallel.backend={self.kind} "
+            "does not offer"
+        )
 
     @abstractmethod
     def train_step(self, batches: list[Batch], lr: float) -> StepResult:
@@ -70,23 +100,3 @@ class Engine(ABC):
         The native engine returns the complete dict on every rank, under every layout (gathered over
         tp/dp shards and over pipeline stages), on the CPU."""
         raise NotImplementedError(f"{type(self).__name__} cannot export full weights")
-
-
-def build_engine(cfg: Config, dims: ParallelDims, mesh: DeviceMesh | None, device: torch.device) -> Engine:
-    """Pick the backend named by parallel.backend; missing optional engines give the install command."""
-    backend = cfg.parallel.backend
-    if backend == "native":
-        from llmtrain.parallel.native import NativeEngine
-
-        return NativeEngine(cfg, dims, mesh, device)
-    try:
-        if backend == "deepspeed":
-            from llmtrain.parallel.backends.deepspeed import DeepSpeedEngine as EngineCls
-        else:
-            from llmtrain.parallel.backends.megatron import MegatronEngine as EngineCls
-    except ImportError as e:
-        raise ConfigError(
-            f"parallel.backend={backend} needs an optional package that is not installed ({e.name or e}); "
-            f"install it with: {INSTALL_HINT[backend]}"
-        ) from e
-    return EngineCls(cfg, dims, mesh, device)

@@ -2,8 +2,9 @@
 pipelining schedules), all composable, saved with DCP under parameter names that do not depend on
 the layout (so a checkpoint loads under any other layout)."""
 
+import dataclasses
 from collections.abc import Callable
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -24,27 +25,30 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor.parallel import loss_parallel
 
+from llmtrain.checkpoint.weights import saved_model_keys
 from llmtrain.config import Config
 from llmtrain.data.loader import IGNORE_INDEX, Batch
-from llmtrain.distributed.collectives import all_reduce_, gather_objects, global_tokens
+from llmtrain.distributed.collectives import all_reduce_, gather_objects
 from llmtrain.models import build_model
 from llmtrain.optim import build_optimizer
-from llmtrain.parallel.data_parallel import allreduce_grads, set_fsdp_accumulating
+from llmtrain.parallel.data_parallel import GradSync
 from llmtrain.parallel.dims import ParallelDims
-from llmtrain.parallel.engine import Engine
+from llmtrain.parallel.engine import Engine, ModelTransform
 from llmtrain.parallel.layout import check_layout, pipeline_microbatches
 from llmtrain.parallel.parallelize import parallelize
 from llmtrain.parallel.pipeline import PipelineRunner, build_stages
 from llmtrain.parallel.step import (
+    LossFn,
+    StepContext,
     StepResult,
     clip_grad_norm,
     evaluate,
+    global_tokens,
     model_kwargs,
     token_loss_sum,
     train_step,
 )
 from llmtrain.parallel.tensor_parallel import vocab_parallel_loss_sum
-from llmtrain.peft import build_peft
 
 # flat "state.<param fqn>.<key>" optimizer keys: mergeable across pipeline stages and layouts
 SD_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
@@ -70,72 +74,71 @@ class NativeEngine(Engine):
     schedule), saved with DCP."""
 
     def __init__(
-        self, cfg: Config, dims: ParallelDims, mesh: DeviceMesh | None, device: torch.device
+        self,
+        cfg: Config,
+        dims: ParallelDims,
+        mesh: DeviceMesh | None,
+        device: torch.device,
+        transform: ModelTransform | None = None,
     ) -> None:
         check_layout(cfg, dims)
+        if transform is None and cfg.peft.method != "none":
+            raise ValueError(f"peft.method={cfg.peft.method}: pass its transform (llmtrain.peft.build_peft)")
         self.cfg, self.dims, self.device = cfg, dims, device
+        self.transform = transform or ModelTransform()
         p = cfg.parallel
         self.dp_group = dims.dp_mesh.get_group() if dims.dp_enabled and mesh is not None else None
         self.pp_group = mesh["pp"].get_group() if dims.pp_enabled and mesh is not None else None
-        self.peft = build_peft(cfg)  # LoRA adapters go onto the meta model, before any parallel transform
-        pm = parallelize(self.peft.apply(build_model(cfg.model)), dims, p, mesh, device, cfg.trainer.seed)
+        # transforms (LoRA adapters) go onto the meta model, before any parallel transform
+        pm = parallelize(
+            self.transform.apply(build_model(cfg.model)), dims, p, mesh, device, cfg.trainer.seed
+        )
         self.modules = pm.modules
         self.model = merge_stages(pm.modules)
-        self.peft.init(self.model, cfg.trainer.seed)
+        self.transform.init(self.model, cfg.trainer.seed)
         self.optimizer = build_optimizer(self.model, cfg.optim)
-        dtype = {"bf16": torch.bfloat16, "fp32": None}[cfg.trainer.precision]
-        self.autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
-        self.loss_fn, self.loss_ctx = token_loss_sum, nullcontext
-        if dims.tp_enabled:
-            assert mesh is not None
-            self.loss_fn, self.loss_ctx = vocab_parallel_loss_sum(mesh["tp"], IGNORE_INDEX), loss_parallel
-        self.explicit_positions = dims.tp_enabled and p.sequence_parallel
-        self.no_sync = nullcontext
-        self.reduce_grads = None
-        if pm.grad_sync == "ddp":
-            self.no_sync = self.model.no_sync
-        elif pm.grad_sync == "fsdp" and p.zero_stage in (1, 2):
-            self.no_sync = self._zero12_accumulate
-        elif pm.grad_sync == "allreduce":
-            assert self.dp_group is not None
-            self.reduce_grads = lambda: allreduce_grads(self.modules, self.dp_group, dims.dp)
+        self.ctx = self._step_context(pm.grad_sync, mesh)
         self.pipeline: PipelineRunner | None = None
         if dims.pp_enabled:
             assert mesh is not None
             stages = build_stages(self.modules, pm.stage_ids, pm.num_stages, mesh["pp"], device)
             self.pipeline = PipelineRunner(
-                p.pp_schedule, stages, pipeline_microbatches(cfg, dims), self.loss_fn
+                p.pp_schedule, stages, pipeline_microbatches(cfg, dims), self.ctx.loss_fn
             )
 
-    @contextmanager
-    def _zero12_accumulate(self):
-        """ZeRO-1/2 (see data_parallel): no reshard (and for stage 1 no reduce-scatter) until the
-        step's last micro-batch."""
-        set_fsdp_accumulating(self.modules, True, self.cfg.parallel.zero_stage)
-        try:
-            yield
-        finally:
-            set_fsdp_accumulating(self.modules, False, self.cfg.parallel.zero_stage)
+    def _step_context(self, sync: GradSync, mesh: DeviceMesh | None) -> StepContext:
+        """The step's fixed inputs: precision, gradient sync, the loss (vocab-parallel under TP)."""
+        cfg, dims = self.cfg, self.dims
+        dtype = {"bf16": torch.bfloat16, "fp32": None}[cfg.trainer.precision]
+        device_type = self.device.type
+        autocast = (lambda: torch.autocast(device_type, dtype=dtype)) if dtype else nullcontext
+        loss_fn, loss_ctx = token_loss_sum, nullcontext
+        if dims.tp_enabled:
+            assert mesh is not None
+            loss_fn, loss_ctx = vocab_parallel_loss_sum(mesh["tp"], IGNORE_INDEX), loss_parallel
+        return StepContext(
+            dp_size=dims.dp,
+            dp_group=self.dp_group,
+            grad_clip=cfg.optim.grad_clip,
+            autocast=autocast,
+            accumulate=sync.accumulate,
+            reduce_grads=sync.reduce,
+            loss_fn=loss_fn,
+            loss_ctx=loss_ctx,
+            explicit_positions=dims.tp_enabled and cfg.parallel.sequence_parallel,
+        )
+
+    def replace_loss(self, loss_fn: LossFn) -> None:
+        if self.pipeline is not None or self.dims.tp_enabled:
+            super().replace_loss(loss_fn)  # refuses: the loss needs whole logits on one model part
+        self.ctx = dataclasses.replace(self.ctx, loss_fn=loss_fn)
 
     def train_step(self, batches: list[Batch], lr: float) -> StepResult:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         if self.pipeline is not None:
             return self._pipeline_train_step(batches)
-        return train_step(
-            self.model,
-            self.optimizer,
-            batches,
-            dp_size=self.dims.dp,
-            dp_group=self.dp_group,
-            grad_clip=self.cfg.optim.grad_clip,
-            autocast=self.autocast,
-            no_sync=self.no_sync,
-            loss_fn=self.loss_fn,
-            loss_ctx=self.loss_ctx,
-            reduce_grads=self.reduce_grads,
-            explicit_positions=self.explicit_positions,
-        )
+        return train_step(self.model, self.optimizer, batches, self.ctx)
 
     def _pipeline_pass(self, batches: list[Batch], scale: float, train: bool) -> torch.Tensor:
         """The rank's micro-batches as one batch through the schedule; returns the global loss sum."""
@@ -146,9 +149,9 @@ class NativeEngine(Engine):
                 for f in ("inputs", "targets", "positions", "attn_mask")
             )
         )
-        with self.autocast(), self.loss_ctx():
+        with self.ctx.autocast(), self.ctx.loss_ctx():
             loss_sum = self.pipeline.run(
-                whole.inputs, whole.targets, model_kwargs(whole, self.explicit_positions), scale, train
+                whole.inputs, whole.targets, model_kwargs(whole, self.ctx.explicit_positions), scale, train
             )
         # only the last stage saw the loss: sum over the pipeline, then over data-parallel replicas
         all_reduce_(loss_sum, self.pp_group)
@@ -158,8 +161,8 @@ class NativeEngine(Engine):
         """Same math as `llmtrain.parallel.step.train_step`, with the schedule doing forward/backward."""
         n_global = global_tokens(batches, self.dp_group)
         loss_sum = self._pipeline_pass(batches, self.dims.dp / max(n_global, 1), train=True)
-        if self.reduce_grads is not None:
-            self.reduce_grads()
+        if self.ctx.reduce_grads is not None:
+            self.ctx.reduce_grads()
         grad_norm = clip_grad_norm(self.modules, self.cfg.optim.grad_clip, self.pp_group)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -167,22 +170,14 @@ class NativeEngine(Engine):
 
     def evaluate(self, batches: list[Batch]) -> float:
         if self.pipeline is None:
-            return evaluate(
-                self.model,
-                batches,
-                self.dp_group,
-                self.autocast,
-                self.loss_fn,
-                self.loss_ctx,
-                self.explicit_positions,
-            )
+            return evaluate(self.model, batches, self.ctx)
         with torch.no_grad():
             loss_sum = self._pipeline_pass(batches, 1.0, train=False)
         return float(loss_sum) / max(global_tokens(batches, self.dp_group), 1)
 
     def _checkpoint_state(self) -> dict[str, Any]:
         msd, osd = get_state_dict(self.model, self.optimizer, options=SD_OPTIONS)
-        return {"model": self.peft.checkpoint_keys(msd), "optim": osd}
+        return {"model": self.transform.checkpoint_keys(msd), "optim": osd}
 
     def save(self, folder: Path) -> None:
         dcp.save(self._checkpoint_state(), checkpoint_id=str(folder), no_dist=not dist.is_initialized())
@@ -201,7 +196,7 @@ class NativeEngine(Engine):
     def load(self, folder: Path, *, load_optimizer: bool = True) -> None:
         if load_optimizer:
             msd, osd = get_state_dict(self.model, self.optimizer, options=SD_OPTIONS)
-            state = {"model": self.peft.checkpoint_keys(msd, folder), "optim": osd}
+            state = {"model": self.transform.checkpoint_keys(msd, saved_model_keys(folder)), "optim": osd}
             dcp.load(state, checkpoint_id=str(folder), no_dist=not dist.is_initialized())
             set_state_dict(
                 self.model,
@@ -212,7 +207,7 @@ class NativeEngine(Engine):
             )
         else:
             msd = get_model_state_dict(self.model, options=SD_OPTIONS)
-            state = {"model": self.peft.checkpoint_keys(msd, folder)}
+            state = {"model": self.transform.checkpoint_keys(msd, saved_model_keys(folder))}
             dcp.load(state, checkpoint_id=str(folder), no_dist=not dist.is_initialized())
             set_model_state_dict(self.model, {**msd, **state["model"]}, options=SD_OPTIONS)
 
@@ -223,4 +218,4 @@ class NativeEngine(Engine):
         if self.pp_group is not None:
             parts = gather_objects(state, self.pp_group)
             state = {k: v for part in parts if part for k, v in part.items()}
-        return self.peft.export_state(state)  # LoRA: adapters merged into the base weights
+        return self.transform.export_state(state)  # LoRA: adapters merged into the base weights

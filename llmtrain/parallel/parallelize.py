@@ -1,4 +1,4 @@
-"""Apply a parallel layout to a meta-device model, in the order of STYLE.md §2:
+"""Apply a parallel layout to a meta-device model, in the documented order (docs/architecture.md):
 pipeline split -> TP -> activation checkpointing -> compile -> FSDP/ZeRO -> materialize -> init
 weights -> DDP.
 
@@ -8,6 +8,7 @@ needs real parameters (it broadcasts them); FSDP2 shards meta parameters before 
 """
 
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -18,7 +19,14 @@ from torch.distributed.device_mesh import DeviceMesh
 from llmtrain.config.parallel import ParallelConfig
 from llmtrain.config.rules import stage_layer_counts
 from llmtrain.models.llama import Transformer
-from llmtrain.parallel.data_parallel import DTYPE, apply_ddp, apply_fsdp
+from llmtrain.parallel.data_parallel import (
+    DTYPE,
+    GradSync,
+    allreduce_grads,
+    apply_ddp,
+    apply_fsdp,
+    zero12_accumulate,
+)
 from llmtrain.parallel.dims import ParallelDims
 from llmtrain.parallel.pipeline import local_stage_ids, split_stage
 from llmtrain.parallel.tensor_parallel import apply_grad_layout_hooks, apply_tp
@@ -37,9 +45,9 @@ class ParallelModel:
 
     modules: list[nn.Module]
     """One module, or this rank's pipeline stages (each a Transformer holding a slice of layers)."""
-    grad_sync: str
-    """'ddp' (DDP averages in backward), 'fsdp' (FSDP2 reduce-scatters), 'allreduce' (the engine
-    averages over dp after the backward), 'none' (no data parallelism)."""
+    grad_sync: GradSync
+    """How gradients are averaged over data-parallel ranks (DDP, FSDP2, or an all-reduce after the
+    backward), as the hooks the step calls."""
     stage_ids: list[int] = field(default_factory=list)
     """Global pipeline stage index of each module (empty without pipeline parallelism)."""
     num_stages: int = 1
@@ -119,13 +127,17 @@ def parallelize(
         materialize(part, device, seed)
         if dims.tp_enabled and not use_fsdp:
             apply_grad_layout_hooks(part)
+    modules: list[nn.Module] = list(parts)
     if use_fsdp:
-        grad_sync = "fsdp"
+        sync = GradSync(
+            zero12_accumulate(modules, cfg.zero_stage) if cfg.zero_stage in (1, 2) else nullcontext
+        )
     elif not dims.dp_enabled:
-        grad_sync = "none"
-    elif dims.tp_enabled or dims.pp_enabled:
-        grad_sync = "allreduce"
+        sync = GradSync()
+    elif dims.tp_enabled or dims.pp_enabled:  # DDP does not take DTensors or pipeline stages
+        group = dims.dp_mesh.get_group()
+        sync = GradSync(reduce=lambda: allreduce_grads(modules, group, dims.dp))
     else:
-        assert mesh is not None
-        return ParallelModel([apply_ddp(model, dims.dp_mesh)], "ddp")
-    return ParallelModel(list(parts), grad_sync, stage_ids, num_stages)
+        ddp = apply_ddp(model, dims.dp_mesh)
+        return ParallelModel([ddp], GradSync(accumulate=ddp.no_sync))
+    return ParallelModel(modules, sync, stage_ids, num_stages)

@@ -9,13 +9,14 @@ batch token count instead would over-weight short micro-batches (e.g. padded or 
 Tensor parallelism does not change this: the tp ranks of one dp rank compute the same loss (the
 vocab-parallel cross-entropy all-reduces its partial sums) and each back-propagates into its own
 shard. Pipeline parallelism uses the same per-micro-batch loss inside the schedule
-(`llmtrain.parallel.pipeline_step`), with the same global N.
+(`llmtrain.parallel.pipeline.PipelineRunner`, driven by the native engine), with the same global N.
 """
 
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmtrain.data.loader import IGNORE_INDEX, Batch
-from llmtrain.distributed.collectives import all_reduce_, global_tokens
+from llmtrain.distributed.collectives import all_reduce_
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """(logits, targets) -> summed cross-entropy over the target tokens."""
@@ -36,6 +37,12 @@ class StepResult:
     loss: float
     grad_norm: float
     num_tokens: int
+
+
+def global_tokens(batches: list[Batch], group: dist.ProcessGroup | None) -> int:
+    """Target tokens of a step over all micro-batches and data-parallel ranks (the N of the loss)."""
+    n = torch.tensor([sum(b.num_tokens for b in batches)], dtype=torch.float64)
+    return int(all_reduce_(n, group).item())
 
 
 def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -69,40 +76,47 @@ def forward_loss_sum(
     return loss_fn(logits, batch.targets)
 
 
-def train_step(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    batches: list[Batch],
-    *,
-    dp_size: int,
-    dp_group: dist.ProcessGroup | None,
-    grad_clip: float,
-    autocast: Callable[[], object],
-    no_sync: Callable[[], object],
-    loss_fn: LossFn = token_loss_sum,
-    loss_ctx: Callable[[], object] = nullcontext,
-    reduce_grads: Callable[[], None] | None = None,
-    explicit_positions: bool = False,
-) -> StepResult:
-    """Accumulate gradients over `batches`, clip, step; returns the true global mean loss.
+@dataclass(frozen=True)
+class StepContext:
+    """Everything a step needs besides the model, optimizer and batches; built once by the engine."""
 
-    `no_sync` wraps every micro-batch but the last (DDP's no_sync, ZeRO-1's deferred reduce-scatter);
-    `loss_ctx` wraps forward and backward (loss_parallel under TP); `reduce_grads` runs after the last
-    backward when the engine averages gradients itself.
-    """
-    n_global = global_tokens(batches, dp_group)
-    scale = dp_size / max(n_global, 1)
+    dp_size: int
+    """Data-parallel degree (the dp of `scale`; see the module docstring)."""
+    dp_group: dist.ProcessGroup | None
+    """Group of the data-parallel replicas (None without data parallelism)."""
+    grad_clip: float
+    """Max global gradient norm (0: no clipping)."""
+    autocast: Callable[[], AbstractContextManager[Any]] = nullcontext
+    """Mixed precision around forward/backward (torch.autocast for precision=bf16)."""
+    accumulate: Callable[[], AbstractContextManager[Any]] = nullcontext
+    """Wraps every micro-batch but a step's last (DDP no_sync, ZeRO-1/2 deferred reduction)."""
+    reduce_grads: Callable[[], None] | None = None
+    """After the last backward, when the engine averages gradients itself."""
+    loss_fn: LossFn = token_loss_sum
+    """Summed loss of one micro-batch (vocab-parallel under TP, distillation, ...)."""
+    loss_ctx: Callable[[], AbstractContextManager[Any]] = nullcontext
+    """Wraps forward and backward (loss_parallel under TP)."""
+    explicit_positions: bool = False
+    """Pass RoPE positions even for plain causal batches (sequence-sharded residual stream)."""
+
+
+def train_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, batches: list[Batch], ctx: StepContext
+) -> StepResult:
+    """Accumulate gradients over `batches`, clip, step; returns the true global mean loss."""
+    n_global = global_tokens(batches, ctx.dp_group)
+    scale = ctx.dp_size / max(n_global, 1)
     loss_sum = torch.zeros((), dtype=torch.float64)
     for i, batch in enumerate(batches):
         last = i == len(batches) - 1
-        with autocast(), loss_ctx(), no_sync() if not last else nullcontext():
-            loss = forward_loss_sum(model, batch, loss_fn, explicit_positions)
+        with ctx.autocast(), ctx.loss_ctx(), ctx.accumulate() if not last else nullcontext():
+            loss = forward_loss_sum(model, batch, ctx.loss_fn, ctx.explicit_positions)
             (loss * scale).backward()
         loss_sum += loss.detach().double().cpu()
-    if reduce_grads is not None:
-        reduce_grads()
-    all_reduce_(loss_sum, dp_group)
-    grad_norm = clip_grad_norm(model, grad_clip)
+    if ctx.reduce_grads is not None:
+        ctx.reduce_grads()
+    all_reduce_(loss_sum, ctx.dp_group)
+    grad_norm = clip_grad_norm(model, ctx.grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return StepResult(float(loss_sum) / max(n_global, 1), grad_norm, n_global)
@@ -140,23 +154,15 @@ def clip_grad_norm(
 
 
 @torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    batches: list[Batch],
-    dp_group: dist.ProcessGroup | None,
-    autocast: Callable[[], object],
-    loss_fn: LossFn = token_loss_sum,
-    loss_ctx: Callable[[], object] = nullcontext,
-    explicit_positions: bool = False,
-) -> float:
+def evaluate(model: nn.Module, batches: list[Batch], ctx: StepContext) -> float:
     """Mean token loss over validation micro-batches of all dp ranks."""
     was_training = model.training
     model.eval()
     totals = torch.zeros(2, dtype=torch.float64)
     for batch in batches:
-        with autocast(), loss_ctx():
-            totals[0] += forward_loss_sum(model, batch, loss_fn, explicit_positions).double().cpu()
+        with ctx.autocast(), ctx.loss_ctx():
+            totals[0] += forward_loss_sum(model, batch, ctx.loss_fn, ctx.explicit_positions).double().cpu()
         totals[1] += batch.num_tokens
-    all_reduce_(totals, dp_group)
+    all_reduce_(totals, ctx.dp_group)
     model.train(was_training)
     return float(totals[0] / totals[1].clamp(min=1))

@@ -62,7 +62,7 @@ def measure_train_peak(
     from llmtrain.models.build import build_model
     from llmtrain.optim import build_optimizer
     from llmtrain.parallel.parallelize import apply_activation_checkpointing
-    from llmtrain.parallel.step import train_step
+    from llmtrain.parallel.step import StepContext, train_step
 
     gen = torch.Generator().manual_seed(0)
     vocab = model_cfg.vocab_size
@@ -82,11 +82,7 @@ def measure_train_peak(
                 model,
                 optimizer,
                 batches,
-                dp_size=1,
-                dp_group=None,
-                grad_clip=1.0,
-                autocast=autocast,
-                no_sync=nullcontext,
+                StepContext(dp_size=1, dp_group=None, grad_clip=1.0, autocast=autocast),
             )
             del batches
     return mem.peak

@@ -1,4 +1,4 @@
-"""The training loop (STYLE.md §1): resume, loop {step, log, validate, maybe save}, final save."""
+"""The training loop (docs/architecture.md): resume, loop {step, log, validate, maybe save}, final save."""
 
 import json
 import logging
@@ -9,23 +9,26 @@ from typing import Any
 
 import torch
 
-from llmtrain.checkpoint import CheckpointManager, SaveResult, latest_checkpoint, read_state
-from llmtrain.checkpoint.policy import SaveSchedule, check_model_matches, plan_resume
+from llmtrain.checkpoint import CheckpointManager, RankState, SaveResult, TrainerState, latest_checkpoint
+from llmtrain.checkpoint.folder import resolve_checkpoint_path
+from llmtrain.checkpoint.policy import SaveSchedule, plan_resume
 from llmtrain.checkpoint.rng import capture_host_rng
+from llmtrain.checkpoint.state import LRPosition
 from llmtrain.config import Config, batch_geometry
 from llmtrain.config.io import to_dict
 from llmtrain.distributed.env import DistEnv, init_distributed, pick_device
-from llmtrain.train.signals import StopFlag
 from llmtrain.models import model_args
 from llmtrain.objectives import build_objective
 from llmtrain.optim import lr_factor
 from llmtrain.parallel import ParallelDims
-from llmtrain.parallel.engine import build_engine
+from llmtrain.parallel.build import build_engine
+from llmtrain.peft import base_checkpoint, build_peft
 from llmtrain.tracking import ConsoleLogger
 from llmtrain.tracking.tracker import Tracker
 from llmtrain.train.flops import flops_per_token, recompute_fraction
 from llmtrain.train.perf import Meter, memory_gb, peak_tflops, processed_tokens
 from llmtrain.train.profiler import build_profiler
+from llmtrain.train.signals import StopFlag
 
 log = logging.getLogger("llmtrain")
 
@@ -52,7 +55,7 @@ class Trainer:
         self.dims = ParallelDims(p.dp_replicate, p.dp_shard, p.tp, p.pp, env.world_size)
         self.mesh = self.dims.build_mesh(self.device.type) if env.world_size > 1 else None
         self.grad_accum = batch_geometry(cfg, self.dims.dp)
-        self.engine = build_engine(cfg, self.dims, self.mesh, self.device)
+        self.engine = build_engine(cfg, self.dims, self.mesh, self.device, build_peft(cfg))
         dp_rank = self.dims.coords(env.rank)["dp"]
         # objective.name: its data loaders, per-step batch transform and (optionally) loss function
         self.objective = build_objective(cfg, self.engine, self.dims, self.mesh, self.device, dp_rank)
@@ -67,7 +70,7 @@ class Trainer:
         self.console = ConsoleLogger(env.is_main)
         self.stop = StopFlag()
         self.stop.install()
-        self.step, self.tokens_seen, self.last_saved, self.last_save_time = 0, 0, -1, time.time()
+        self.step, self.tokens_seen, self.last_saved = 0, 0, -1
         self.history: list[dict[str, float]] = []
         margs, seq = model_args(cfg.model), cfg.data.seq_len  # MFU counts model FLOPs, HFU + recompute
         peak_dtype = torch.bfloat16 if t.precision == "bf16" else torch.float32
@@ -215,22 +218,18 @@ class Trainer:
     def save(self) -> None:
         """Checkpoint now (collective). With checkpoint.async_save only the staging blocks the loop."""
         self.finish_save()  # a background save still in flight completes (or raises) first
-        o = self.cfg.optim
-        state = {
-            "tokens_seen": self.tokens_seen,
-            "config": to_dict(self.cfg),
-            "mlflow_run_id": self.tracker.run_id,
-            "run_dir": str(self.run_dir.resolve()),
-            "world_size": self.env.world_size,
-            "layout": self.dims.describe(),
-            "engine": self.cfg.parallel.backend,
-            "lr_schedule": {
-                "step": self.step,
-                "max_steps": self.cfg.trainer.max_steps,
-                "next_lr": o.lr * lr_factor(self.step, o, self.cfg.trainer.max_steps),
-            },
-        }
-        rank_state = {"data": self.train_loader.state_dict(), "rng": capture_host_rng()}
+        o, max_steps = self.cfg.optim, self.cfg.trainer.max_steps
+        state = TrainerState(
+            tokens_seen=self.tokens_seen,
+            config=to_dict(self.cfg),
+            mlflow_run_id=self.tracker.run_id,
+            run_dir=str(self.run_dir.resolve()),
+            world_size=self.env.world_size,
+            layout=self.dims.describe(),
+            engine=self.cfg.parallel.backend,
+            lr_schedule=LRPosition(self.step, max_steps, o.lr * lr_factor(self.step, o, max_steps)),
+        )
+        rank_state = RankState(data=self.train_loader.state_dict(), rng=capture_host_rng())
         self.saving = self.ckpt.save(self.step, self.engine, state, rank_state)
         self.last_saved = self.step
         self.save_schedule.saved()
@@ -262,19 +261,23 @@ class Trainer:
         plan = plan_resume(self.cfg.checkpoint, self.ckpt.folder)
         if plan.path is None:
             return None
-        check_model_matches(read_state(plan.path).get("config"), self.cfg.model, plan.path)
-        state = self.ckpt.load(plan.path, self.engine, load_optimizer=plan.load_optimizer)
-        self.console.info(f"{plan.reason} (step {state['step']})")
+        base = base_checkpoint(self.cfg)
+        if base is not None and plan.full_state:  # adapters-only checkpoints: the frozen base goes first
+            base_path = resolve_checkpoint_path(base, key="checkpoint.init_from")
+            self.ckpt.load(base_path, self.engine, load_optimizer=False, model=self.cfg.model)
+        state = self.ckpt.load(
+            plan.path, self.engine, load_optimizer=plan.load_optimizer, model=self.cfg.model
+        )
+        self.console.info(f"{plan.reason} (step {state.step})")
         if not plan.full_state:
             return None
-        self.step, self.tokens_seen, self.last_saved = state["step"], state["tokens_seen"], state["step"]
-        ranks = state["ranks"]
-        self.train_loader.load_state_dict(ranks[self.env.rank if self.env.rank < len(ranks) else 0]["data"])
-        self.ckpt.restore_rng(state)
+        self.step, self.tokens_seen, self.last_saved = state.step, state.tokens_seen, state.step
+        self.train_loader.load_state_dict(state.rank(self.env.rank).data)
+        self.ckpt.restore_rng(plan.path, state)
         self.truncate_log()
-        if state.get("world_size") != self.env.world_size:
+        if state.world_size != self.env.world_size:
             self.console.info(
-                f"checkpoint saved on {state.get('world_size')} ranks [{state.get('layout')}], "
+                f"checkpoint saved on {state.world_size} ranks [{state.layout}], "
                 f"resharded onto {self.env.world_size} [{self.dims.describe()}]"
             )
-        return state.get("mlflow_run_id") if state.get("run_dir") == str(self.run_dir.resolve()) else None
+        return state.mlflow_run_id if state.run_dir == str(self.run_dir.resolve()) else None

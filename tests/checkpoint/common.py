@@ -23,7 +23,7 @@ TINY = [
 def make_engine(cfg):
     """The native engine of `cfg` on one CPU process (no process group)."""
     from llmtrain.parallel import ParallelDims
-    from llmtrain.parallel.engine import build_engine
+    from llmtrain.parallel.build import build_engine
 
     return build_engine(cfg, ParallelDims(1, 1, 1, 1, 1), None, torch.device("cpu"))
 

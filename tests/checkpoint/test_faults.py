@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from llmtrain.checkpoint import CheckpointError, CheckpointManager, latest_checkpoint
-from llmtrain.checkpoint.layout import FAULT_ENV
+from llmtrain.checkpoint.folder import FAULT_ENV
+from llmtrain.checkpoint.state import RankState, TrainerState
 from tests.checkpoint.common import TINY, assert_same, make_engine, snapshot, step
 
 PHASES = ["begin", "staged", "written", "renaming", "renamed", "complete"]  # "complete" last: it publishes
@@ -37,7 +38,7 @@ def _fork(fn) -> int:
 
 
 def _save(mgr, engine, s):
-    mgr.save(s, engine, {"tokens_seen": s, "config": {}}, {"data": {"consumed": s}})
+    mgr.save(s, engine, TrainerState(tokens_seen=s), RankState(data={"consumed": s}))
     mgr.wait()
 
 
@@ -65,7 +66,7 @@ def test_sigkill_at_every_phase_keeps_the_previous_checkpoint(make_config, tmp_p
         want_step, want = (2, second) if phase == "complete" else (1, first)
         assert newest.name == f"step_{want_step:08d}", phase
         fresh = make_engine(cfg)
-        assert again.load(newest, fresh)["step"] == want_step
+        assert again.load(newest, fresh).step == want_step
         assert_same(snapshot(fresh), want)
         assert all(".tmp-" not in p.name for p in (tmp_path / "ck").iterdir()), phase
         assert not any(shm.rglob("*.distcp")), phase  # a killed async save's RAM staging is reclaimed
@@ -105,7 +106,7 @@ def test_full_disk_fails_the_save_cleanly(make_config, tmp_path, async_save):
 def _one_rank_full_body(rank: int, world_size: int, overrides: list[str], folder: str) -> list:
     """Both ranks save step 1; then only rank 1's writes fail (EFBIG) while saving step 2."""
     from llmtrain.parallel import ParallelDims
-    from llmtrain.parallel.engine import build_engine
+    from llmtrain.parallel.build import build_engine
     from llmtrain.testing import compose_config
 
     cfg = compose_config(overrides)

@@ -13,6 +13,7 @@ from llmtrain.checkpoint.convert import import_hf
 from llmtrain.checkpoint.dcp_io import read_tensors, tensor_shapes
 from llmtrain.checkpoint.hf import halves_to_interleaved, interleaved_to_halves, load_hf, save_hf
 from llmtrain.checkpoint.policy import check_model_matches
+from llmtrain.checkpoint.state import RankState, TrainerState
 from tests.checkpoint.common import TINY, make_engine, step
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,7 +36,7 @@ def trained(make_config, tmp_path):
     step(eng), step(eng, seed=1)
     from llmtrain.config.io import to_dict
 
-    res = CheckpointManager(tmp_path / "ck").save(2, eng, {"tokens_seen": 0, "config": to_dict(cfg)}, {})
+    res = CheckpointManager(tmp_path / "ck").save(2, eng, TrainerState(config=to_dict(cfg)), RankState())
     return cfg, eng, res.path
 
 

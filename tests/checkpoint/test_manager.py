@@ -10,9 +10,10 @@ import torch
 
 from llmtrain.checkpoint import CheckpointError, CheckpointManager, latest_checkpoint, list_checkpoints
 from llmtrain.checkpoint.dcp_io import read_metadata
-from llmtrain.checkpoint.layout import COMPLETE, write_manifest
+from llmtrain.checkpoint.folder import COMPLETE, write_manifest
 from llmtrain.checkpoint.manager import retained_steps
 from llmtrain.checkpoint.policy import SaveSchedule, check_model_matches, plan_resume
+from llmtrain.checkpoint.state import RankState, TrainerState
 from tests.checkpoint.common import TINY, assert_same, make_engine, snapshot, step
 
 
@@ -23,7 +24,7 @@ def cfg(make_config):
 
 
 def _save(mgr, engine, s):
-    return mgr.save(s, engine, {"tokens_seen": s * 10, "config": {}}, {"data": {"consumed": s}})
+    return mgr.save(s, engine, TrainerState(tokens_seen=s * 10), RankState(data={"consumed": s}))
 
 
 def test_round_trip_restores_model_and_optimizer_exactly(cfg, tmp_path):
@@ -38,7 +39,7 @@ def test_round_trip_restores_model_and_optimizer_exactly(cfg, tmp_path):
     step(eng, seed=1)  # move away, then load back into a fresh engine and into the moved one
     for target in (make_engine(cfg), eng):
         state = mgr.load(res.path, target)
-        assert (state["step"], state["tokens_seen"], state["ranks"]) == (1, 10, [{"data": {"consumed": 1}}])
+        assert (state.step, state.tokens_seen, state.ranks) == (1, 10, [RankState(data={"consumed": 1})])
         assert_same(snapshot(target), saved)
     fresh = make_engine(cfg)
     mgr.load(res.path, fresh, load_optimizer=False)  # weights only: optimizer stays empty

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from llmtrain.checkpoint import latest_checkpoint
-from llmtrain.checkpoint.layout import FAULT_ENV
+from llmtrain.checkpoint.folder import FAULT_ENV
 from llmtrain.distributed.env import DistEnv
 from llmtrain.train.trainer import Trainer
 from tests.checkpoint.common import TINY

@@ -3,7 +3,7 @@ resumes from a checkpoint with the loss trace of the uninterrupted run."""
 
 from pathlib import Path
 
-from llmtrain.checkpoint.layout import step_dir
+from llmtrain.checkpoint.folder import step_dir
 from llmtrain.data.prepare import prepare_dataset
 from llmtrain.distributed.env import DistEnv
 from llmtrain.train.trainer import Trainer

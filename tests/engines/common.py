@@ -67,11 +67,9 @@ def native_reference(cfg, steps: int = STEPS, final_state: dict | None = None) -
     """The single-process native run every engine is compared with: our model, init, AdamW and
     `llmtrain.parallel.step.train_step` directly (no engine wrapper, so it does not move while the native
     engine grows new layouts)."""
-    from contextlib import nullcontext
-
     from llmtrain.models import build_model
     from llmtrain.optim import build_optimizer
-    from llmtrain.parallel.step import train_step
+    from llmtrain.parallel.step import StepContext, train_step
 
     model = build_model(cfg.model, "cpu")
     model.init_weights(cfg.trainer.seed)
@@ -80,16 +78,7 @@ def native_reference(cfg, steps: int = STEPS, final_state: dict | None = None) -
     for s in range(steps):
         for g in opt.param_groups:
             g["lr"] = LR
-        r = train_step(
-            model,
-            opt,
-            rank_batches(s, 1, 0),
-            dp_size=1,
-            dp_group=None,
-            grad_clip=cfg.optim.grad_clip,
-            autocast=nullcontext,
-            no_sync=nullcontext,
-        )
+        r = train_step(model, opt, rank_batches(s, 1, 0), StepContext(1, None, cfg.optim.grad_clip))
         out.append((r.loss, r.grad_norm))
     if final_state is not None:  # the trained weights, for export/conversion checks
         final_state.update({k: v.detach().clone() for k, v in model.state_dict().items()})
@@ -118,11 +107,9 @@ def switch_check(engine, dp: int, dp_rank: int) -> tuple[float, float]:
 
 def native_switch_reference(cfg, state: dict) -> tuple[float, float]:
     """`switch_check` on the native model loaded from `state`."""
-    from contextlib import nullcontext
-
     from llmtrain.models import build_model
     from llmtrain.optim import build_optimizer
-    from llmtrain.parallel.step import evaluate, train_step
+    from llmtrain.parallel.step import StepContext, evaluate, train_step
 
     model = build_model(cfg.model, "cpu")
     model.init_weights(cfg.trainer.seed)
@@ -130,14 +117,6 @@ def native_switch_reference(cfg, state: dict) -> tuple[float, float]:
     opt = build_optimizer(model, cfg.optim)
     for g in opt.param_groups:
         g["lr"] = LR
-    r = train_step(
-        model,
-        opt,
-        rank_batches(STEPS, 1, 0),
-        dp_size=1,
-        dp_group=None,
-        grad_clip=cfg.optim.grad_clip,
-        autocast=nullcontext,
-        no_sync=nullcontext,
-    )
-    return r.loss, evaluate(model, rank_batches(STEPS + 1, 1, 0), None, nullcontext)
+    ctx = StepContext(1, None, cfg.optim.grad_clip)
+    r = train_step(model, opt, rank_batches(STEPS, 1, 0), ctx)
+    return r.loss, evaluate(model, rank_batches(STEPS + 1, 1, 0), ctx)

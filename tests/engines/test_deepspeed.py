@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from llmtrain.checkpoint.state import RankState, TrainerState
 from tests.distributed import run_distributed
 from tests.engines.common import (
     OVERRIDES,
@@ -72,7 +73,7 @@ def _all_cases(rank: int, world: int, cfg, ckpt_root: str) -> dict:
             # with the rank process
             out["zero3_state"] = {k: v.numpy() for k, v in engine.full_model_state().items()}
             manager = CheckpointManager(Path(ckpt_root) / "checkpoints")
-            path = manager.save(STEPS, engine, {"note": "ds"}, {"rank": rank}).done.result()
+            path = manager.save(STEPS, engine, TrainerState(), RankState(data={"rank": rank})).done.result()
             out["ckpt_files"] = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file())
             resumed = _engine(cfg, stage, extra, world)
             manager.load(path, resumed)
@@ -151,7 +152,9 @@ def _train_and_save(rank: int, world: int, cfg, root: str, stages: tuple[int, ..
         engine = _engine(cfg, stage, {}, world)
         run_steps(engine, world, rank)
         manager = CheckpointManager(Path(root) / f"zero{stage}_dp{world}" / "checkpoints")
-        out[stage] = str(manager.save(STEPS, engine, {"note": "ds"}, {"rank": rank}).done.result())
+        out[stage] = str(
+            manager.save(STEPS, engine, TrainerState(), RankState(data={"rank": rank})).done.result()
+        )
     return out
 
 

@@ -28,7 +28,7 @@ def _steps(engine, device: torch.device) -> list[tuple[float, float]]:
 @pytest.mark.parametrize("backend", ["deepspeed", "megatron"])
 def test_engine_on_one_gpu_matches_native(make_config, backend) -> None:
     pytest.importorskip({"deepspeed": "deepspeed", "megatron": "megatron.core"}[backend])
-    from llmtrain.parallel.engine import build_engine
+    from llmtrain.parallel.build import build_engine
 
     cfg = make_config(*OVERRIDES, f"parallel.backend={backend}", "parallel.sequence_parallel=false")
     ref = native_reference(cfg)

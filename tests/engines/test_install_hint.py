@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from llmtrain.config.validate import ConfigError
+from llmtrain.parallel.build import build_engine
 from llmtrain.parallel.dims import ParallelDims
-from llmtrain.parallel.engine import build_engine
 from tests.engines.common import OVERRIDES
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from llmtrain.checkpoint.state import RankState, TrainerState
 from llmtrain.config.validate import ConfigError
 from llmtrain.parallel.dims import ParallelDims
 from tests.distributed import run_distributed
@@ -86,7 +87,9 @@ def _all_cases(rank: int, world: int, cfgs: dict, ckpt: str) -> dict:
             from llmtrain.config.io import to_dict
 
             manager = CheckpointManager(f"{ckpt}/checkpoints")
-            path = manager.save(STEPS, engine, {"config": to_dict(cfgs[name])}, {}).done.result()
+            path = manager.save(
+                STEPS, engine, TrainerState(config=to_dict(cfgs[name])), RankState()
+            ).done.result()
             resumed, _ = _engine(cfgs[name], dp, tp, pp, vp, world)
             manager.load(path, resumed)
             out["continued"] = run_steps(engine, 1, 0, steps=1, first=STEPS)

@@ -64,7 +64,7 @@ def test_trainer_with_deepspeed_matches_native_and_resumes(make_config, tmp_path
 
     from llmtrain.checkpoint.convert import export_hf
     from llmtrain.checkpoint.dcp_io import read_tensors, tensor_shapes
-    from llmtrain.checkpoint.engines import engine_of, to_native
+    from llmtrain.checkpoint.formats import engine_of, to_native
 
     runs = Path(ds.run.root)
     ds_ckpt, native_ckpt = (

@@ -71,7 +71,7 @@ def test_distill_run_from_config_teacher_is_frozen(shakespeare_dir, tmp_path, pr
         ),
         DistEnv(0, 0, 1, 1),
     )
-    teacher = trainer.engine.loss_fn.teacher
+    teacher = trainer.engine.ctx.loss_fn.teacher
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     ce = losses(trainer.train())
     plain = losses(

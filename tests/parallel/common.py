@@ -79,7 +79,7 @@ def train_layout(
     full model state when asked (every layout must return the same names and values)."""
     from llmtrain.config import batch_geometry
     from llmtrain.data import build_train_loader
-    from llmtrain.parallel.engine import build_engine
+    from llmtrain.parallel.build import build_engine
     from llmtrain.parallel.layout import build_dims
 
     dims = build_dims(cfg, world_size)

@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from llmtrain.checkpoint.weights import saved_model_keys
 from llmtrain.models import build_model
-from llmtrain.objectives.checkpoints import saved_model_keys
+from llmtrain.models.lora import LoRALinear, apply_lora, init_lora, is_adapter, merge_lora, merge_lora_state
 from llmtrain.optim import param_groups
-from llmtrain.peft.lora import LoRALinear, apply_lora, init_lora, is_adapter, merge_lora, merge_lora_state
 from llmtrain.testing import compose_config
 from tests.objectives.common import losses, tiny_config, train
 
@@ -116,9 +116,9 @@ def test_lora_run_trains_adapters_only_checkpoints_them_and_resumes(
 
 
 def test_merged_checkpoint_matches_the_adapted_model(shakespeare_dir, tmp_path, pretrained_run) -> None:
+    from llmtrain.checkpoint.lora_merge import merge_lora_checkpoint
     from llmtrain.distributed.env import DistEnv
     from llmtrain.objectives.inference import load_checkpoint_engine
-    from llmtrain.peft.export import merge_lora_checkpoint
 
     lora_run(shakespeare_dir, tmp_path, pretrained_run, "ft", 4, "peft.target_modules=[wq,wv,w2,output]")
     merged = merge_lora_checkpoint(tmp_path / "ft", tmp_path / "merged")

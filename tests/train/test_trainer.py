@@ -9,7 +9,7 @@ import torch
 from llmtrain.data.loader import IGNORE_INDEX, Batch
 from llmtrain.distributed.env import DistEnv
 from llmtrain.models.llama import Transformer, TransformerArgs
-from llmtrain.parallel.step import train_step
+from llmtrain.parallel.step import StepContext, train_step
 from llmtrain.train.trainer import Trainer
 from tests.distributed import run_distributed
 
@@ -68,18 +68,7 @@ def _step(model, batches):
     # SGD: the update is linear in the gradient, so parameters compare the gradients exactly (Adam's
     # m / sqrt(v) would amplify 1e-9 noise in near-zero gradients into visible differences)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    from contextlib import nullcontext
-
-    res = train_step(
-        model,
-        opt,
-        batches,
-        dp_size=1,
-        dp_group=None,
-        grad_clip=0.0,
-        autocast=nullcontext,
-        no_sync=nullcontext,
-    )
+    res = train_step(model, opt, batches, StepContext(dp_size=1, dp_group=None, grad_clip=0.0))
     return res, [p.detach().clone() for p in model.parameters()]
 
 

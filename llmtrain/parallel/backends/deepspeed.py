@@ -29,12 +29,12 @@ import deepspeed
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
-from llmtrain.checkpoint.engines import DEEPSPEED_TAG, deepspeed_weights
-from llmtrain.checkpoint.layout import staged_by_rank0
+from llmtrain.checkpoint.folder import staged_by_rank0
+from llmtrain.checkpoint.formats import DEEPSPEED_TAG, deepspeed_weights
 from llmtrain.config import Config, batch_geometry
 from llmtrain.config.errors import ConfigError
 from llmtrain.data.loader import Batch
-from llmtrain.distributed.collectives import all_reduce_, global_tokens
+from llmtrain.distributed.collectives import all_reduce_
 from llmtrain.models import build_model
 from llmtrain.models.build import count_params
 from llmtrain.models.llama import Transformer, rope_tables
@@ -43,10 +43,10 @@ from llmtrain.parallel.backends.ds_config import deepspeed_config
 from llmtrain.parallel.backends.native_io import is_native_checkpoint, read_native_weights
 from llmtrain.parallel.dims import ParallelDims
 from llmtrain.parallel.engine import Engine
-from llmtrain.parallel.step import StepResult, token_loss_sum
+from llmtrain.parallel.step import StepResult, global_tokens, token_loss_sum
 
 CKPT_TAG = (
-    DEEPSPEED_TAG  # one constant: llmtrain.checkpoint.engines reads these files without DeepSpeed's engine
+    DEEPSPEED_TAG  # one constant: llmtrain.checkpoint.formats reads these files without DeepSpeed's engine
 )
 
 

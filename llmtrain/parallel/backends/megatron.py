@@ -2,7 +2,7 @@
 
 Process groups come from the same ParallelDims: megatron's default rank order ("tp-cp-ep-dp-pp", tp
 fastest) is our mesh order (pp, dp_replicate, dp_shard, tp), which `_check_rank_layout` verifies.
-Weights start from our layout-independent native init, converted by `megatron_convert` (so every
+Weights start from our layout-independent native init, converted by `llmtrain.checkpoint.megatron_format` (so every
 engine starts from the same weights and users can move checkpoints between engines).
 
 Loss math as in `llmtrain.parallel.step`: megatron's per-token-loss mode (`calculate_per_token_loss`)
@@ -36,21 +36,21 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import param_is_not_shared
 from torch.distributed.device_mesh import DeviceMesh
 
-from llmtrain.config import Config, batch_geometry
-from llmtrain.config.errors import ConfigError
-from llmtrain.data.loader import IGNORE_INDEX, Batch
-from llmtrain.distributed.collectives import all_reduce_, gather_objects, global_tokens
-from llmtrain.models import build_model, model_args
-from llmtrain.parallel.backends.megatron_convert import (
+from llmtrain.checkpoint.megatron_format import (
     chunk_layers,
     from_megatron,
     to_megatron,
     tp_concat_dim,
 )
+from llmtrain.config import Config, batch_geometry
+from llmtrain.config.errors import ConfigError
+from llmtrain.data.loader import IGNORE_INDEX, Batch
+from llmtrain.distributed.collectives import all_reduce_, gather_objects
+from llmtrain.models import build_model, model_args
 from llmtrain.parallel.backends.native_io import is_native_checkpoint, read_native_weights
 from llmtrain.parallel.dims import ParallelDims
 from llmtrain.parallel.engine import Engine
-from llmtrain.parallel.step import StepResult
+from llmtrain.parallel.step import StepResult, global_tokens
 
 CPU_REASON = (
     "megatron-core 0.16 is CUDA-only: it allocates buffers on torch.cuda.current_device() and forks the "

@@ -9,18 +9,18 @@ model, which `tools/export_hf.py` exports and `checkpoint.init_from` / `tools/ev
 import copy
 from pathlib import Path
 
-from llmtrain.checkpoint import CheckpointError, read_state, resolve_checkpoint_path
-from llmtrain.checkpoint.convert import write_weights_checkpoint
 from llmtrain.checkpoint.dcp_io import read_tensors, tensor_shapes
-from llmtrain.checkpoint.layout import ENGINE_DIR
-from llmtrain.peft.lora import is_adapter, merge_lora_state
+from llmtrain.checkpoint.folder import ENGINE_DIR, CheckpointError, resolve_checkpoint_path
+from llmtrain.checkpoint.state import TrainerState
+from llmtrain.checkpoint.weights import write_weights_checkpoint
+from llmtrain.models.lora import is_adapter, merge_lora_state
 
 
 def merge_lora_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
     """Write the merged plain model of a LoRA checkpoint to `out` (a new folder); returns it."""
     path = resolve_checkpoint_path(checkpoint)
-    state = read_state(path)
-    cfg = state.get("config") or {}
+    state = TrainerState.read(path)
+    cfg = state.config
     peft = cfg.get("peft") or {}
     if peft.get("method") != "lora":
         raise CheckpointError(f"{path}: not a LoRA checkpoint (peft.method={peft.get('method')!r})")
@@ -42,6 +42,6 @@ def merge_lora_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
         merged,
         plain_cfg,
         source=f"lora-merge:{path.resolve()}",
-        step=int(state.get("step", 0)),
-        tokens_seen=int(state.get("tokens_seen", 0)),
+        step=state.step,
+        tokens_seen=state.tokens_seen,
     )

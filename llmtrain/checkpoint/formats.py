@@ -9,12 +9,13 @@ checkpoint; optimizer state does not carry over between engines.
 
 import re
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from llmtrain.checkpoint.layout import ENGINE_DIR, STATE_FILE, CheckpointError, resolve_checkpoint_path
-from llmtrain.checkpoint.manager import read_state
+from llmtrain.checkpoint.folder import ENGINE_DIR, CheckpointError, resolve_checkpoint_path
+from llmtrain.checkpoint.megatron_format import engine_files_to_native
+from llmtrain.checkpoint.state import TrainerState
+from llmtrain.checkpoint.weights import write_weights_checkpoint
 from llmtrain.models.llama import TransformerArgs
 
 MEGATRON_FILE = re.compile(r"^megatron_tp(\d+)-of-(\d+)_pp(\d+)-of-(\d+)\.pt$")
@@ -31,20 +32,11 @@ def engine_of(path: Path) -> str:
     return "native"
 
 
-def _model_config(path: Path) -> dict[str, Any]:
-    model = (read_state(path).get("config") or {}).get("model")
-    if not model:
-        raise CheckpointError(f"{path / STATE_FILE}: no model config recorded")
-    return model
-
-
 def megatron_weights(path: Path) -> dict[str, torch.Tensor]:
     """Full native weights from a megatron-engine checkpoint (TP shards gathered, fused QKV and
     gate/up split, RoPE row order undone); needs neither megatron-core nor a process group."""
-    from llmtrain.parallel.backends.megatron_convert import engine_files_to_native
-
-    config = read_state(path).get("config") or {}
-    model, parallel = _model_config(path), config.get("parallel") or {}
+    state = TrainerState.read(path)
+    model, parallel = state.require_model(path), state.config.get("parallel") or {}
     files = {MEGATRON_FILE.match(f.name): f for f in (path / ENGINE_DIR).glob("megatron_*.pt")}
     shards = {
         (int(m[1]), int(m[3])): torch.load(f, map_location="cpu", weights_only=True)
@@ -84,13 +76,11 @@ def deepspeed_weights(engine_dir: Path) -> dict[str, torch.Tensor]:
 def to_native(checkpoint: str | Path, out: str | Path) -> Path:
     """Write a native weights-only checkpoint at `out` from any engine's checkpoint (a step folder,
     a run's checkpoints/ folder or a run folder); keeps the run's model and data config."""
-    from llmtrain.checkpoint.convert import write_weights_checkpoint
-
     path = resolve_checkpoint_path(checkpoint)
     engine = engine_of(path)
     if engine == "native":
         raise CheckpointError(f"{path}: already a native checkpoint")
     weights = megatron_weights(path) if engine == "megatron" else deepspeed_weights(path / ENGINE_DIR)
-    config = read_state(path).get("config") or {}
+    config = TrainerState.read(path).config
     keep = {k: config[k] for k in ("model", "data") if k in config}
     return write_weights_checkpoint(out, weights, keep, source=str(path.resolve()))

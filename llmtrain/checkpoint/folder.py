@@ -1,4 +1,4 @@
-"""On-disk layout of a checkpoint folder, the completion manifest, and durable-write helpers.
+"""The checkpoint folder: its on-disk layout, the completion manifest, and durable-write helpers.
 
     <run_dir>/checkpoints/step_<N:08d>/      complete checkpoint (renamed into place, then COMPLETE)
         model_optim/                         engine state (DCP shards + .metadata for the native engine)
@@ -19,6 +19,8 @@ import shutil
 import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from llmtrain.config.errors import ConfigError
 
 FORMAT = "llmtrain-checkpoint/1"
 COMPLETE = "COMPLETE"
@@ -57,8 +59,14 @@ def latest_checkpoint(folder: str | Path) -> Path | None:
     return ckpts[-1][1] if ckpts else None
 
 
-def resolve_checkpoint_path(path: str | Path) -> Path:
-    """A checkpoint folder as given, or the newest complete one inside a checkpoints/ or run folder."""
+def resolve_checkpoint_path(path: str | Path, key: str | None = None) -> Path:
+    """A checkpoint folder as given, or the newest complete one inside a checkpoints/ or run folder.
+    With `key` (the config key that named the path) the error is a ConfigError naming it."""
+    if key is not None:
+        try:
+            return resolve_checkpoint_path(path)
+        except CheckpointError as e:
+            raise ConfigError(f"{key}: {e}") from e
     path = Path(path)
     if (path / COMPLETE).is_file() or STEP_RE.match(path.name):
         return path
@@ -78,14 +86,6 @@ def fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def fsync_tree(root: Path) -> None:
-    """fsync every file and directory under root (data first, then the directory entries)."""
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            fsync_path(Path(dirpath) / name)
-        fsync_path(Path(dirpath))
 
 
 def tree_sizes(root: Path) -> dict[str, int]:
