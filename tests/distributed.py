@@ -1,11 +1,11 @@
-"""Spawn N real torch.distributed ranks (gloo on CPU) for a test function (STYLE.md §9).
+"""Spawn N real torch.distributed ranks (gloo on CPU) for a test function (docs/development.md).
 
     def _body(rank: int, world_size: int, x: int) -> dict: ...   # module-level, picklable
     results = run_distributed(_body, world_size=2, args=(3,))      # [result of rank 0, rank 1]
 
 Each rank gets a fresh process (spawn), a process group on a free loopback port, one torch thread, and
 log lines prefixed with its rank. A test is judged by what the ranks *report* through the result
-queue, not by exit codes: gloo can abort a process during interpreter shutdown (../shared/FACTS.md),
+queue, not by exit codes: gloo can abort a process during interpreter shutdown (docs/development.md),
 so every rank tears its group down and leaves with os._exit. A hard timeout kills stragglers.
 """
 

@@ -20,7 +20,7 @@ def to_config(cfg: DictConfig | dict[str, Any]) -> Config:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    """Write the resolved config as YAML (the run's single source of truth, see STYLE.md §5)."""
+    """Write the resolved config as YAML (the run's single source of truth: resolved once, recorded once)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(path).with_suffix(".tmp")
     tmp.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))

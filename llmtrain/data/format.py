@@ -1,4 +1,4 @@
-"""Shard format (DESIGN.md "Data"): Arrow IPC files with one `tokens: list<uint32>` row per document
+"""Shard format (docs/data.md): Arrow IPC files with one `tokens: list<uint32>` row per document
 (EOS appended), plus `index.json` describing the dataset split.
 
 IPC files are uncompressed so the reader can memory-map them and view token values in place. A shard

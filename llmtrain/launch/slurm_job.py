@@ -1,4 +1,4 @@
-"""The submitit callable that every SLURM task runs (STYLE.md §10), and its requeue logic.
+"""The submitit callable that every SLURM task runs (docs/architecture.md), and its requeue logic.
 
 One task per GPU (or per CPU rank). Each task derives torch.distributed's env:// variables from
 SLURM: RANK=SLURM_PROCID, LOCAL_RANK=SLURM_LOCALID, WORLD_SIZE=SLURM_NTASKS, MASTER_ADDR = first
@@ -60,7 +60,7 @@ def set_dist_env(environ: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def _hard_exit() -> None:
-    """Skip interpreter teardown: gloo can abort it and turn a finished job into FAILED (FACTS.md)."""
+    """Skip interpreter teardown: gloo can abort it and turn a finished job into FAILED (docs/development.md)."""
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -1,7 +1,7 @@
 """Per-rank entry point: `python -m llmtrain.launch.worker <resolved config.yaml>` under torchrun/srun.
 
 Exits through os._exit after tearing the process group down: a gloo worker thread can abort the
-interpreter during normal shutdown (../shared/FACTS.md), which would turn a good run into a failure.
+interpreter during normal shutdown (docs/development.md), which would turn a good run into a failure.
 """
 
 import logging

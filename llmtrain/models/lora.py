@@ -82,11 +82,6 @@ def init_lora(model: nn.Module, seed: int) -> None:
             mod.lora_B.zero_()
 
 
-def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter tensors (as stored in the model, sharded or not) by state-dict key."""
-    return {k: v for k, v in model.state_dict().items() if is_adapter(k)}
-
-
 def merge_lora_state(state: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
     """A full (unsharded) state dict with adapters -> the plain model's state dict with
     W' = W + scaling * B @ A and the adapter keys removed."""

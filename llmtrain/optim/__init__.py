@@ -26,7 +26,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     """AdamW over the decay groups.
 
     foreach (multi-tensor kernels, the fast path on GPU) is left to torch unless the model mixes plain
-    tensors and DTensors (e.g. TP without FSDP), where foreach fails (../shared/FACTS.md). On CPU torch
+    tensors and DTensors (e.g. TP without FSDP), where foreach fails (docs/development.md). On CPU torch
     uses the per-tensor loop either way, so CPU results do not depend on this choice.
     """
     groups = param_groups(model, cfg.weight_decay)

@@ -54,7 +54,7 @@ def _skip_shm_comm_build() -> None:
     """DeepSpeed's CPU comm backend JIT-compiles a shared-memory all-reduce op (`deepspeed_shm_comm`,
     ~25 s of g++ on first start, needs a compiler at run time). We communicate through torch's gloo
     group anyway, so make the op builder return None, which DeepSpeed treats as "op unavailable"
-    (see ../shared/FACTS.md). Only relevant on the CPU accelerator."""
+    (see docs/development.md). Only relevant on the CPU accelerator."""
     mod = sys.modules.get("deepspeed.comm.torch")
     if mod is not None and hasattr(mod, "build_shm_op"):
         mod.build_shm_op = lambda: None

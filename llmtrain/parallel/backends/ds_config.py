@@ -1,4 +1,4 @@
-"""The DeepSpeed JSON, derived from our typed config (STYLE.md §4: generated, never kept by hand).
+"""The DeepSpeed JSON, derived from our typed config (generated, never kept by hand).
 
 A pure function of the config, the data-parallel degree and the accumulation steps, so it is unit-tested
 without DeepSpeed installed and written to `<run_dir>/deepspeed_config.json` for the user to read.
