@@ -12,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+from llmtrain.launch.commands import tail_command
 from llmtrain.launch.runs import cancel_run, find_runs, job_states, run_status
 
 
@@ -66,7 +67,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"progress   step {_progress(st)}  loss {loss}")
     print(f"checkpoint {st['checkpoint'] or '-'}")
     print(f"mlflow     {st['mlflow'] or '-'}")
-    print(f"log        {st['stdout'] or '-'}")
+    print(f"log        {st['log'] or '-'}")
+    if st["stdout"]:
+        print(f"stdout     {st['stdout']}")
+    if st["log"]:
+        print(f"follow     {tail_command(st['log'])}")
     return 0
 
 

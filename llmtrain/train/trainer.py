@@ -14,6 +14,7 @@ from llmtrain.checkpoint.policy import SaveSchedule, check_model_matches, plan_r
 from llmtrain.checkpoint.rng import capture_host_rng
 from llmtrain.config import Config, batch_geometry
 from llmtrain.config.io import to_dict
+from llmtrain.launch.commands import mlflow_ui_command
 from llmtrain.launch.env import DistEnv, init_distributed, pick_device
 from llmtrain.launch.signals import StopFlag
 from llmtrain.models import model_args
@@ -21,7 +22,7 @@ from llmtrain.objectives import build_objective
 from llmtrain.parallel import ParallelDims
 from llmtrain.parallel.engine import build_engine
 from llmtrain.tracking import ConsoleLogger
-from llmtrain.tracking.tracker import Tracker
+from llmtrain.tracking.tracker import Tracker, ends_run_on_error, run_tags
 from llmtrain.train.flops import flops_per_token, recompute_fraction
 from llmtrain.train.optim import lr_factor
 from llmtrain.train.perf import Meter, memory_gb, peak_tflops, processed_tokens
@@ -79,20 +80,15 @@ class Trainer:
         )
 
     def train(self) -> dict[str, Any]:
-        """Run to trainer.max_steps (or until a stop signal), saving and logging along the way."""
+        """Run to trainer.max_steps (or until a stop signal), saving and logging along the way. An
+        exception (resume, data, checkpoint, step) ends the MLflow run FAILED, see ends_run_on_error."""
+        with ends_run_on_error(self):
+            return self._train()
+
+    def _train(self) -> dict[str, Any]:
         run_id = self.maybe_resume()
         self.tracker = Tracker(
-            self.cfg,
-            self.run_dir,
-            self.env.is_main,
-            run_id,
-            {
-                "world_size": str(self.env.world_size),
-                "layout": self.dims.describe(),
-                "engine": self.cfg.parallel.backend,
-                "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
-            },
-            start_step=self.step,
+            self.cfg, self.run_dir, self.env.is_main, run_id, run_tags(self), start_step=self.step
         )
         max_steps, status, val_every = self.cfg.trainer.max_steps, "FINISHED", self.cfg.trainer.val_every
         self.console.info(
@@ -152,7 +148,7 @@ class Trainer:
         if info.get("run_id"):
             lines.append(f"  mlflow run {info['run_id']} in {info['uri']}")
             if str(info["uri"]).startswith("sqlite"):
-                lines.append(f"  open the UI: mlflow ui --backend-store-uri {info['uri']}")
+                lines.append(f"  open the UI: {mlflow_ui_command(info['uri'])}")
         for line in lines:
             self.console.info(line)
 
@@ -251,7 +247,7 @@ class Trainer:
         path = res.done.result()
         size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if self.env.is_main else 0
         self.console.info(f"saved {path} ({size / 1e6:.1f} MB; loop blocked {res.blocked_s:.2f}s)")
-        self.tracker.log_checkpoint(res.step, path, size)
+        self.tracker.log_checkpoint(res.step, path, size, deleted=self.ckpt.deleted)
 
     def maybe_resume(self) -> str | None:
         """Start state per llmtrain.checkpoint.policy (auto-resume, resume=<path>, init_from, fresh).

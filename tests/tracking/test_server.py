@@ -71,7 +71,8 @@ def test_outages_at_start_and_mid_run_lose_no_point(mlflow_server_process, make_
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params == flatten(to_dict(cfg))
-    for tag in ("git_commit", "hostname", "world_size", "layout", "engine", "slurm_job_id"):
+    assert "slurm_job_id" not in run.data.tags  # not a SLURM job: no empty tag
+    for tag in ("git_commit", "hostname", "world_size", "layout", "engine"):
         assert tag in run.data.tags
     assert run.data.tags["world_size"] == "1" and run.data.tags["engine"] == "native"
     losses = {e["step"]: e["loss"] for e in train_log(run_dir)}
