@@ -107,12 +107,21 @@ def _step_dirs(paths: Iterable[Path]) -> Iterator[re.Match[str]]:
             yield m
 
 
-def _attach_log_file(path: Path) -> logging.Handler:
-    """Append rank 0's `llmtrain` log lines to `path` (the local runs' log; SLURM has its own too)."""
+_LOG_FILE_HANDLER: list[logging.Handler] = []  # one training per process: the current run's log file
+
+
+def _attach_log_file(path: Path) -> None:
+    """Append rank 0's `llmtrain` log lines to `path` (the local runs' log; SLURM has its own too) from
+    now until the process ends or the next run of this process starts (the summary after the run's
+    end goes there too)."""
+    logger = logging.getLogger("llmtrain")
+    for old in _LOG_FILE_HANDLER:
+        logger.removeHandler(old)
+        old.close()
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
-    logging.getLogger("llmtrain").addHandler(handler)
-    return handler
+    logger.addHandler(handler)
+    _LOG_FILE_HANDLER[:] = [handler]
 
 
 class Tracker:
@@ -129,7 +138,6 @@ class Tracker:
     ) -> None:
         self.mlflow: MLflowLogger | None = None
         self.sampler: SystemSampler | None = None
-        self.log_file: logging.Handler | None = None
         self.step, self.closed = start_step, False
         tc = cfg.tracking
         self.log_model = tc.log_model
@@ -137,7 +145,7 @@ class Tracker:
             return
         run_dir = Path(run_dir)
         if run_dir.is_dir():
-            self.log_file = _attach_log_file(run_dir / LOG_FILE)
+            _attach_log_file(run_dir / LOG_FILE)
         if tc.backend == "none":
             return
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -228,7 +236,6 @@ class Tracker:
             elif self.log_model and status == "FINISHED":
                 log.warning("tracking.log_model=true but no checkpoint was saved (checkpoint.enabled?)")
             self.mlflow.finish(status)
-        self._detach_log_file()
 
     def fail(self, exc: BaseException) -> str:
         """End the run because of `exc`: KILLED for KeyboardInterrupt/SystemExit, else FAILED; the
@@ -239,12 +246,6 @@ class Tracker:
             log.info("mlflow run %s ended %s (%s)", self.run_id or "(pending)", status, type(exc).__name__)
         self.finish(status)
         return status
-
-    def _detach_log_file(self) -> None:
-        if self.log_file is not None:
-            logging.getLogger("llmtrain").removeHandler(self.log_file)
-            self.log_file.close()
-            self.log_file = None
 
     def log_artifacts(self, folder: Path, artifact_path: str) -> None:
         """Upload a folder (e.g. a profiler trace) to the run, in the background."""

@@ -224,3 +224,38 @@ def test_mlflow_ui_draws_the_loss_chart(mlflow_server, tmp_path):
     assert "ui-run" in dom and "loss" in dom, dom[-2000:]
     vertices = max((d.count("L") + 1 for d in lines), default=0)
     assert vertices == len(losses), f"{len(lines)} plotted lines, longest has {vertices} vertices"
+
+
+@pytest.mark.slow  # ~25 s: a server restart
+def test_replay_hint_works_as_printed_and_keeps_the_training_times(
+    mlflow_server_process, make_config, caplog, tmp_path
+):
+    """A run ends while its server is down; the warning's replay command, pasted later from another
+    folder without the venv, sends it, and the run shows when training started and ended."""
+    from tests.tracking.test_commands import run_printed
+
+    caplog.set_level(logging.WARNING, logger="llmtrain")
+    server = mlflow_server_process
+    server.stop()
+    cfg = make_config(*TINY, f"tracking.uri={server.uri}", "run.name=hint", "tracking.system_metrics=false")
+    run_dir = Path(cfg.run.root) / "hint"
+    run_dir.mkdir(parents=True)
+    started = int(time.time() * 1000)
+    tracker = Tracker(cfg, run_dir, True, None, {"engine": "native"})
+    for s in range(1, 11):
+        tracker.log_metrics({"train/loss": 1.0 / s}, s)
+    tracker.finish("FINISHED")
+    ended = int(time.time() * 1000)
+    hint = next(r.getMessage() for r in caplog.records if "still unreachable" in r.getMessage())
+    cmd = hint.split("once the server answers: ", 1)[1]
+    assert f"--uri {server.uri}" in cmd and str(run_dir.resolve()) in cmd and "<" not in cmd
+    time.sleep(1.5)  # the replay happens well after training
+    server.start()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    res = run_printed(cmd, elsewhere)
+    assert res.returncode == 0, res.stderr
+    run = MlflowClient(server.uri).get_run((run_dir / "mlflow_run_id.txt").read_text())
+    assert run.info.status == "FINISHED"
+    assert started <= run.info.start_time <= run.info.end_time <= ended, (started, run.info, ended)
+    assert len(MlflowClient(server.uri).get_metric_history(run.info.run_id, "train/loss")) == 10
