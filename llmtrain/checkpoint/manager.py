@@ -110,6 +110,7 @@ class CheckpointManager:
         self.keep_last, self.keep_every, self.async_save = keep_last, keep_every, async_save
         self._pending: Future | None = None
         self._group = None
+        self.deleted: list[Path] = []  # what the last save's retention removed (rank 0; for tracking)
         if async_save:
             root = Path(staging_dir or ("/dev/shm" if Path("/dev/shm").is_dir() else tempfile.gettempdir()))
             run_id = hashlib.sha1(str(self.folder.resolve()).encode()).hexdigest()[:12]
@@ -239,7 +240,7 @@ class CheckpointManager:
         fault_point("renamed", step, 0)
         write_manifest(final, step)
         fault_point("complete", step, 0)
-        self.apply_retention()
+        self.deleted = self.apply_retention()
 
     # -- retention ----------------------------------------------------------------------------------
     def apply_retention(self) -> list[Path]:

@@ -137,7 +137,20 @@ def mlflow_link(run_dir: Path) -> str | None:
             return f"{str(uri).rstrip('/')}/#/experiments/{exp}/runs/{run_id}"
         except Exception:
             return f"{uri} run {run_id}"
-    return f"run {run_id} (mlflow ui --backend-store-uri {uri})"
+    from llmtrain.tracking.commands import mlflow_ui_command
+
+    return f"run {run_id} (open the UI: {mlflow_ui_command(str(uri))})"
+
+
+def training_log(run_dir: Path, last: JobRecord | None) -> str | None:
+    """The file holding the training output: rank 0's SLURM stderr (the log lines go to stderr; prints
+    to the .out file) for a SLURM run, else the run folder's own `train.log` (written by rank 0)."""
+    from llmtrain.tracking.tracker import LOG_FILE
+
+    if last is not None:
+        return str(Path(last.stderr).absolute())
+    local = run_dir / LOG_FILE
+    return str(local.absolute()) if local.is_file() else None
 
 
 def run_status(run_dir: Path, with_mlflow: bool = True) -> dict[str, Any]:
@@ -159,11 +172,12 @@ def run_status(run_dir: Path, with_mlflow: bool = True) -> dict[str, Any]:
         cfg_steps = OmegaConf.load(run_dir / "config.yaml").trainer.max_steps
     return {
         "run": run_dir.name,
-        "run_dir": str(run_dir),
+        "run_dir": str(run_dir.absolute()),
         "job_id": last.job_id if last else None,
         "state": job_states([last.job_id])[last.job_id] if last else None,
         "sweep": last.sweep if last else None,
         "stdout": last.stdout if last else None,
+        "log": training_log(run_dir, last),
         "checkpoint": str(ckpts[-1][1]) if ckpts else None,
         "checkpoint_step": ckpts[-1][0] if ckpts else None,
         "step": entry.get("step"),

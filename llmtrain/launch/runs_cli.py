@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from llmtrain.launch.runs import cancel_run, find_runs, job_states, run_status
+from llmtrain.tracking.commands import tail_command
 
 
 def _run_dir(run: str, root: str) -> Path:
@@ -66,7 +67,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"progress   step {_progress(st)}  loss {loss}")
     print(f"checkpoint {st['checkpoint'] or '-'}")
     print(f"mlflow     {st['mlflow'] or '-'}")
-    print(f"log        {st['stdout'] or '-'}")
+    print(f"log        {st['log'] or '-'}")
+    if st["stdout"]:
+        print(f"stdout     {st['stdout']}")
+    if st["log"]:
+        print(f"follow     {tail_command(st['log'])}")
     return 0
 
 

@@ -10,7 +10,6 @@ Runs on the login node. Data is tokenized here (first use) and the resolved conf
 
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -20,6 +19,7 @@ from llmtrain.config import Config, ConfigError
 from llmtrain.launch.runs import ACTIVE_STATES, JobRecord, job_records, job_states, record_job
 from llmtrain.launch.slurm_checks import check_cluster, check_static, query_partitions, tasks_per_node
 from llmtrain.launch.slurm_job import TrainJob
+from llmtrain.tracking.commands import runs_tool, tail_command
 
 log = logging.getLogger("llmtrain")
 
@@ -82,7 +82,7 @@ def _refuse_duplicate(run_dir: Path) -> None:
         jobs = ", ".join(f"{j} ({s})" for j, s in live.items())
         raise ConfigError(
             f"run.name={run_dir.name!r} already has a live SLURM job: {jobs}. Wait for it, cancel it "
-            f"(python tools/runs.py cancel {run_dir}) or choose another run.name"
+            f"({runs_tool('cancel', str(run_dir.absolute()))}) or choose another run.name"
         )
 
 
@@ -176,11 +176,6 @@ def submit_array(members: list[Prepared]) -> list[Any]:
 
 def _announce(cfg: Config, rec: JobRecord, partition: str) -> None:
     lc = cfg.launcher
-    here = Path.cwd()
-    tools = Path(__file__).resolve().parents[2] / "tools" / "runs.py"
-    runs_cmd = (
-        f"python {os.path.relpath(tools, here)}" if tools.is_file() else "python -m llmtrain.launch.runs_cli"
-    )
     lines = [
         f"submitted SLURM job {rec.job_id}: run {cfg.run.name!r} on partition {partition}, "
         f"{lc.nodes} node(s) x {tasks_per_node(cfg)} task(s), {lc.time_min} min, "
@@ -188,12 +183,12 @@ def _announce(cfg: Config, rec: JobRecord, partition: str) -> None:
         f"  run folder: {rec.run_dir}",
         f"  logs (rank 0): {rec.stdout}",
         f"                 {rec.stderr}",
-        f"  follow:  tail -F {rec.stdout} {rec.stderr}",
-        f"  status:  {runs_cmd} status {rec.run_dir}",
-        f"  cancel:  {runs_cmd} cancel {rec.run_dir}",
+        f"  follow:  {tail_command(rec.stdout, rec.stderr)}",
+        f"  status:  {runs_tool('status', rec.run_dir)}",
+        f"  cancel:  {runs_tool('cancel', rec.run_dir)}",
     ]
     if rec.sweep:
-        lines.append(f"  sweep:   {runs_cmd} list --root {cfg.run.root} --sweep {rec.sweep}")
+        lines.append(f"  sweep:   {runs_tool('list', '--root', cfg.run.root, '--sweep', rec.sweep)}")
     print("\n".join(lines), flush=True)
 
 

@@ -6,12 +6,24 @@ pre-timeout signal and the checkpoint interval, layout vs number of tasks) and r
 cluster (partition exists or a default exists, GPUs and CPUs per node), read from `sinfo`.
 """
 
+import logging
 import re
 import shutil
 import subprocess
 from dataclasses import dataclass
 
 from llmtrain.config import Config, ConfigError
+
+log = logging.getLogger("llmtrain")
+
+MIN_TRAINING_SHARE = 0.5
+"""Warn when less than this share of an allocation is left for training steps."""
+STARTUP_S_CPU = 30
+"""Estimated start-up of one allocation on CPU nodes (srun, interpreter and imports, process group,
+model build, data open, checkpoint load of a small model): 20-23 s measured on the local test cluster
+with the tiny model (a 60 s allocation with a 30 s signal delay trained 7-10 s), rounded up."""
+STARTUP_S_GPU = 90
+"""The same on GPU nodes (CUDA context and NCCL set-up on top; an estimate: large checkpoints add to it)."""
 
 
 def tasks_per_node(cfg: Config) -> int:
@@ -45,6 +57,9 @@ def check_static(cfg: Config) -> None:
             f"{lc.signal_delay_s} s: the pre-timeout signal would arrive before training starts; "
             "raise time_min or lower signal_delay_s"
         )
+    warning = allocation_warning(cfg)
+    if warning:
+        log.warning("%s", warning)
     if ck.enabled and ck.every_minutes and lc.time_min < ck.every_minutes:
         raise ConfigError(
             f"launcher.time_min={lc.time_min} is shorter than checkpoint.every_minutes={ck.every_minutes}: "
@@ -60,6 +75,39 @@ def check_static(cfg: Config) -> None:
     if lc.logs_dir is not None and not lc.logs_dir.strip():
         raise ConfigError("launcher.logs_dir must be a folder path or null (= <run_dir>/slurm)")
     check_layout(cfg, world_size(cfg))
+
+
+def training_share(time_min: int, signal_delay_s: int, startup_s: float) -> float:
+    """Share of one allocation left for training steps: time limit minus start-up minus the
+    pre-timeout signal delay (after the signal the job only saves), over the time limit."""
+    total = time_min * 60
+    return max(total - startup_s - signal_delay_s, 0) / total
+
+
+def allocation_warning(cfg: Config, startup_s: float | None = None) -> str | None:
+    """The warning for an allocation that would mostly start up and save (each requeue then buys
+    only seconds of training), or None. Rule: (time_min*60 - startup - signal_delay_s) / (time_min*60)
+    must be at least MIN_TRAINING_SHARE."""
+    lc = cfg.launcher
+    if startup_s is None:
+        startup_s = STARTUP_S_GPU if lc.gpus_per_node > 0 else STARTUP_S_CPU
+    share = training_share(lc.time_min, lc.signal_delay_s, startup_s)
+    if share >= MIN_TRAINING_SHARE:
+        return None
+    train_s = share * lc.time_min * 60
+    return (
+        f"launcher.time_min={lc.time_min} min with launcher.signal_delay_s={lc.signal_delay_s} s leaves "
+        f"about {train_s:.0f} s ({share:.0%}) of each allocation for training after an estimated "
+        f"{startup_s:.0f} s of start-up, less than {MIN_TRAINING_SHARE:.0%}: every requeue would mostly "
+        f"start up and save. Raise launcher.time_min to at least "
+        f"{min_time_min(lc.signal_delay_s, startup_s)} or lower launcher.signal_delay_s"
+    )
+
+
+def min_time_min(signal_delay_s: int, startup_s: float) -> int:
+    """Smallest whole-minute time limit with at least MIN_TRAINING_SHARE left for training."""
+    need_s = (startup_s + signal_delay_s) / (1 - MIN_TRAINING_SHARE)
+    return max(1, -int(-need_s // 60))
 
 
 def check_layout(cfg: Config, world: int) -> None:

@@ -8,9 +8,10 @@ memory backlog. A run that could not be created at start is created when the ser
 id is then written to `<run_dir>/mlflow_run_id.txt`). What is still unsent at the end stays in the
 spill file, which the next job of the same run folder (or `tools/mlflow_replay.py`) uploads.
 
-Steps are never logged twice: `<run_dir>/mlflow_state.json` keeps the highest step the server (or
-the spill file) has accepted; after a resume from an older checkpoint the points up to that step are
-not logged again (see docs/tracking.md, "Resume").
+Steps are never logged twice: `<run_dir>/mlflow_state.json` keeps, per metric key, the highest step
+the server (or the spill file) has accepted; after a resume from an older checkpoint the points of a
+key up to its step are not logged again (see docs/tracking.md, "Resume"), while a key that was never
+logged at a step (e.g. `checkpoint/size_gb` of a checkpoint the crashed job did not write) still is.
 """
 
 import json
@@ -26,10 +27,12 @@ from llmtrain.tracking.records import (
     Record,
     SpillFile,
     kv_records,
-    max_step,
+    max_step_per_key,
     metric_records,
+    now_ms,
     read_spill,
     send_records,
+    shorten,
 )
 
 log = logging.getLogger("llmtrain")
@@ -45,17 +48,52 @@ def default_uri(runs_root: str | Path) -> str:
     return f"sqlite:///{Path(runs_root).resolve() / 'mlflow.db'}"
 
 
-def read_state(run_dir: Path) -> dict[str, Any]:
+def read_delivery_state(run_dir: Path) -> dict[str, Any]:
+    """mlflow_state.json of a run folder: which steps the tracking server already accepted (per key),
+    how many jobs logged into the run. Not the checkpoint's TrainerState."""
     try:
         return json.loads((run_dir / STATE_FILE).read_text())
     except (OSError, json.JSONDecodeError):
         return {}
 
 
-def write_state(run_dir: Path, state: dict[str, Any]) -> None:
+def write_delivery_state(run_dir: Path, state: dict[str, Any]) -> None:
     tmp = run_dir / (STATE_FILE + ".tmp")
     tmp.write_text(json.dumps(state))
     tmp.replace(run_dir / STATE_FILE)
+
+
+def accepted_steps(state: dict[str, Any]) -> tuple[dict[str, int], int]:
+    """(highest accepted step per key, the step assumed for other keys). A state file written before
+    steps were kept per key only has `last_step`, which then stands for every key."""
+    per_key = {k: int(v) for k, v in state.get("steps", {}).items()}
+    default = -1 if "steps" in state else int(state.get("last_step", -1))
+    return per_key, default
+
+
+def record_accepted(state: dict[str, Any], records: list[Record]) -> bool:
+    """Raise the per-key (and overall `last_step`) horizons in `state` to what `records` hold; True
+    when anything changed (the caller then writes the state file)."""
+    steps, default = accepted_steps(state)
+    changed = "steps" not in state
+    for key, step in max_step_per_key(records).items():
+        if step > steps.get(key, default):
+            steps[key], changed = step, True
+    if changed:
+        state["steps"] = steps
+        state["last_step"] = max([int(state.get("last_step", -1)), *steps.values()])
+    return changed
+
+
+def replay_command(run_dir: Path, uri: str) -> str:
+    """The `tools/mlflow_replay.py` command for a run folder, pasteable from any directory."""
+    from llmtrain.tracking.commands import python_tool
+    from llmtrain.tracking.params import redact_url
+
+    args = [str(Path(run_dir).resolve())]
+    if redact_url(uri) == uri:  # never print a password; the tool then finds the URI by itself
+        args += ["--uri", uri]
+    return python_tool("mlflow_replay.py", "llmtrain.tracking.replay", *args)
 
 
 class MLflowLogger:
@@ -84,10 +122,12 @@ class MLflowLogger:
         self.artifact_location = artifact_location
         self.run_id = run_id
         self.max_buffer, self.flush_every_s = max_buffer, flush_every_s
-        self.state = read_state(self.run_dir)
-        self.skip_through = int(self.state.get("last_step", -1))  # already accepted in an earlier job
-        header = {"op": "run", "experiment": experiment, "run_name": run_name, "parent_run": parent_run}
+        self.state = read_delivery_state(self.run_dir)
+        self.skip, self.skip_default = accepted_steps(self.state)  # accepted in an earlier job, per key
+        header = {"op": "run", "experiment": experiment, "run_name": run_name, "parent_run": parent_run,
+                  "start_time": now_ms()}  # fmt: skip
         self.spill = SpillFile(self.run_dir / SPILL_FILE, header)
+        self.start_time = int(self.spill.header["start_time"])  # a new run starts when training did
         self.client: Any = None
         self.connected = False
         self.outage_since: float | None = None
@@ -102,8 +142,9 @@ class MLflowLogger:
 
     # -- training-thread side (never blocks on the network) ------------------------------------
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        if step > self.skip_through:
-            self._put(metric_records(metrics, step))
+        fresh = {k: v for k, v in metrics.items() if step > self.skip.get(k, self.skip_default)}
+        if fresh:
+            self._put(metric_records(fresh, step))
 
     def log_params(self, params: dict[str, Any]) -> None:
         self._put(kv_records("param", params))
@@ -132,6 +173,7 @@ class MLflowLogger:
             run_name=self.run_name,
             parent_run=self.parent_run,
             artifact_location=self.artifact_location,
+            start_time=self.start_time,
         )
         self.client, self.connected = client, True
 
@@ -149,7 +191,7 @@ class MLflowLogger:
                 "mlflow: tracking server %s unreachable (%s). Training continues; metrics are buffered "
                 "(%d points in memory, then spilled to %s) and sent when it answers again.",
                 self.uri,
-                str(e).splitlines()[0][:200],
+                shorten(str(e)),
                 self.max_buffer,
                 self.spill.path,
             )
@@ -204,16 +246,14 @@ class MLflowLogger:
         self._backlog = []
 
     def _mark_accepted(self, records: list[Record]) -> None:
-        """Persist the highest step now safe from loss (on the server or in the spill file)."""
-        step = max_step(records)
-        if step > int(self.state.get("last_step", -1)):
-            self.state["last_step"] = step
-            write_state(self.run_dir, self.state)
+        """Persist the highest step per key now safe from loss (on the server or in the spill file)."""
+        if record_accepted(self.state, records):
+            write_delivery_state(self.run_dir, self.state)
 
     # -- end of run -----------------------------------------------------------------------------
     def finish(self, status: str = "FINISHED") -> None:
         """Final flush and run status; leaves a spill file if the server is still down."""
-        self._put([{"op": "status", "value": status}])
+        self._put([{"op": "status", "value": status, "end_time": now_ms()}])
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout=60)
@@ -223,12 +263,11 @@ class MLflowLogger:
         if self.spill.exists():
             log.warning(
                 "mlflow: tracking server %s still unreachable at the end of the run; %d unsent records "
-                "kept in %s. The next job of this run folder sends them, or now: "
-                "python tools/mlflow_replay.py %s --uri <tracking uri>",
+                "kept in %s. The next job of this run folder sends them, or, once the server answers: %s",
                 self.uri,
                 len(read_spill(self.spill.path)[1]),
                 self.spill.path,
-                self.run_dir,
+                replay_command(self.run_dir, self.uri),
             )
 
 
@@ -241,9 +280,12 @@ def open_run(
     run_name: str,
     parent_run: str | None = None,
     artifact_location: str | None = None,
+    start_time: int | None = None,
 ) -> str:
     """Mark `run_id` RUNNING, or create the run (and its experiment, and its sweep parent) when there
-    is none or the server does not know it; the id is written to `<run_dir>/mlflow_run_id.txt`."""
+    is none or the server does not know it; the id is written to `<run_dir>/mlflow_run_id.txt`.
+    A new run gets `start_time` (ms; when its training started, which a late connection or a replay
+    of the spill file would otherwise replace by "now")."""
     if run_id is not None:
         try:
             client.update_run(run_id, status="RUNNING")
@@ -263,7 +305,7 @@ def open_run(
         if parent_run:
             tags["mlflow.parentRunId"] = find_or_create_parent(client, exp_id, parent_run)
             tags["llmtrain_sweep"] = parent_run
-        run_id = client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
+        run_id = client.create_run(exp_id, start_time=start_time, run_name=run_name, tags=tags).info.run_id
     (Path(run_dir) / RUN_ID_FILE).write_text(run_id)
     return run_id
 

@@ -4,16 +4,20 @@ Every MLflow write is a small JSON-able dict, so the same record can sit in memo
 `<run_dir>/mlflow_spill.jsonl` while the server is unreachable, and be replayed later by the
 uploader of a resumed job or by `tools/mlflow_replay.py`:
 
-    {"op": "run", "experiment": ..., "run_name": ..., "parent_run": ...}   first line of a spill file
+    {"op": "run", "experiment": ..., "run_name": ..., "parent_run": ..., "start_time": ms}   first line
     {"op": "metric", "key": ..., "value": ..., "timestamp": ms, "step": n}
     {"op": "param", "key": ..., "value": ...}
     {"op": "tag", "key": ..., "value": ...}
     {"op": "artifacts", "path": local folder, "artifact_path": name in the run}
-    {"op": "status", "value": "FINISHED" | "FAILED" | "KILLED"}
+    {"op": "status", "value": "FINISHED" | "FAILED" | "KILLED", "end_time": ms}
+
+`start_time` (when the job that spilled first started) and `end_time` (when training ended) let a
+replay days later show the run's real training window, not the time of the replay.
 """
 
 import json
 import os
+import re
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -51,6 +55,35 @@ def max_step(records: Iterable[Record]) -> int:
     return max((r["step"] for r in records if r["op"] == "metric"), default=-1)
 
 
+def max_step_per_key(records: Iterable[Record]) -> dict[str, int]:
+    """The highest step per metric key: a key logged only now and then (checkpoint/size_gb, val/loss)
+    keeps its own horizon, so a resumed job still logs it at steps that key never had."""
+    out: dict[str, int] = {}
+    for r in records:
+        if r["op"] == "metric" and r["step"] > out.get(r["key"], -1):
+            out[r["key"]] = r["step"]
+    return out
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def shorten(text: str, width: int = 200) -> str:
+    """First line of `text`, cut at a word boundary (never mid-word) with " ..." when too long; the
+    OS error inside a wrapped HTTP error ("[Errno 111] Connection refused") is kept at the end."""
+    lines = str(text).strip().splitlines()
+    line = lines[0] if lines else ""
+    if len(line) <= width:
+        return line
+    errno = re.search(r"\[Errno -?\d+\][^'\")\]]*", line)
+    tail = f" ... ({errno.group(0).strip()})" if errno else " ..."
+    head = line[: max(width - len(tail), 20)]
+    if line[len(head)] != " " and " " in head:  # do not end inside a word
+        head = head[: head.rfind(" ")]
+    return head.rstrip(" ,;:(") + tail
+
+
 def send_records(
     client: Any, run_id: str, records: list[Record], on_drop: Callable[[str], None]
 ) -> tuple[list[Record], Exception | None]:
@@ -84,7 +117,7 @@ def send_records(
             elif op == "tag":
                 client.log_batch(run_id, tags=[RunTag(r["key"], r["value"]) for r in chunk], synchronous=True)
             elif op == "status":
-                client.set_terminated(run_id, status=chunk[0]["value"])
+                client.set_terminated(run_id, status=chunk[0]["value"], end_time=chunk[0].get("end_time"))
             elif op == "artifacts":
                 client.log_artifacts(run_id, chunk[0]["path"], artifact_path=chunk[0]["artifact_path"])
         except Exception as e:
@@ -107,7 +140,9 @@ class SpillFile:
     """Append-only JSONL backlog of records not yet accepted by the tracking server."""
 
     def __init__(self, path: Path, header: Record) -> None:
-        self.path, self.header = Path(path), header
+        self.path = Path(path)
+        # a spill left by an earlier job keeps its header: its start_time is the run's real start
+        self.header = {**header, **(spill_header(self.path) or {})}
 
     def exists(self) -> bool:
         return self.path.is_file() and self.path.stat().st_size > 0
@@ -134,6 +169,16 @@ class SpillFile:
             f.write(json.dumps(self.header) + "\n")
             f.writelines(json.dumps(r) + "\n" for r in remaining)
         tmp.replace(self.path)
+
+
+def spill_header(path: str | Path) -> Record | None:
+    """The first line of a spill file (without reading the rest, which may be large)."""
+    try:
+        with open(path) as f:
+            first = json.loads(f.readline() or "null")
+    except (OSError, json.JSONDecodeError):
+        return None
+    return first if isinstance(first, dict) and first.get("op") == "run" else None
 
 
 def read_spill(path: str | Path) -> tuple[Record | None, list[Record]]:

@@ -1,25 +1,42 @@
 """The trainer-facing tracking facade: no-op on non-zero ranks and with tracking=none.
 
 Only rank 0 talks to MLflow. One run folder is one MLflow run: the run id comes from the checkpoint,
-else from `<run_dir>/mlflow_run_id.txt`; a requeued or resumed job continues that run.
+else from `<run_dir>/mlflow_run_id.txt`; a requeued or resumed job continues that run. Every end of
+a job sets the run's status: FINISHED, KILLED (a stop signal, Ctrl-C) or FAILED (any exception,
+from the resume on; see `ends_run_on_error`), so no run stays RUNNING after its job is gone.
+Rank 0 also keeps the job's log lines in `<run_dir>/train.log` (what `tools/runs.py status` shows).
 """
 
+import contextlib
 import json
 import logging
+import os
+import re
 import socket
 import subprocess
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from llmtrain.config.io import to_dict
 from llmtrain.config.schema import Config
-from llmtrain.tracking.mlflow_logger import RUN_ID_FILE, MLflowLogger, default_uri, read_state, write_state
+from llmtrain.tracking.mlflow_logger import (
+    RUN_ID_FILE,
+    MLflowLogger,
+    default_uri,
+    read_delivery_state,
+    write_delivery_state,
+)
 from llmtrain.tracking.params import flatten, is_secret_key, redact_url
+from llmtrain.tracking.records import shorten
 from llmtrain.tracking.system import SystemSampler
 
 log = logging.getLogger("llmtrain")
-__all__ = ["RUN_ID_FILE", "Tracker", "git_commit"]
+__all__ = ["LOG_FILE", "RUN_ID_FILE", "Tracker", "ends_run_on_error", "git_commit", "run_tags"]
+LOG_FILE = "train.log"
+DELETED_TAG = "deleted (retention)"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
 def git_commit() -> str:
@@ -55,6 +72,64 @@ def export_model(checkpoint: Path) -> tuple[Path, str]:
         return checkpoint, f"checkpoint/{checkpoint.name}"
 
 
+def run_tags(trainer: Any) -> dict[str, str]:
+    """Tags describing where a trainer runs; `slurm_job_id` only inside a SLURM job (no empty tag)."""
+    tags = {
+        "world_size": str(trainer.env.world_size),
+        "layout": trainer.dims.describe(),
+        "engine": trainer.cfg.parallel.backend,
+    }
+    if os.environ.get("SLURM_JOB_ID"):
+        tags["slurm_job_id"] = os.environ["SLURM_JOB_ID"]
+    return tags
+
+
+@contextlib.contextmanager
+def ends_run_on_error(trainer: Any) -> Iterator[None]:
+    """Around `Trainer.train`: an exception ends the MLflow run FAILED (KeyboardInterrupt/SystemExit:
+    KILLED) with the error as tag `llmtrain.error`, then propagates. An error before the tracker
+    exists (in the resume) still opens the run folder's run (or creates it), so the failed job shows."""
+    try:
+        yield
+    except BaseException as e:
+        tracker = trainer.__dict__.get("tracker")
+        try:
+            if tracker is None:
+                tracker = Tracker(
+                    trainer.cfg, trainer.run_dir, trainer.env.is_main, None, run_tags(trainer), trainer.step
+                )
+                trainer.tracker = tracker
+            tracker.fail(e)
+        except Exception as inner:  # never hide the training error behind a tracking one
+            log.warning("mlflow: could not mark the run as ended by %s: %s", type(e).__name__, shorten(inner))
+        raise
+
+
+def _step_dirs(paths: Iterable[Path]) -> Iterator[re.Match[str]]:
+    """Matches for complete checkpoint folders `step_<N>` among `paths` (not leftovers of saves)."""
+    for p in paths:
+        m = _STEP_DIR.match(Path(p).name)
+        if m:
+            yield m
+
+
+_LOG_FILE_HANDLER: list[logging.Handler] = []  # one training per process: the current run's log file
+
+
+def _attach_log_file(path: Path) -> None:
+    """Append rank 0's `llmtrain` log lines to `path` (the local runs' log; SLURM has its own too) from
+    now until the process ends or the next run of this process starts (the summary after the run's
+    end goes there too)."""
+    logger = logging.getLogger("llmtrain")
+    for old in _LOG_FILE_HANDLER:
+        logger.removeHandler(old)
+        old.close()
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    logger.addHandler(handler)
+    _LOG_FILE_HANDLER[:] = [handler]
+
+
 class Tracker:
     """Forwards metrics, tags and checkpoints to MLflow on rank 0 when enabled."""
 
@@ -69,12 +144,16 @@ class Tracker:
     ) -> None:
         self.mlflow: MLflowLogger | None = None
         self.sampler: SystemSampler | None = None
-        self.step = start_step
+        self.step, self.closed = start_step, False
         tc = cfg.tracking
         self.log_model = tc.log_model
-        if not is_main or tc.backend == "none":
+        if not is_main:
             return
         run_dir = Path(run_dir)
+        if run_dir.is_dir():
+            _attach_log_file(run_dir / LOG_FILE)
+        if tc.backend == "none":
+            return
         run_dir.mkdir(parents=True, exist_ok=True)
         id_file = run_dir / RUN_ID_FILE
         if run_id is None and id_file.is_file():
@@ -116,12 +195,12 @@ class Tracker:
     @staticmethod
     def _count_job(run_dir: Path, start_step: int) -> dict[str, str]:
         """Number the jobs of this run folder and say, in a tag, where this one started."""
-        state = read_state(run_dir)
+        state = read_delivery_state(run_dir)
         last = int(state.get("last_step", -1))
         if last < 0 and start_step == 0:
             return {}
         state["jobs"] = int(state.get("jobs", 1)) + 1
-        write_state(run_dir, state)
+        write_delivery_state(run_dir, state)
         note = f"job {state['jobs']} started at step {start_step} on {time.strftime('%Y-%m-%dT%H:%M:%S')}"
         if last > start_step:
             note += f"; steps {start_step + 1}..{last} were logged by an earlier job and are not logged again"
@@ -138,25 +217,41 @@ class Tracker:
             self.step = max(self.step, step)
             self.mlflow.log_metrics(metrics, step)
 
-    def log_checkpoint(self, step: int, path: Path, size_bytes: int) -> None:
-        """Record a saved checkpoint: size as a metric at its step, path and size as tags."""
+    def log_checkpoint(self, step: int, path: Path, size_bytes: int, deleted: Iterable[Path] = ()) -> None:
+        """Record a saved checkpoint: size as a metric at its step, path and size as tags. `deleted`:
+        the checkpoint folders retention removed with this save; their `checkpoint.step_<N>` tags
+        are set to "deleted (retention)" so no tag points at a folder that is gone."""
         if self.mlflow:
             info = json.dumps({"step": step, "path": str(path), "size_bytes": size_bytes})
             self.mlflow.log_metrics({"checkpoint/size_gb": size_bytes / 1e9}, step)
-            self.mlflow.set_tags({f"checkpoint.step_{step}": info, "checkpoint.latest": info})
+            gone = {f"checkpoint.step_{int(m.group(1))}": DELETED_TAG for m in _step_dirs(deleted)}
+            self.mlflow.set_tags({**gone, f"checkpoint.step_{step}": info, "checkpoint.latest": info})
 
     def finish(self, status: str = "FINISHED", model_dir: Path | None = None) -> None:
         """Flush, upload `model_dir` (the final checkpoint) as an artifact when tracking.log_model is
-        set, close the run."""
+        set, close the run with `status` (once: a second call does nothing)."""
+        if self.closed:
+            return
+        self.closed = True
         if self.sampler:
             self.sampler.stop()
         if self.mlflow:
             if self.log_model and model_dir is not None:
                 folder, name = export_model(Path(model_dir))
                 self.mlflow.log_artifacts(folder, name)
-            elif self.log_model:
+            elif self.log_model and status == "FINISHED":
                 log.warning("tracking.log_model=true but no checkpoint was saved (checkpoint.enabled?)")
             self.mlflow.finish(status)
+
+    def fail(self, exc: BaseException) -> str:
+        """End the run because of `exc`: KILLED for KeyboardInterrupt/SystemExit, else FAILED; the
+        error goes to tag `llmtrain.error`. No model upload. Returns the status set."""
+        status = "KILLED" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "FAILED"
+        if self.mlflow and not self.closed:
+            self.mlflow.set_tags({"llmtrain.error": shorten(f"{type(exc).__name__}: {exc}", 1000)})
+            log.info("mlflow run %s ended %s (%s)", self.run_id or "(pending)", status, type(exc).__name__)
+        self.finish(status)
+        return status
 
     def log_artifacts(self, folder: Path, artifact_path: str) -> None:
         """Upload a folder (e.g. a profiler trace) to the run, in the background."""

@@ -24,7 +24,8 @@ from llmtrain.parallel import ParallelDims
 from llmtrain.parallel.build import build_engine
 from llmtrain.peft import base_checkpoint, build_peft
 from llmtrain.tracking import ConsoleLogger
-from llmtrain.tracking.tracker import Tracker
+from llmtrain.tracking.commands import mlflow_ui_command
+from llmtrain.tracking.tracker import Tracker, ends_run_on_error, run_tags
 from llmtrain.train.flops import flops_per_token, recompute_fraction
 from llmtrain.train.perf import Meter, memory_gb, peak_tflops, processed_tokens
 from llmtrain.train.profiler import build_profiler
@@ -82,20 +83,15 @@ class Trainer:
         )
 
     def train(self) -> dict[str, Any]:
-        """Run to trainer.max_steps (or until a stop signal), saving and logging along the way."""
+        """Run to trainer.max_steps (or until a stop signal), saving and logging along the way. An
+        exception (resume, data, checkpoint, step) ends the MLflow run FAILED, see ends_run_on_error."""
+        with ends_run_on_error(self):
+            return self._train()
+
+    def _train(self) -> dict[str, Any]:
         run_id = self.maybe_resume()
         self.tracker = Tracker(
-            self.cfg,
-            self.run_dir,
-            self.env.is_main,
-            run_id,
-            {
-                "world_size": str(self.env.world_size),
-                "layout": self.dims.describe(),
-                "engine": self.cfg.parallel.backend,
-                "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
-            },
-            start_step=self.step,
+            self.cfg, self.run_dir, self.env.is_main, run_id, run_tags(self), start_step=self.step
         )
         max_steps, status, val_every = self.cfg.trainer.max_steps, "FINISHED", self.cfg.trainer.val_every
         self.console.info(
@@ -155,7 +151,7 @@ class Trainer:
         if info.get("run_id"):
             lines.append(f"  mlflow run {info['run_id']} in {info['uri']}")
             if str(info["uri"]).startswith("sqlite"):
-                lines.append(f"  open the UI: mlflow ui --backend-store-uri {info['uri']}")
+                lines.append(f"  open the UI: {mlflow_ui_command(info['uri'])}")
         for line in lines:
             self.console.info(line)
 
@@ -250,7 +246,7 @@ class Trainer:
         path = res.done.result()
         size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if self.env.is_main else 0
         self.console.info(f"saved {path} ({size / 1e6:.1f} MB; loop blocked {res.blocked_s:.2f}s)")
-        self.tracker.log_checkpoint(res.step, path, size)
+        self.tracker.log_checkpoint(res.step, path, size, deleted=self.ckpt.deleted)
 
     def maybe_resume(self) -> str | None:
         """Start state per llmtrain.checkpoint.policy (auto-resume, resume=<path>, init_from, fresh).

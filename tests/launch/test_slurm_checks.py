@@ -142,3 +142,35 @@ def test_relative_paths_become_absolute(make_config, tmp_path, monkeypatch) -> N
     assert cfg.run.root == str(tmp_path / "rel_runs") and cfg.data.sources[0].path == str(
         tmp_path / "rel_data"
     )
+
+
+def test_short_allocation_warns_with_the_rule_and_the_numbers(make_config, caplog) -> None:
+    """time_min=1 with signal_delay_s=30 passed every check, yet each allocation trained 7-10 s."""
+    import logging
+
+    from llmtrain.launch.slurm_checks import STARTUP_S_CPU, allocation_warning, min_time_min, training_share
+
+    assert STARTUP_S_CPU == 30
+    assert training_share(1, 30, 30) == 0.0  # 60 s - 30 s start-up - 30 s signal delay
+    assert training_share(10, 60, 30) == pytest.approx(0.85)  # (600 - 30 - 60) / 600
+    assert training_share(2, 30, 30) == pytest.approx(0.5)
+    assert min_time_min(30, 30) == 2 and min_time_min(120, 90) == 7  # 420 s needed -> 7 min
+    short = make_config("launcher=slurm", "launcher.time_min=1", "launcher.signal_delay_s=30")
+    msg = allocation_warning(short)
+    assert msg == (
+        "launcher.time_min=1 min with launcher.signal_delay_s=30 s leaves about 0 s (0%) of each allocation "
+        "for training after an estimated 30 s of start-up, less than 50%: every requeue would mostly start "
+        "up and save. Raise launcher.time_min to at least 2 or lower launcher.signal_delay_s"
+    )
+    gpu = make_config(
+        "launcher=slurm", "launcher.time_min=5", "launcher.gpus_per_node=8", "launcher.signal_delay_s=120"
+    )
+    assert "about 90 s (30%)" in allocation_warning(gpu) and "estimated 90 s" in allocation_warning(gpu)
+    assert (
+        allocation_warning(make_config("launcher=slurm", "launcher.time_min=2", "launcher.signal_delay_s=30"))
+        is None
+    )
+    assert allocation_warning(make_config("launcher=slurm")) is None  # 60 min, 120 s: 96% trains
+    caplog.set_level(logging.WARNING, logger="llmtrain")
+    check_static(short)  # a warning, not a refusal
+    assert [r.getMessage() for r in caplog.records] == [msg]

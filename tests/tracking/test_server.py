@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from llmtrain.config.io import to_dict
 from llmtrain.launch.local import free_port
-from llmtrain.tracking.mlflow_logger import MLflowLogger, read_state
+from llmtrain.tracking.mlflow_logger import MLflowLogger, read_delivery_state
 from llmtrain.tracking.params import MAX_PARAM_LEN, flatten
 from llmtrain.tracking.records import SPILL_FILE, kv_records, metric_records, send_records
 from llmtrain.tracking.tracker import Tracker
@@ -71,7 +71,8 @@ def test_outages_at_start_and_mid_run_lose_no_point(mlflow_server_process, make_
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params == flatten(to_dict(cfg))
-    for tag in ("git_commit", "hostname", "world_size", "layout", "engine", "slurm_job_id"):
+    assert "slurm_job_id" not in run.data.tags  # not a SLURM job: no empty tag
+    for tag in ("git_commit", "hostname", "world_size", "layout", "engine"):
         assert tag in run.data.tags
     assert run.data.tags["world_size"] == "1" and run.data.tags["engine"] == "native"
     losses = {e["step"]: e["loss"] for e in train_log(run_dir)}
@@ -181,7 +182,7 @@ def test_hard_crash_then_resume_from_older_checkpoint_logs_each_step_once(mlflow
     job1 = MLflowLogger(mlflow_server.uri, tmp_path, run_id=None, **kw)
     for s in range(1, 11):
         job1.log_metrics({"train/loss": 10.0 + s}, s)
-    wait_for(lambda: read_state(tmp_path).get("last_step") == 10, "steps 1-10 delivered")
+    wait_for(lambda: read_delivery_state(tmp_path).get("last_step") == 10, "steps 1-10 delivered")
     job1._stop.set()  # the process dies: its upload thread stops, no final flush ...
     job1._thread.join()
     for s in (11, 12):
@@ -223,3 +224,38 @@ def test_mlflow_ui_draws_the_loss_chart(mlflow_server, tmp_path):
     assert "ui-run" in dom and "loss" in dom, dom[-2000:]
     vertices = max((d.count("L") + 1 for d in lines), default=0)
     assert vertices == len(losses), f"{len(lines)} plotted lines, longest has {vertices} vertices"
+
+
+@pytest.mark.slow  # ~25 s: a server restart
+def test_replay_hint_works_as_printed_and_keeps_the_training_times(
+    mlflow_server_process, make_config, caplog, tmp_path
+):
+    """A run ends while its server is down; the warning's replay command, pasted later from another
+    folder without the venv, sends it, and the run shows when training started and ended."""
+    from tests.tracking.test_commands import run_printed
+
+    caplog.set_level(logging.WARNING, logger="llmtrain")
+    server = mlflow_server_process
+    server.stop()
+    cfg = make_config(*TINY, f"tracking.uri={server.uri}", "run.name=hint", "tracking.system_metrics=false")
+    run_dir = Path(cfg.run.root) / "hint"
+    run_dir.mkdir(parents=True)
+    started = int(time.time() * 1000)
+    tracker = Tracker(cfg, run_dir, True, None, {"engine": "native"})
+    for s in range(1, 11):
+        tracker.log_metrics({"train/loss": 1.0 / s}, s)
+    tracker.finish("FINISHED")
+    ended = int(time.time() * 1000)
+    hint = next(r.getMessage() for r in caplog.records if "still unreachable" in r.getMessage())
+    cmd = hint.split("once the server answers: ", 1)[1]
+    assert f"--uri {server.uri}" in cmd and str(run_dir.resolve()) in cmd and "<" not in cmd
+    time.sleep(1.5)  # the replay happens well after training
+    server.start()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    res = run_printed(cmd, elsewhere)
+    assert res.returncode == 0, res.stderr
+    run = MlflowClient(server.uri).get_run((run_dir / "mlflow_run_id.txt").read_text())
+    assert run.info.status == "FINISHED"
+    assert started <= run.info.start_time <= run.info.end_time <= ended, (started, run.info, ended)
+    assert len(MlflowClient(server.uri).get_metric_history(run.info.run_id, "train/loss")) == 10
