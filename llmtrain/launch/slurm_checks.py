@@ -74,7 +74,7 @@ def check_static(cfg: Config) -> None:
         )
     if lc.logs_dir is not None and not lc.logs_dir.strip():
         raise ConfigError("launcher.logs_dir must be a folder path or null (= <run_dir>/slurm)")
-    check_layout(cfg, world_size(cfg))
+    check_job_layout(cfg, world_size(cfg))
 
 
 def training_share(time_min: int, signal_delay_s: int, startup_s: float) -> float:
@@ -110,7 +110,7 @@ def min_time_min(signal_delay_s: int, startup_s: float) -> int:
     return max(1, -int(-need_s // 60))
 
 
-def check_layout(cfg: Config, world: int) -> None:
+def check_job_layout(cfg: Config, world: int) -> None:
     """The parallel layout and batch geometry must fit the number of tasks the job will have (the same
     rules the ranks apply, checked before submission)."""
     from llmtrain.parallel.layout import build_dims

@@ -144,18 +144,25 @@ class TrainJob:
             outcome = "requeue"
         return self.OUTCOMES[broadcast_int(self.OUTCOMES.index(outcome))]
 
-    def checkpoint(self) -> Any:
-        """submitit's Checkpointable hook: resubmit this same callable (the state is on disk)."""
+    def resubmission(self) -> Any:
+        """This same callable as a DelayedSubmission for the next allocation: the training state is in
+        the run folder's checkpoints, so nothing else is carried (`_requeue` dumps it)."""
         from submitit.helpers import DelayedSubmission
 
         return DelayedSubmission(TrainJob(self.config_path, self.max_requeues, self.time_min))
+
+    def checkpoint(self) -> Any:
+        """submitit's Checkpointable hook (its name is submitit's, it saves nothing): the resubmission.
+        Our own StopFlag handlers replace submitit's, so submitit itself never calls it before the
+        trainer has saved; `_requeue` uses `resubmission` directly."""
+        return self.resubmission()
 
     def _requeue(self, restarts: int) -> None:
         """Do what submitit does on rank 0, but after the checkpoint is complete."""
         import submitit
 
         job_env = submitit.JobEnvironment()
-        delayed = self.checkpoint()
+        delayed = self.resubmission()
         delayed.set_timeout(self.time_min, self.max_requeues)
         tmp = job_env.paths.submitted_pickle.with_suffix(".requeue.pkl")
         delayed.dump(tmp)

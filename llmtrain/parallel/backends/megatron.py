@@ -81,15 +81,7 @@ def check_supported(cfg: Config, dims: ParallelDims, device: torch.device) -> No
         raise ConfigError("parallel.pp_schedule=gpipe: megatron runs 1f1b and interleaved_1f1b")
     if p.pp_layers_per_stage is not None:
         raise ConfigError("parallel.pp_layers_per_stage: megatron splits layers evenly; leave it null")
-    if cfg.model.n_layers % (dims.pp * p.pp_virtual_stages):
-        raise ConfigError(
-            f"model.n_layers={cfg.model.n_layers} must divide evenly over parallel.pp={dims.pp} "
-            f"x parallel.pp_virtual_stages={p.pp_virtual_stages}"
-        )
-    if cfg.model.vocab_size % dims.tp:
-        raise ConfigError(
-            f"model.vocab_size={cfg.model.vocab_size} must be divisible by parallel.tp={dims.tp}"
-        )
+    # even layer split and tp | vocab: config/rules.py (pp_layers_per_stage=null splits evenly)
     if device.type == "cuda":
         return
     if dims.tp_enabled and p.sequence_parallel:
