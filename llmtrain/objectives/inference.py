@@ -5,8 +5,11 @@ adapters on their base, load through DCP) with the checkpoint's own resolved con
 overridden. The tools `tools/evaluate.py` and `tools/generate.py` are thin command lines over this.
 """
 
+import contextlib
 import dataclasses
 import logging
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -64,9 +67,28 @@ def load_checkpoint_engine(
     p = cfg.parallel
     dims = ParallelDims(p.dp_replicate, p.dp_shard, p.tp, p.pp, env.world_size)
     mesh = dims.build_mesh(dev.type) if env.world_size > 1 else None
-    engine = build_engine(cfg, dims, mesh, dev)
-    engine.load(ckpt / MODEL_FOLDER, load_optimizer=False)
+    with single_process_dcp():
+        engine = build_engine(cfg, dims, mesh, dev)  # a LoRA checkpoint loads its base here
+        engine.load(ckpt / MODEL_FOLDER, load_optimizer=False)
     return LoadedCheckpoint(ckpt, cfg, checkpoint_state(ckpt), engine, dims, dev)
+
+
+@contextlib.contextmanager
+def single_process_dcp() -> Iterator[None]:
+    """Around DCP loads of a one-process tool (generate, evaluate without torchrun): torch 2.13's
+    dcp.load warns "torch.distributed is disabled, unavailable or uninitialized" on every call made
+    without a process group, even when the caller passes no_dist=True on purpose, which the engines
+    do. Only that message from torch.distributed.checkpoint is silenced, and only while no process
+    group exists: a multi-rank load that somehow ran without one would still warn."""
+    with warnings.catch_warnings():
+        if not torch.distributed.is_initialized():
+            warnings.filterwarnings(
+                "ignore",
+                message="torch.distributed is disabled, unavailable or uninitialized",
+                category=UserWarning,
+                module="torch.distributed.checkpoint",
+            )
+        yield
 
 
 def evaluate_checkpoint(
