@@ -13,7 +13,7 @@ PKG = ROOT / "llmtrain"
 
 # bottom -> top; a package may import itself and any package of a lower layer (docs/architecture.md)
 LAYERS: list[list[str]] = [
-    ["config"],
+    ["config", "paths"],
     ["distributed"],
     ["models", "data", "optim"],
     ["checkpoint"],

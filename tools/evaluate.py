@@ -1,6 +1,6 @@
 """Loss and perplexity of a checkpoint on held-out data, across ranks; logged to its MLflow run.
 
-    python tools/evaluate.py runs/<name> --data data_cache/shakespeare-byte/val
+    python tools/evaluate.py runs/<name> --data ~/.cache/llmtrain/data/shakespeare-byte/val
     python tools/evaluate.py runs/sft --data heldout.jsonl       # prompt/response pairs, SFT-style
     torchrun --nproc-per-node 2 tools/evaluate.py runs/<name>/checkpoints/step_00001000 --data <arrow folder>
 

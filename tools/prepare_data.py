@@ -34,7 +34,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--val-fraction", type=float, default=0.0, help="share of documents for OUT/val")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes")
     p.add_argument("--force", action="store_true", help="rebuild even if the output is up to date")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar / progress lines")
+    p.add_argument(
+        "--progress-every",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="without a terminal (a log file): one progress line every SECONDS (default 10)",
+    )
     p.add_argument("--verify", metavar="DATASET", help="only verify DATASET's shards against its index")
     args = p.parse_args(argv)
     if not args.verify and (not args.inputs or not args.out):
@@ -74,16 +81,23 @@ def main(argv: list[str] | None = None) -> int:
             workers=args.workers,
             progress=not args.no_progress,
             force=args.force,
+            progress_every_s=args.progress_every,
         )
     except (DataError, FileNotFoundError, ValueError) as e:
         print(f"prepare_data: error: {e}", file=sys.stderr)
         return 2
     dt = time.perf_counter() - t0
-    print(
-        f"{args.out}: {index.num_documents:,} documents, {index.num_tokens:,} tokens in "
-        f"{len(index.shards)} shards ({index.tokenizer}) [{dt:.1f}s]"
-    )
+    print(f"{args.out}: {describe(index)} ({index.tokenizer}) [{dt:.1f}s]")
+    val = Path(args.out) / "val"
+    if (val / "index.json").is_file():
+        print(f"{val}: {describe(DatasetIndex.load(val))} (validation split)")
+    else:
+        print(f"{val}: none (--val-fraction {args.val_fraction} put no document there)")
     return 0
+
+
+def describe(index: DatasetIndex) -> str:
+    return f"{index.num_documents:,} documents, {index.num_tokens:,} tokens in {len(index.shards)} shards"
 
 
 if __name__ == "__main__":

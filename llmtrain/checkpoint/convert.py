@@ -27,6 +27,7 @@ from llmtrain.checkpoint.lora_merge import merge_lora_checkpoint
 from llmtrain.checkpoint.state import TrainerState
 from llmtrain.checkpoint.weights import write_weights_checkpoint
 from llmtrain.models.llama import TransformerArgs
+from llmtrain.paths import honour_umask
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,7 @@ def export_hf(
         tensors = read_tensors(path / ENGINE_DIR, names, verify=False)
         hf = to_hf({k: v.to(DTYPES[dtype]) for k, v in tensors.items()}, model)
         save_file(hf, str(out / shard_name(i, len(groups))), metadata={"format": "pt"})
+        honour_umask(out / shard_name(i, len(groups)))  # save_file creates it 0600
         weight_map.update(dict.fromkeys(hf, shard_name(i, len(groups))))
         total += sum(t.numel() * t.element_size() for t in hf.values())  # tied output.weight is not written
         bar.update(sum(sizes[n] for n in names))

@@ -7,12 +7,15 @@ the items) and checks every referenced byte range exists, so the engine's DCP lo
 already proven to hold plain data, and a truncated shard is reported by file name.
 """
 
+import contextlib
 import io
 import pickle
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, TensorStorageMetadata
 
@@ -116,14 +119,29 @@ def read_tensors(
         raise CheckpointError(f"{folder}: no tensors {missing[:5]} under '{prefix}' (foreign layout?)")
     out = {n: torch.empty(shapes[n][0], dtype=shapes[n][1]) for n in names}
     nested = {prefix.rstrip("."): out} if prefix else out
-    with warnings.catch_warnings():  # no_dist is what we ask for; DCP warns about it anyway
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+    with single_process_dcp():
         dcp.load(nested, checkpoint_id=str(folder), no_dist=True)
     return out
 
 
 def write_tensors(folder: Path, tensors: dict[str, torch.Tensor], key: str = "model") -> None:
     """Write full tensors as a single-process DCP checkpoint ({key: tensors}, loadable under any layout)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+    with single_process_dcp():
         dcp.save({key: tensors}, checkpoint_id=str(folder), no_dist=True)
+
+
+@contextlib.contextmanager
+def single_process_dcp() -> Iterator[None]:
+    """Around DCP calls of one process without a process group (tools, 1-process runs): torch 2.13's
+    dcp.save/load warn "torch.distributed is disabled, unavailable or uninitialized" on every call made
+    that way, even with no_dist=True passed on purpose. Only that message is silenced, and only while no
+    process group exists: a multi-rank load that somehow ran without one still warns. Not thread-safe
+    (catch_warnings is not): background saves do not use it."""
+    with warnings.catch_warnings():
+        if not dist.is_initialized():
+            warnings.filterwarnings(
+                "ignore",
+                message="torch.distributed is disabled, unavailable or uninitialized",
+                category=UserWarning,
+            )
+        yield

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from llmtrain.checkpoint.folder import CheckpointError
+from llmtrain.paths import honour_umask
 
 _LAYER = {
     "attention.wq.weight": "self_attn.q_proj.weight",
@@ -186,6 +187,7 @@ def save_hf(
             str(folder / shard_name(i, len(groups))),
             metadata={"format": "pt"},
         )
+        honour_umask(folder / shard_name(i, len(groups)))
         weight_map.update(dict.fromkeys(names, shard_name(i, len(groups))))
     write_index(folder, weight_map, sum(t.numel() * t.element_size() for t in tensors.values()))
     (folder / "config.json").write_text(json.dumps(config, indent=2))

@@ -3,6 +3,9 @@
 
 - `byte` (built-in): a generated `tokenizer.json`: a merge-free byte-level BPE whose 256 base tokens
   are the byte values in order, plus `<eos>`=256 and `<pad>`=257, i.e. exactly `ByteTokenizer`.
+  As in training, a special id never comes from user text: a literal `<eos>` encodes to its bytes
+  (`split_special_tokens` in tokenizer_config.json; the same for sentencepiece's `</s>`). A copied
+  tokenizer.json keeps its own rule: HF `tokenizers` matches added tokens in text in training too.
 - an HF `tokenizer.json`: copied as is (what we encoded with).
 - a sentencepiece `.model`: copied as `tokenizer.model` with a Llama tokenizer config (the usual HF
   form of Llama/Mistral tokenizers). HF's conversion of such a model to its fast tokenizer differs from
@@ -58,14 +61,19 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 def byte_tokenizer_json() -> str:
-    """tokenizer.json equal to ByteTokenizer: ids 0-255 are the bytes, 256 <eos>, 257 <pad>."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    """tokenizer.json equal to ByteTokenizer: ids 0-255 are the bytes, 256 <eos>, 257 <pad>.
+
+    `<eos>`/`<pad>` are vocabulary entries that no merge reaches, not added tokens: training never
+    produces a special id from user text (a literal "<eos>" in a document is 5 bytes), and an added
+    token would be matched in text. transformers still declares them special from
+    tokenizer_config.json, where `split_special_tokens` keeps it from matching them in text too."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     chars = _bytes_to_unicode()
-    tok = Tokenizer(models.BPE(vocab={chars[b]: b for b in range(256)}, merges=[]))
+    vocab = {chars[b]: b for b in range(256)} | {"<eos>": ByteTokenizer.eos_id, "<pad>": ByteTokenizer.pad_id}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([AddedToken("<eos>", special=True), AddedToken("<pad>", special=True)])
     return tok.to_str()
 
 
@@ -110,6 +118,7 @@ def _sentencepiece(path: Path, sp: SentencePieceTokenizer, out: Path, max_len: i
         "add_bos_token": False,  # training encoded documents without BOS/EOS around them
         "add_eos_token": False,
         "legacy": False,
+        "split_special_tokens": True,  # sentencepiece never reads "</s>" in text as the EOS id
         "model_max_length": max_len,
         "clean_up_tokenization_spaces": False,
     }
@@ -149,7 +158,12 @@ def export_tokenizer(spec: str, out: Path, max_len: int) -> tuple[str, dict[str,
                 {},
             )
         (out / "tokenizer.json").write_text(text)
-        config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<eos>", "pad_token": "<pad>"}
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "eos_token": "<eos>",
+            "pad_token": "<pad>",
+            "split_special_tokens": True,  # a literal "<eos>" in text is bytes, as in training
+        }
         what = "tokenizer.json (built-in byte level)"
     elif isinstance(tok, HFTokenizer):
         shutil.copyfile(path, out / "tokenizer.json")

@@ -14,7 +14,6 @@ For `async_save`, steps 2-3 run in a background thread that talks over its own g
 save (or `wait()` at the end of the run) waits for it.
 """
 
-import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -24,8 +23,6 @@ import tempfile
 import threading
 import time
 import uuid
-import warnings
-from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +31,7 @@ from typing import Any, Protocol
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
-from llmtrain.checkpoint.dcp_io import verify_dcp
+from llmtrain.checkpoint.dcp_io import single_process_dcp, verify_dcp
 from llmtrain.checkpoint.folder import (
     COMPLETE,
     ENGINE_DIR,
@@ -140,7 +137,7 @@ class CheckpointManager:
             stage.mkdir(parents=True)
             fault_point("begin", step, rank)
             if writer is None and error is None:
-                with _quiet_single_process():
+                with single_process_dcp():
                     engine.save(stage / ENGINE_DIR)
             save_torch_rng(stage / RNG_DIR / f"rank_{rank:05d}.pt")
         except (Exception, CheckpointException) as e:  # DCP re-raises a failed write on every rank
@@ -287,8 +284,7 @@ class CheckpointManager:
             self._load_other_engine(path, written_by, running, engine, load_optimizer)
             return state
         try:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            with single_process_dcp():
                 engine.load(path / ENGINE_DIR, load_optimizer=load_optimizer)
         except Exception as e:
             raise CheckpointError(
@@ -334,14 +330,6 @@ def _transfer(stage: Path, tmp: Path, move: bool) -> None:
         else:
             shutil.copyfile(src, dst)
         fsync_path(dst)
-
-
-@contextlib.contextmanager
-def _quiet_single_process() -> Iterator[None]:
-    """DCP warns that a single process saves without a process group; that is intended here."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield
 
 
 def _describe(e: BaseException, rank: int) -> str:

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmtrain.checkpoint.dcp_io import single_process_dcp
 from llmtrain.checkpoint.folder import ENGINE_DIR, resolve_checkpoint_path
 from llmtrain.checkpoint.state import TrainerState
 from llmtrain.config import Config, ConfigError
@@ -63,12 +64,13 @@ def load_checkpoint_engine(
     p = cfg.parallel
     dims = ParallelDims(p.dp_replicate, p.dp_shard, p.tp, p.pp, env.world_size)
     mesh = dims.build_mesh(dev.type) if env.world_size > 1 else None
-    engine = build_engine(cfg, dims, mesh, dev, build_peft(cfg))
-    base = base_checkpoint(cfg)
-    if base is not None:  # adapters-only LoRA checkpoint: its frozen base first
-        base_path = resolve_checkpoint_path(base, key="checkpoint.init_from")
-        engine.load(base_path / ENGINE_DIR, load_optimizer=False)
-    engine.load(ckpt / ENGINE_DIR, load_optimizer=False)
+    with single_process_dcp():
+        engine = build_engine(cfg, dims, mesh, dev, build_peft(cfg))
+        base = base_checkpoint(cfg)
+        if base is not None:  # adapters-only LoRA checkpoint: its frozen base first
+            base_path = resolve_checkpoint_path(base, key="checkpoint.init_from")
+            engine.load(base_path / ENGINE_DIR, load_optimizer=False)
+        engine.load(ckpt / ENGINE_DIR, load_optimizer=False)
     return LoadedCheckpoint(ckpt, cfg, state, engine, dims, dev)
 
 

@@ -1,43 +1,125 @@
 """Throughput meter: tokens/s, achieved TFLOP/s, MFU/HFU, memory and ETA over a log interval.
 
 MFU = model FLOPs per second per device / peak; HFU counts the recomputed forward of activation
-checkpointing too (see `llmtrain.train.flops`). Both share one peak, so HFU >= MFU always.
+checkpointing too (see `llmtrain.train.flops`). Both share one peak, so HFU >= MFU always, and
+neither is ever reported above 1: on CPU the peak is the best of repeated GEMM bursts, cached per
+machine (`user_cache_dir()/cpu_peak_tflops.json`) and raised when a run computes faster; a configured
+or datasheet peak that a run exceeds is wrong, so MFU/HFU are clamped and a warning names the key.
 """
 
-import functools
+import json
 import logging
+import os
+import platform
+import socket
 import time
+from pathlib import Path
 from typing import Any
 
 import psutil
 import torch
 
+from llmtrain.paths import user_cache_dir
 from llmtrain.train.flops import lookup_peak_tflops
 
 log = logging.getLogger("llmtrain")
 
 
-@functools.cache
-def measure_cpu_peak_tflops(seconds: float = 0.3, dtype: torch.dtype = torch.float32) -> float:
-    """Achievable matmul TFLOP/s of this process's threads in `dtype`. CPUs have no datasheet peak
-    we can trust across SKUs, thread counts and shared hosts, so MFU on CPU is relative to a
-    measured 512^3 GEMM rate (the best case for these cores), not to a vendor number."""
+def gemm_rates(seconds: float, dtype: torch.dtype, repeats: int) -> list[float]:
+    """TFLOP/s of `repeats` back-to-back bursts of 512^3 GEMMs, `seconds / repeats` each, with this
+    process's threads."""
     n = 512
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
-    count, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        a @ b
-        count += 1
-    return 2 * n**3 * count / (time.perf_counter() - t0) / 1e12
+    rates = []
+    for _ in range(repeats):
+        count, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds / repeats:
+            a @ b
+            count += 1
+        rates.append(2 * n**3 * count / (time.perf_counter() - t0) / 1e12)
+    return rates
+
+
+def measure_cpu_peak_tflops(
+    seconds: float = 0.3, dtype: torch.dtype = torch.float32, repeats: int = 6
+) -> float:
+    """Achievable matmul TFLOP/s of this process's threads in `dtype`: the best of several short
+    GEMM bursts, so that a burst slowed by another process (a rank starting beside it, a neighbour on
+    a shared host) does not set the peak. CPUs have no datasheet peak we can trust across SKUs,
+    thread counts and shared hosts, so MFU on CPU is relative to this measured rate."""
+    return max(gemm_rates(seconds, dtype, repeats))
+
+
+class MeasuredPeak(float):
+    """A CPU peak measured on this machine, with its key in the per-machine cache: the Meter raises
+    it (and the cache) when the run itself computes faster than the measurement."""
+
+    key: str
+
+    def __new__(cls, value: float, key: str) -> "MeasuredPeak":
+        obj = super().__new__(cls, value)
+        obj.key = key
+        return obj
+
+
+def cpu_peak_cache() -> Path:
+    return user_cache_dir() / "cpu_peak_tflops.json"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cpu_key(dtype: torch.dtype) -> str:
+    """One machine, CPU model, thread count, dtype and torch version share one cached peak."""
+    return f"{socket.gethostname()}|{_cpu_model()}|threads={torch.get_num_threads()}|{dtype}|torch={torch.__version__}"
+
+
+def _read_peaks() -> dict[str, float]:
+    try:
+        return {k: float(v) for k, v in json.loads(cpu_peak_cache().read_text()).items()}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def record_cpu_peak(key: str, tflops: float) -> float:
+    """Keep the best peak seen for `key` in the cache (atomic replace; a cache that cannot be
+    written only costs a re-measurement next time). Returns the value now recorded."""
+    peaks = _read_peaks()
+    best = max(tflops, peaks.get(key, 0.0))
+    path = cpu_peak_cache()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({**peaks, key: best}, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError as e:
+        log.warning("could not cache the CPU peak in %s (%s)", path, e)
+    return best
+
+
+def cpu_peak_tflops(dtype: torch.dtype = torch.float32) -> MeasuredPeak:
+    """This machine's CPU peak: the cached value, else a best-of-N measurement that is then cached,
+    so every run on the machine divides by the same number."""
+    key = _cpu_key(dtype)
+    if (cached := _read_peaks().get(key)) is not None:
+        return MeasuredPeak(cached, key)
+    return MeasuredPeak(record_cpu_peak(key, measure_cpu_peak_tflops(dtype=dtype)), key)
 
 
 def peak_tflops(
     device: torch.device, override: float | None, dtype: torch.dtype = torch.float32
 ) -> float | None:
     """Per-device peak used as the MFU denominator: trainer.peak_tflops, else the datasheet table for
-    GPUs, else a measured GEMM rate on CPU. An unknown GPU gives None (MFU is then not reported
-    rather than divided by a wrong peak) and a warning naming the key to set."""
+    GPUs, else this machine's cached, measured GEMM rate on CPU. An unknown GPU gives None (MFU is
+    then not reported rather than divided by a wrong peak) and a warning naming the key to set."""
     if override:
         return float(override)
     if device.type == "cuda":
@@ -47,7 +129,7 @@ def peak_tflops(
             log.warning("no peak TFLOP/s known for %r: set trainer.peak_tflops to report MFU", name)
             return None
         return found[1]
-    return measure_cpu_peak_tflops(dtype=dtype)
+    return cpu_peak_tflops(dtype)
 
 
 def processed_tokens(batches: list[Any], dp_size: int, fallback: int) -> int:
@@ -81,6 +163,7 @@ class Meter:
         self.flops_per_token = flops_per_token
         self.hw_flops_per_token = hw_flops_per_token or flops_per_token
         self.peak, self.world = peak_tflops_per_device, world_size
+        self.warned = False
         self.reset()
 
     def reset(self) -> None:
@@ -105,6 +188,31 @@ class Meter:
             "perf/eta_s": steps_left * step_time,
         }
         if self.peak:
-            out["perf/mfu"] = achieved / self.peak
-            out["perf/hfu"] = achieved * self.hw_flops_per_token / self.flops_per_token / self.peak
+            hardware = achieved * self.hw_flops_per_token / self.flops_per_token
+            if hardware > self.peak:
+                self._peak_exceeded(hardware)
+            out["perf/mfu"] = min(achieved / self.peak, 1.0)
+            out["perf/hfu"] = min(hardware / self.peak, 1.0)
         return out
+
+    def _peak_exceeded(self, hardware: float) -> None:
+        """The run computed faster than the peak. A measured CPU peak was taken under load: raise it
+        to what the run reached (and cache that). Any other peak is wrong: MFU is clamped to 100%
+        and one warning names the key to fix."""
+        if isinstance(self.peak, MeasuredPeak):
+            old, self.peak = self.peak, MeasuredPeak(record_cpu_peak(self.peak.key, hardware), self.peak.key)
+            log.warning(
+                "CPU peak raised from %.3g to %.3g TFLOP/s: this run computed faster than the GEMM "
+                "measurement (taken under load); cached in %s. Set trainer.peak_tflops to fix the denominator.",
+                old,
+                self.peak,
+                cpu_peak_cache(),
+            )
+        elif not self.warned:
+            self.warned = True
+            log.warning(
+                "achieved %.3g TFLOP/s per device exceeds the peak of %.3g: MFU/HFU are clamped to 100%%; "
+                "set trainer.peak_tflops to this device's real peak",
+                hardware,
+                self.peak,
+            )

@@ -55,3 +55,55 @@ def test_ensure_prepared_builds_once_and_never_rebuilds_an_existing_dataset(tmp_
     assert sorted((p.name, p.stat().st_mtime_ns) for p in made.iterdir()) == stamps  # used as it is
     assert (tmp_path / "fresh" / "index.json").is_file()
     assert not (tmp_path / "fresh" / "val").exists()  # 5% of one document: no validation split at all
+
+
+PREPARE_FROM_CWD = """
+import os
+from llmtrain.data.build import ensure_prepared
+from llmtrain.testing import compose_config
+data = compose_config([]).data
+ensure_prepared(data)
+index = os.path.join(os.path.abspath(data.sources[0].path), "index.json")
+print(index, os.stat(index).st_mtime_ns)
+"""
+
+
+def test_the_default_data_cache_is_the_same_from_any_working_directory(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if k not in ("LLMTRAIN_DATA_CACHE", "LLMTRAIN_CACHE_DIR")}
+    env.update(HOME=str(tmp_path / "home"), PYTHONPATH=str(root))
+    env.pop("XDG_CACHE_HOME", None)
+    seen = []
+    for cwd in (tmp_path / "a", tmp_path / "b" / "deeper"):
+        cwd.mkdir(parents=True)
+        run = subprocess.run(
+            [sys.executable, "-c", PREPARE_FROM_CWD],
+            cwd=cwd,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert run.returncode == 0, run.stderr
+        seen.append(run.stdout.split())
+        assert not any(cwd.iterdir())  # nothing written into the working directory
+    expected = tmp_path / "home" / ".cache" / "llmtrain" / "data" / "shakespeare-byte" / "index.json"
+    assert seen[0] == seen[1] and seen[0][0] == str(expected)  # built once, found again from b
+
+
+def test_the_data_cache_follows_the_user_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from llmtrain.paths import user_cache_dir
+    from llmtrain.testing import compose_config
+
+    monkeypatch.delenv("LLMTRAIN_DATA_CACHE", raising=False)
+    for var, value in (("XDG_CACHE_HOME", tmp_path / "xdg"), ("LLMTRAIN_CACHE_DIR", tmp_path / "mine")):
+        monkeypatch.setenv(var, str(value))
+        path = compose_config([]).data.sources[0].path
+        assert path == str(user_cache_dir() / "data" / "shakespeare-byte")
+        assert path.startswith(str(value))
+    monkeypatch.setenv("LLMTRAIN_DATA_CACHE", str(tmp_path / "d"))
+    assert compose_config([]).data.sources[0].path == str(tmp_path / "d" / "shakespeare-byte")

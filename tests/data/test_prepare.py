@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from llmtrain.data import DatasetIndex
+from llmtrain.data import DataError, DatasetIndex
 from llmtrain.data.prepare import prepare_dataset
 from llmtrain.data.tokenizer import ByteTokenizer
 
@@ -102,3 +103,101 @@ def test_cli_prepares_verifies_and_reports_errors(tmp_path: Path, texts: list[st
     (out / "shard_00000.arrow").write_bytes(b"garbage")
     bad = subprocess.run([*tool, "--verify", str(out)], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "shard_00000.arrow" in bad.stderr
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file below `folder` (relative path -> bytes)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_failed_prepare_leaves_the_existing_dataset_byte_identical(
+    tmp_path: Path, texts: list[str]
+) -> None:
+    good = tmp_path / "good.jsonl"
+    good.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    out = tmp_path / "ds"
+    prepare_dataset(good, out, shard_tokens=3000, val_fraction=0.1)
+    before = snapshot(out)
+    assert "index.json" in before and "val/index.json" in before and len(before) > 6
+    bad = tmp_path / "bad.jsonl"  # 100 fine documents (several shards' worth), then a broken line
+    bad.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[:100]) + '{"text": "cut off\n')
+    with pytest.raises(
+        DataError, match=r"bad\.jsonl:101: malformed JSON \(Invalid control character at column 18\)"
+    ):
+        prepare_dataset(bad, out, shard_tokens=3000, val_fraction=0.1)
+    assert snapshot(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "ds", "good.jsonl"]  # no staging left
+    assert docs_of(out) == [t for i, t in enumerate(texts) if i % 10 != 9]
+
+
+def test_a_rebuild_replaces_only_the_dataset_files(tmp_path: Path, texts: list[str]) -> None:
+    raw = tmp_path / "a.jsonl"
+    raw.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    out = tmp_path / "ds"
+    prepare_dataset(raw, out, shard_tokens=3000, val_fraction=0.1)
+    (out / "NOTES.md").write_text("kept by the user")
+    raw.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[:5]))
+    prepare_dataset(raw, out, shard_tokens=1 << 20)  # no val split any more: the old val/ goes too
+    assert sorted(p.name for p in out.iterdir()) == ["NOTES.md", "index.json", "shard_00000.arrow"]
+    assert docs_of(out) == texts[:5] and (out / "NOTES.md").read_text() == "kept by the user"
+    stale = tmp_path / f".ds.prepare-{socket.gethostname()}-999999999-x"  # a killed build's folder
+    stale.mkdir()
+    prepare_dataset(raw, out, shard_tokens=1 << 20, force=True)
+    assert not stale.exists()
+
+
+@pytest.mark.parametrize(
+    "line,message",
+    [
+        ('{"text": "a" "b"}', r"x\.jsonl:2: malformed JSON \(Expecting ',' delimiter at column 14\)"),
+        ("[1, 2]", r"x\.jsonl:2: a JSON list, not an object with a 'text' field"),
+        (
+            '{"body": "b", "id": 3}',
+            r"x\.jsonl:2: no 'text' field \(keys: body, id; choose one with --text-field\)",
+        ),
+        ('{"text": 7}', r"x\.jsonl:2: 'text' is int, not text"),
+    ],
+)
+def test_each_malformed_line_is_reported_as_what_it_is(tmp_path: Path, line: str, message: str) -> None:
+    raw = tmp_path / "x.jsonl"
+    raw.write_text('{"text": "fine"}\n' + line + "\n")
+    with pytest.raises(DataError, match=message):
+        prepare_dataset(raw, tmp_path / "ds")
+
+
+def test_an_input_without_tokens_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(DataError, match=r"empty\.txt: empty file"):
+        prepare_dataset(tmp_path / "empty.txt", tmp_path / "ds")
+    (tmp_path / "blank.jsonl").write_text('{"text": ""}\n{"text": ""}\n')
+    with pytest.raises(DataError, match=r"blank\.jsonl: no tokens: every one of the 2 documents is empty"):
+        prepare_dataset(tmp_path / "blank.jsonl", tmp_path / "ds")
+    assert not (tmp_path / "ds").exists()
+
+
+def test_cli_progress_without_a_terminal_is_plain_lines_and_counts_shards(
+    tmp_path: Path, texts: list[str]
+) -> None:
+    raw = tmp_path / "a.jsonl.gz"
+    with gzip.open(raw, "wt") as f:
+        f.writelines(json.dumps({"text": t}) + "\n" for t in texts * 5)
+    out = tmp_path / "ds"
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "prepare_data.py"), str(raw), "--out", str(out),
+         "--workers", "1", "--val-fraction", "0.1", "--shard-mb", "0.02", "--progress-every", "0"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert "\r" not in run.stderr
+    lines = [x for x in run.stderr.splitlines() if x.startswith(f"tokenizing -> {out}: ")]
+    train, val = DatasetIndex.load(out), DatasetIndex.load(out / "val")
+    shards = [int(x.split("shards=")[1].split()[0]) for x in lines]
+    assert len(lines) >= 3 and shards == sorted(shards) and shards[0] < shards[-1]
+    assert shards[-1] == len(train.shards) + len(val.shards) and lines[-1].endswith("done")
+    assert "100% of" in lines[-1] and f"{len(texts) * 5:,} documents" in lines[-1]
+    assert run.stdout.splitlines() == [
+        f"{out}: {train.num_documents:,} documents, {train.num_tokens:,} tokens in {len(train.shards)} "
+        f"shards (byte-v1) [{run.stdout.split('[')[1].split(']')[0]}]",
+        f"{out / 'val'}: {val.num_documents:,} documents, {val.num_tokens:,} tokens in "
+        f"{len(val.shards)} shards (validation split)",
+    ]

@@ -73,3 +73,28 @@ def test_shards_and_config_must_use_the_same_tokenizer(raw: Path, tmp_path: Path
     ):
         check_tokenizer(cfg, vocab_size=32000)
     check_tokenizer(DataConfig(sources=cfg.sources, tokenizer=str(sp)), vocab_size=32000)
+
+
+@pytest.mark.parametrize("name", ["byte", "sentencepiece-32k", "bert-wordpiece"])
+def test_special_token_strings_in_text_encode_as_in_training(name: str, tmp_path: Path) -> None:
+    """A document quoting a special token's string: the exported HF tokenizer gives the ids training
+    gave, whether it is loaded with AutoTokenizer or as PreTrainedTokenizerFast from the folder."""
+    transformers = pytest.importorskip("transformers")
+    from llmtrain.checkpoint.hf_tokenizer import export_tokenizer
+
+    spec = "byte" if name == "byte" else str(bundled_tokenizer_files().get(name, ""))
+    if spec == "":
+        pytest.skip(f"{name} is not installed (.ci/setup.d/tokenizers.sh installs it)")
+    export_tokenizer(spec, tmp_path, 512)
+    ours = load_tokenizer(spec)
+    texts = ["end <eos> here<pad>", "a</s>b <s> [SEP] [PAD]", "<|endoftext|> <unk>", "plain text"]
+    for hf in (
+        transformers.AutoTokenizer.from_pretrained(tmp_path),
+        transformers.PreTrainedTokenizerFast.from_pretrained(tmp_path),
+    ):
+        assert hf.eos_token_id == ours.eos_id
+        for text in texts:
+            assert hf.encode(text, add_special_tokens=False) == ours.encode(text), (name, text)
+    if name == "byte":
+        assert ours.encode("<eos>") == list(b"<eos>")  # bytes, never the EOS id 256
+        assert hf.decode([104, 256, 105], skip_special_tokens=True) == "hi"
