@@ -40,6 +40,26 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     )
 
 
+def init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Give a never-stepped AdamW the state its first step would create (step 0, zero moments).
+
+    torch's state-dict helpers (`get_state_dict`, used by every DCP save and load) initialise an empty
+    optimizer by taking one step with zero gradients and lr 0: the moments stay zero but `step` becomes
+    1, so a run resumed from a step-0 checkpoint (stopped during start-up) bias-corrected every later
+    update differently. With this state in place they leave the optimizer alone, and the first real
+    step is bitwise the same as in a run that never saved."""
+    if optimizer.state:
+        return
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.requires_grad:
+                optimizer.state[p] = {
+                    "step": torch.tensor(0.0, dtype=torch.get_default_dtype()),
+                    "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                    "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+                }
+
+
 def lr_factor(step: int, cfg: OptimConfig, max_steps: int) -> float:
     """Multiplier on the peak lr for optimizer step `step` (0-based).
 

@@ -30,7 +30,7 @@ from llmtrain.config import Config
 from llmtrain.data.loader import IGNORE_INDEX, Batch
 from llmtrain.distributed.collectives import all_reduce_, gather_objects
 from llmtrain.models import build_model
-from llmtrain.optim import build_optimizer
+from llmtrain.optim import build_optimizer, init_optimizer_state
 from llmtrain.parallel.data_parallel import GradSync
 from llmtrain.parallel.dims import ParallelDims
 from llmtrain.parallel.engine import Engine, ModelTransform
@@ -176,6 +176,7 @@ class NativeEngine(Engine):
         return float(loss_sum) / max(global_tokens(batches, self.dp_group), 1)
 
     def _checkpoint_state(self) -> dict[str, Any]:
+        init_optimizer_state(self.optimizer)  # a step-0 save must not take torch's zero-grad step
         msd, osd = get_state_dict(self.model, self.optimizer, options=SD_OPTIONS)
         return {"model": self.transform.checkpoint_keys(msd), "optim": osd}
 
@@ -195,6 +196,7 @@ class NativeEngine(Engine):
 
     def load(self, folder: Path, *, load_optimizer: bool = True) -> None:
         if load_optimizer:
+            init_optimizer_state(self.optimizer)  # see llmtrain.optim.init_optimizer_state
             msd, osd = get_state_dict(self.model, self.optimizer, options=SD_OPTIONS)
             state = {"model": self.transform.checkpoint_keys(msd, saved_model_keys(folder)), "optim": osd}
             dcp.load(state, checkpoint_id=str(folder), no_dist=not dist.is_initialized())

@@ -151,3 +151,25 @@ def _train_body(rank: int, world_size: int, overrides: list[str]) -> list[float]
     from llmtrain.testing import compose_config
 
     return [h["loss"] for h in Trainer(compose_config(overrides), detect_env()).train()["history"]]
+
+
+def test_resume_from_a_step_0_checkpoint_is_exact(make_config):
+    """A job stopped before its first step (an early time-limit signal, a preemption during start-up)
+    saves step_00000000; resuming from it must train exactly like a run that never stopped. It did
+    not: torch's state-dict helpers initialised the empty AdamW with a zero-gradient step, so Adam's
+    step count was off by one (loss 5.724 vs 5.741 at step 2)."""
+    torch.set_num_threads(1)
+    straight = _train(make_config, "run.name=straight", "trainer.max_steps=4")
+    cfg = make_config(*RUN, "run.name=early", "trainer.max_steps=4")
+    early = Trainer(cfg, DistEnv(0, 0, 1, 1))
+    early.stop.set("time limit during start-up")
+    stopped = early.train()
+    assert stopped["status"] == "KILLED" and stopped["step"] == 0
+    assert latest_checkpoint(Path(stopped["run_dir"]) / "checkpoints").name == "step_00000000"
+    resumed = _train(make_config, "run.name=early", "trainer.max_steps=4")
+    run_dir = Path(straight["run_dir"]).parent
+    got, want = _log(run_dir / "early"), _log(run_dir / "straight")
+    assert [(e["step"], e["loss"], e["grad_norm"]) for e in got] == [
+        (e["step"], e["loss"], e["grad_norm"]) for e in want
+    ]
+    assert resumed["history"][0]["step"] == 1
