@@ -3,8 +3,8 @@
     python tools/inspect_checkpoint.py runs/<name>                      # every complete checkpoint
     python tools/inspect_checkpoint.py runs/<name>/checkpoints/step_00000100 [--tensors]
 
-Verification is the same as at load time (manifest sizes, DCP metadata through an allow-list, byte
-ranges of every item); nothing is unpickled freely. Exit code 2 when the checkpoint is unusable.
+Verification goes further than a load: manifest sizes and per-file checksums, DCP metadata through an
+allow-list, byte ranges of every item; nothing is unpickled freely. Exit code 2 when the checkpoint is unusable.
 """
 
 import argparse
@@ -16,27 +16,43 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from llmtrain.checkpoint import CheckpointError, TrainerState, list_checkpoints
 from llmtrain.checkpoint.dcp_io import tensor_shapes, verify_dcp
-from llmtrain.checkpoint.folder import COMPLETE, ENGINE_DIR, TMP_MARK
+from llmtrain.checkpoint.folder import COMPLETE, DAMAGED_MARK, ENGINE_DIR, TMP_MARK, verify_manifest
 
 
 def _size(p: Path) -> float:
     return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) / 1e6
 
 
-def list_run(folder: Path) -> None:
+def list_run(folder: Path) -> int:
+    """Every checkpoint of a run with its state: intact (manifest sizes and checksums verified),
+    damaged (with the reason; a resume sets it aside and uses the newest intact one), incomplete, or set
+    aside earlier. Returns 2 when any listed checkpoint is damaged."""
     ck = folder / "checkpoints" if (folder / "checkpoints").is_dir() else folder
     rows = list_checkpoints(ck)
-    print(f"{len(rows)} complete checkpoint(s) in {ck}")
+    damaged = {}
+    for _, p in rows:
+        try:
+            verify_manifest(p, checksums=True)
+        except CheckpointError as e:
+            damaged[p] = str(e)
+    print(
+        f"{len(rows)} complete checkpoint(s) in {ck}"
+        + (f", {len(damaged)} of them DAMAGED" if damaged else "")
+    )
     for step, p in rows:
-        print(
-            f"  step {step:>9}  {_size(p):>10.1f} MB  {time.ctime((p / COMPLETE).stat().st_mtime)}  {p.name}"
-        )
+        mtime = time.ctime((p / COMPLETE).stat().st_mtime)
+        what = f"DAMAGED: {damaged[p]}" if p in damaged else "ok"
+        print(f"  step {step:>9}  {_size(p):>10.1f} MB  {mtime}  {p.name}  {what}")
     for p in sorted(ck.glob("step_*")):
-        if TMP_MARK in p.name or not (p / COMPLETE).exists():
+        if DAMAGED_MARK in p.name:
+            print(f"  set aside as damaged (kept for inspection): {p.name}")
+        elif TMP_MARK in p.name or not (p / COMPLETE).exists():
             print(f"  incomplete (ignored, removed at the next start): {p.name}")
+    return 2 if damaged else 0
 
 
 def show(path: Path, tensors: bool) -> None:
+    verify_manifest(path, checksums=True)
     state = TrainerState.read(path).state_dict()
     shapes = {}
     if (path / ENGINE_DIR / ".metadata").is_file():
@@ -77,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         if (path / COMPLETE).exists() or path.name.startswith("step_"):
             show(path, args.tensors)
         else:
-            list_run(path)
+            return list_run(path)
     except CheckpointError as e:
         print(f"inspect_checkpoint: {e}", file=sys.stderr)
         return 2

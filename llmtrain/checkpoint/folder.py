@@ -17,6 +17,8 @@ import os
 import re
 import shutil
 import signal
+import time
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -93,18 +95,34 @@ def tree_sizes(root: Path) -> dict[str, int]:
     return {str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def write_manifest(folder: Path, step: int) -> None:
-    """Write COMPLETE last and durably: its presence is what makes the folder a checkpoint."""
+def file_checksum(path: Path, chunk: int = 1 << 22) -> str:
+    """CRC-32 of a file's bytes (`crc32:<hex>`): catches bit rot and partial overwrites cheaply; each rank
+    computes it for the files it wrote, so the cost follows the local shard."""
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            crc = zlib.crc32(block, crc)
+    return f"crc32:{crc:08x}"
+
+
+def write_manifest(folder: Path, step: int, checksums: dict[str, str] | None = None) -> None:
+    """Write COMPLETE last and durably: its presence is what makes the folder a checkpoint. It lists
+    every file's size (checked on every load) and, when given, its checksum (checked by
+    tools/inspect_checkpoint.py and when a resume looks for the newest intact checkpoint)."""
     files = {k: v for k, v in tree_sizes(folder).items() if k != COMPLETE}
+    manifest = {"format": FORMAT, "step": step, "files": files}
+    if checksums:
+        manifest["checksums"] = {k: v for k, v in sorted(checksums.items()) if k in files}
     tmp = folder / (COMPLETE + ".tmp")
-    tmp.write_text(json.dumps({"format": FORMAT, "step": step, "files": files}))
+    tmp.write_text(json.dumps(manifest))
     fsync_path(tmp)
     os.replace(tmp, folder / COMPLETE)
     fsync_path(folder)
 
 
-def verify_manifest(folder: Path) -> dict:
-    """Check every file listed in COMPLETE exists with its recorded size; returns the manifest."""
+def verify_manifest(folder: Path, checksums: bool = False) -> dict:
+    """Check every file listed in COMPLETE exists with its recorded size (and, with `checksums`, its
+    recorded checksum, reading every byte); returns the manifest."""
     marker = folder / COMPLETE
     if not marker.is_file():
         raise CheckpointError(f"{folder}: not a complete llmtrain checkpoint (no {COMPLETE} file)")
@@ -121,7 +139,27 @@ def verify_manifest(folder: Path) -> dict:
             raise CheckpointError(f"{p}: listed in {marker} but missing")
         if p.stat().st_size != size:
             raise CheckpointError(f"{p}: {p.stat().st_size} bytes, the manifest recorded {size} (truncated?)")
+    if checksums:
+        for rel, want in (manifest.get("checksums") or {}).items():
+            got = file_checksum(folder / rel)
+            if got != want:
+                raise CheckpointError(
+                    f"{folder / rel}: checksum {got}, the manifest recorded {want} (corrupted)"
+                )
     return manifest
+
+
+DAMAGED_MARK = ".damaged-"
+
+
+def set_aside(path: Path, reason: str) -> Path:
+    """Rename a damaged checkpoint out of the way (`step_<N>.damaged-<time>`, never listed, never cleaned
+    up, never deleted) so that resumes use the next intact one; a note in it says why."""
+    target = path.with_name(f"{path.name}{DAMAGED_MARK}{time.strftime('%Y%m%d-%H%M%S')}")
+    os.replace(path, target)
+    with contextlib.suppress(OSError):
+        (target / "DAMAGED.txt").write_text(reason + "\n")
+    return target
 
 
 def fault_point(phase: str, step: int, rank: int) -> None:

@@ -36,9 +36,11 @@ from llmtrain.checkpoint.folder import (
     COMPLETE,
     ENGINE_DIR,
     RNG_DIR,
+    STEP_RE,
     TMP_MARK,
     CheckpointError,
     fault_point,
+    file_checksum,
     fsync_path,
     list_checkpoints,
     resolve_checkpoint_path,
@@ -198,17 +200,19 @@ class CheckpointManager:
     def _commit(self, step: int, tmp: Path, stage: Path, error: str | None, move: bool, group: Any) -> None:
         """Per rank: bring own files into tmp and fsync them; then rank 0 publishes atomically."""
         rank = _rank()
+        sums: dict[str, str] = {}
         if error is None:
             try:
-                _transfer(stage, tmp, move)
+                sums = {str(f.relative_to(tmp)): file_checksum(f) for f in _transfer(stage, tmp, move)}
                 fault_point("written", step, rank)
             except OSError as e:
                 error = f"rank {rank}: {e}"
         shutil.rmtree(stage, ignore_errors=True)
-        errors = [e for e in self._gather(error, group) if e]
+        gathered = self._gather((error, sums), group)
+        errors = [e for e, _ in gathered if e]
         if not errors and rank == 0:
             try:
-                self._publish(step, tmp)
+                self._publish(step, tmp, {k: v for _, part in gathered for k, v in part.items()})
             except OSError as e:
                 errors = [f"rank 0: {e}"]
         if dist.is_initialized():  # everyone learns whether rank 0 published
@@ -221,7 +225,7 @@ class CheckpointManager:
                 f"is kept: {'; '.join(dict.fromkeys(errors))}"
             )
 
-    def _publish(self, step: int, tmp: Path) -> None:
+    def _publish(self, step: int, tmp: Path, checksums: dict[str, str]) -> None:
         final = step_dir(self.folder, step)
         fsync_path(tmp)
         for sub in (tmp / ENGINE_DIR, tmp / RNG_DIR):
@@ -235,7 +239,7 @@ class CheckpointManager:
         os.replace(tmp, final)
         fsync_path(self.folder)
         fault_point("renamed", step, 0)
-        write_manifest(final, step)
+        write_manifest(final, step, checksums)
         fault_point("complete", step, 0)
         self.deleted = self.apply_retention()
 
@@ -254,14 +258,15 @@ class CheckpointManager:
         return deleted
 
     def clean_stale(self) -> list[Path]:
-        """Remove temporary folders of saves that never completed (rank 0, no save in flight)."""
-        stale = (
-            [p for p in self.folder.glob(f"step_*{TMP_MARK}*") if p.is_dir()] if self.folder.is_dir() else []
-        )
-        stale += [
+        """Remove temporary folders of saves that never completed (rank 0, no save in flight): a
+        `step_<N>.tmp-*` folder, or a `step_<N>` without its manifest. Folders set aside as damaged
+        (`step_<N>.damaged-*`) are kept for a person to look at."""
+        if not self.folder.is_dir():
+            return []
+        stale = [
             p
-            for p in self.folder.glob("step_*")
-            if p.is_dir() and not (p / COMPLETE).exists() and p not in stale
+            for p in self.folder.iterdir()
+            if p.is_dir() and (TMP_MARK in p.name or (STEP_RE.match(p.name) and not (p / COMPLETE).exists()))
         ]
         for p in stale:
             shutil.rmtree(p, ignore_errors=True)
@@ -269,12 +274,18 @@ class CheckpointManager:
 
     # -- load ---------------------------------------------------------------------------------------
     def load(
-        self, path: str | Path, engine: Stateful, load_optimizer: bool = True, model: Any = None
+        self,
+        path: str | Path,
+        engine: Stateful,
+        load_optimizer: bool = True,
+        model: Any = None,
+        state: TrainerState | None = None,
     ) -> TrainerState:
         """Verify, then load model (+ optimizer) in place; returns the checkpoint's trainer state.
-        `model` (the run's ModelConfig): refuse a checkpoint of another model shape, naming the keys."""
+        `model` (the run's ModelConfig): refuse a checkpoint of another model shape, naming the keys.
+        `state`: the trainer state a caller already read and checked (read here otherwise)."""
         path = resolve_checkpoint_path(path)
-        state = TrainerState.read(path)
+        state = state or TrainerState.read(path)
         if model is not None:
             check_model_matches(state.config, model, path)
         if (path / ENGINE_DIR / ".metadata").is_file():
@@ -318,8 +329,9 @@ class CheckpointManager:
         restore_rng(torch_file, state.ranks[rank].rng if rank < len(state.ranks) else None)
 
 
-def _transfer(stage: Path, tmp: Path, move: bool) -> None:
-    """Move (same disk) or copy (from RAM) every staged file into tmp, then fsync it there."""
+def _transfer(stage: Path, tmp: Path, move: bool) -> list[Path]:
+    """Move (same disk) or copy (from RAM) every staged file into tmp, then fsync it there; returns them."""
+    out = []
     for src in sorted(p for p in stage.rglob("*") if p.is_file()):
         dst = tmp / src.relative_to(stage)
         dst.parent.mkdir(parents=True, exist_ok=True)
@@ -330,6 +342,8 @@ def _transfer(stage: Path, tmp: Path, move: bool) -> None:
         else:
             shutil.copyfile(src, dst)
         fsync_path(dst)
+        out.append(dst)
+    return out
 
 
 def _describe(e: BaseException, rank: int) -> str:

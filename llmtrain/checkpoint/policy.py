@@ -1,20 +1,32 @@
 """When to save (step and wall-clock cadence, agreed by all ranks) and what a run starts from.
 
 Resume rules (checkpoint.resume / checkpoint.init_from), chosen so that a requeued job never loses work:
-  1. the run folder holds a complete checkpoint and resume is auto or a path -> the newest one, full state;
-  2. resume=<path> and the run has none of its own -> that checkpoint, full state (model, optimizer,
-     step, data position, RNG): branching a run from another one's checkpoint;
+  0. only intact checkpoints count: a damaged newest one is set aside (renamed, never deleted) and the
+     newest intact one is used, with a warning naming the damaged one;
+  1. resume=auto and the run folder holds a checkpoint -> the newest one, full state;
+  2. resume=<path> -> that checkpoint, full state (model, optimizer, step, data position, RNG): branching
+     from another run, or going back to an older step of this one. Every save of the branch records the
+     path as its origin, so a requeued job of the same command continues from the branch's own newest
+     checkpoint instead of going back again;
   3. init_from=<path> and nothing above -> weights only (+ optimizer with init_load_optimizer), step 0;
   4. otherwise a fresh start. resume=none refuses a run folder that already holds checkpoints, because
      the new run's saves would be mixed with (and pruned against) the old ones.
 """
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llmtrain.checkpoint.folder import CheckpointError, latest_checkpoint, resolve_checkpoint_path
+from llmtrain.checkpoint.dcp_io import verify_dcp
+from llmtrain.checkpoint.folder import (
+    ENGINE_DIR,
+    CheckpointError,
+    list_checkpoints,
+    resolve_checkpoint_path,
+    set_aside,
+)
+from llmtrain.checkpoint.state import TrainerState
 from llmtrain.config.checkpoint import CheckpointConfig
 from llmtrain.distributed.collectives import broadcast_int
 
@@ -61,11 +73,41 @@ class ResumePlan:
     """True: model, optimizer, counters, data, RNG. False: model (+ optimizer if load_optimizer) only."""
     load_optimizer: bool
     reason: str
+    state: TrainerState | None = None
+    """The checkpoint's trainer state, already read and checked (full-state resumes)."""
+    origin: str | None = None
+    """The explicit checkpoint.resume this run's lineage started from (recorded in its saves)."""
+    notes: list[str] = field(default_factory=list)
+    """Warnings for the user: damaged checkpoints set aside, superseded newer checkpoints."""
+
+
+def check_intact(path: Path) -> TrainerState:
+    """What a resume reads, checked before anything is loaded: the manifest (every file present with its
+    size), the trainer state, the DCP metadata. Checksums are left to tools/inspect_checkpoint.py:
+    reading every byte of a large checkpoint on one rank would cost more than the resume itself."""
+    state = TrainerState.read(path)
+    if (path / ENGINE_DIR / ".metadata").is_file():
+        verify_dcp(path / ENGINE_DIR)
+    return state
+
+
+def newest_intact(folder: Path, notes: list[str]) -> tuple[Path | None, TrainerState | None]:
+    """The run's newest checkpoint that is intact. Damaged newer ones (a file missing or truncated, an
+    unreadable state) are set aside under a new name, never deleted, with a note for the user. Rank 0."""
+    for _, path in reversed(list_checkpoints(folder)):
+        try:
+            return path, check_intact(path)
+        except CheckpointError as e:
+            moved = set_aside(path, str(e))
+            notes.append(f"checkpoint {path} is damaged ({e}); set aside as {moved.name}")
+    return None, None
 
 
 def plan_resume(ck: CheckpointConfig, folder: Path) -> ResumePlan:
-    """Apply the resume rules of this module to the run's checkpoint folder."""
-    own = latest_checkpoint(folder)
+    """Apply the resume rules of this module to the run's checkpoint folder (rank 0: it may set damaged
+    checkpoints aside; the trainer shares the plan with the other ranks)."""
+    notes: list[str] = []
+    own, own_state = newest_intact(folder, notes)
     mode = ck.resume
     if mode == "none":
         if own is not None:
@@ -73,15 +115,27 @@ def plan_resume(ck: CheckpointConfig, folder: Path) -> ResumePlan:
                 f"checkpoint.resume=none but {folder} already holds checkpoints (newest {own.name}): use another "
                 f"run.name, move that folder away, or leave checkpoint.resume=auto to continue it"
             )
-    elif own is not None:
-        return ResumePlan(own, True, True, f"resuming this run from {own}")
     elif mode != "auto":
         path = resolve_checkpoint_path(mode)
-        return ResumePlan(path, True, True, f"checkpoint.resume: starting from {path}")
+        origin = str(path.resolve())
+        continues = own is not None and own_state is not None and own_state.resume_origin == origin
+        if own is not None and (continues or own.resolve() == path.resolve()):  # a requeue of that branch
+            return ResumePlan(own, True, True, f"resuming this run from {own}", own_state, origin, notes)
+        if own is not None:
+            notes.append(
+                f"checkpoint.resume={mode}: starting from it; this run's newer {own.name} is superseded"
+            )
+        return ResumePlan(
+            path, True, True, f"checkpoint.resume: starting from {path}", check_intact(path), origin, notes
+        )
+    elif own is not None:
+        origin = own_state.resume_origin if own_state else None
+        return ResumePlan(own, True, True, f"resuming this run from {own}", own_state, origin, notes)
     if ck.init_from:
-        path = resolve_checkpoint_path(ck.init_from)
-        return ResumePlan(path, False, ck.init_load_optimizer, f"checkpoint.init_from: weights from {path}")
-    return ResumePlan(None, False, False, "fresh start")
+        path = resolve_checkpoint_path(ck.init_from, key="checkpoint.init_from")
+        reason = f"checkpoint.init_from: weights from {path}"
+        return ResumePlan(path, False, ck.init_load_optimizer, reason, None, None, notes)
+    return ResumePlan(None, False, False, "fresh start", None, None, notes)
 
 
 def check_model_matches(saved_config: dict[str, Any] | None, model_cfg: Any, path: Path) -> None:

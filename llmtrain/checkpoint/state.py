@@ -54,6 +54,8 @@ class TrainerState:
     world_size: int | None = None
     layout: str | None = None
     engine: str = "native"
+    resume_origin: str | None = None
+    """The checkpoint.resume path this run's lineage branched from (see checkpoint/policy.py)."""
     source: str | None = None
     """Weights-only checkpoints: what they were converted from (an HF folder, another engine's checkpoint)."""
     saved_at: float | None = None
@@ -80,6 +82,7 @@ class TrainerState:
             world_size=d.get("world_size"),
             layout=d.get("layout"),
             engine=d.get("engine") or "native",
+            resume_origin=d.get("resume_origin"),
             source=d.get("source"),
             saved_at=d.get("saved_at"),
         )

@@ -52,6 +52,11 @@ class ConsoleLogger:
         if self.enabled:
             log.info(msg)
 
+    def warning(self, msg: str) -> None:
+        """Something the user should act on or know changed (rank 0 only, like every console line)."""
+        if self.enabled:
+            log.warning(msg)
+
     def step(self, step: int, max_steps: int, metrics: dict[str, float]) -> None:
         if self.enabled:
             log.info(format_line(step, max_steps, metrics))

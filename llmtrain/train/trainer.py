@@ -11,11 +11,12 @@ import torch
 
 from llmtrain.checkpoint import CheckpointManager, RankState, SaveResult, TrainerState, latest_checkpoint
 from llmtrain.checkpoint.folder import resolve_checkpoint_path
-from llmtrain.checkpoint.policy import SaveSchedule, plan_resume
+from llmtrain.checkpoint.policy import ResumePlan, SaveSchedule, plan_resume
 from llmtrain.checkpoint.rng import capture_host_rng
 from llmtrain.checkpoint.state import LRPosition
 from llmtrain.config import Config, batch_geometry
 from llmtrain.config.io import to_dict
+from llmtrain.distributed.collectives import broadcast_object
 from llmtrain.distributed.env import DistEnv, init_distributed, pick_device
 from llmtrain.models import model_args
 from llmtrain.objectives import build_objective
@@ -72,6 +73,7 @@ class Trainer:
         self.stop = StopFlag()
         self.stop.install()
         self.step, self.tokens_seen, self.last_saved = 0, 0, -1
+        self.resume_origin: str | None = None
         self.history: list[dict[str, float]] = []
         margs, seq = model_args(cfg.model), cfg.data.seq_len  # MFU counts model FLOPs, HFU + recompute
         peak_dtype = torch.bfloat16 if t.precision == "bf16" else torch.float32
@@ -224,6 +226,7 @@ class Trainer:
             layout=self.dims.describe(),
             engine=self.cfg.parallel.backend,
             lr_schedule=LRPosition(self.step, max_steps, o.lr * lr_factor(self.step, o, max_steps)),
+            resume_origin=self.resume_origin,
         )
         rank_state = RankState(data=self.train_loader.state_dict(), rng=capture_host_rng())
         self.saving = self.ckpt.save(self.step, self.engine, state, rank_state)
@@ -252,9 +255,10 @@ class Trainer:
         """Start state per llmtrain.checkpoint.policy (auto-resume, resume=<path>, init_from, fresh).
         Returns the tracking run id to continue (only when resuming this very run)."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        if self.env.is_main:
-            self.ckpt.clean_stale()  # leftovers of a save that was killed
-        plan = plan_resume(self.cfg.checkpoint, self.ckpt.folder)
+        plan = self._agree_resume_plan()
+        for note in plan.notes:
+            self.console.warning(note)
+        self.resume_origin = plan.origin
         if plan.path is None:
             return None
         base = base_checkpoint(self.cfg)
@@ -262,7 +266,7 @@ class Trainer:
             base_path = resolve_checkpoint_path(base, key="checkpoint.init_from")
             self.ckpt.load(base_path, self.engine, load_optimizer=False, model=self.cfg.model)
         state = self.ckpt.load(
-            plan.path, self.engine, load_optimizer=plan.load_optimizer, model=self.cfg.model
+            plan.path, self.engine, load_optimizer=plan.load_optimizer, model=self.cfg.model, state=plan.state
         )
         self.console.info(f"{plan.reason} (step {state.step})")
         if not plan.full_state:
@@ -271,9 +275,43 @@ class Trainer:
         self.train_loader.load_state_dict(state.rank(self.env.rank).data)
         self.ckpt.restore_rng(plan.path, state)
         self.truncate_log()
+        self._announce_changes(state)
+        return state.mlflow_run_id if state.run_dir == str(self.run_dir.resolve()) else None
+
+    def _agree_resume_plan(self) -> ResumePlan:
+        """Rank 0 removes leftovers of killed saves and decides what to start from (it may set damaged
+        checkpoints aside); every rank follows the same plan, or raises the same error."""
+        plan: ResumePlan | None = None
+        error: Exception | None = None
+        if self.env.is_main:
+            for p in self.ckpt.clean_stale():
+                self.console.info(f"removed {p}: an incomplete checkpoint (a save that did not finish)")
+            try:
+                plan = plan_resume(self.cfg.checkpoint, self.ckpt.folder)
+            except ValueError as e:  # CheckpointError / ConfigError: bad input, one line on every rank
+                error = e
+        plan, error = broadcast_object((plan, error))
+        if error is not None:
+            raise error
+        assert plan is not None
+        return plan
+
+    def _announce_changes(self, state: TrainerState) -> None:
+        """Say what differs from the saved run: the layout, and the LR schedule (a changed max_steps,
+        lr, warmup or schedule moves the LR from the step on)."""
         if state.world_size != self.env.world_size:
             self.console.info(
                 f"checkpoint saved on {state.world_size} ranks [{state.layout}], "
                 f"resharded onto {self.env.world_size} [{self.dims.describe()}]"
             )
-        return state.mlflow_run_id if state.run_dir == str(self.run_dir.resolve()) else None
+        saved, o, max_steps = state.lr_schedule, self.cfg.optim, self.cfg.trainer.max_steps
+        if saved is None:
+            return
+        lr_now = o.lr * lr_factor(state.step, o, max_steps)
+        if saved.max_steps != max_steps or abs(lr_now - saved.next_lr) > 1e-9 * max(
+            abs(saved.next_lr), 1e-30
+        ):
+            self.console.warning(
+                f"LR schedule changed since the checkpoint: horizon trainer.max_steps {saved.max_steps} -> "
+                f"{max_steps}, LR at step {state.step} {saved.next_lr:.3e} -> {lr_now:.3e}"
+            )

@@ -97,8 +97,13 @@ def test_resume_policy(cfg, tmp_path):
     assert (plan.path.name, plan.full_state, plan.load_optimizer) == ("step_00000005", False, False)
     ck.resume = str(tmp_path / "other" / "step_00000005")
     assert plan_resume(ck, own).full_state
-    _save(CheckpointManager(own), eng, 2)
-    assert plan_resume(ck, own).path == own / "step_00000002"  # the run's own checkpoint wins
+    mgr = CheckpointManager(own)
+    _save(mgr, eng, 2)  # a checkpoint of this run that did not come from that branch
+    plan = plan_resume(ck, own)
+    assert plan.path == tmp_path / "other" / "step_00000005" and plan.notes  # explicit resume honoured
+    origin = str((tmp_path / "other" / "step_00000005").resolve())
+    mgr.save(6, eng, TrainerState(resume_origin=origin), RankState())  # saved by that branch
+    assert plan_resume(ck, own).path == own / "step_00000006"  # a requeue continues the branch
     ck.resume = "none"
     with pytest.raises(CheckpointError, match="already holds checkpoints"):
         plan_resume(ck, own)

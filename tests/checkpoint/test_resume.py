@@ -173,3 +173,20 @@ def test_resume_from_a_step_0_checkpoint_is_exact(make_config):
         (e["step"], e["loss"], e["grad_norm"]) for e in want
     ]
     assert resumed["history"][0]["step"] == 1
+
+
+def test_a_changed_schedule_is_announced_on_resume(make_config, caplog):
+    """Raising trainer.max_steps moves the LR of the resumed step (cosine horizon); say so, with the
+    old and new horizon and LR, instead of a silent jump."""
+    torch.set_num_threads(1)
+    _train(make_config, "run.name=grow", "trainer.max_steps=4")
+    with caplog.at_level("INFO", logger="llmtrain"):
+        _train(make_config, "run.name=grow", "trainer.max_steps=8")
+    msgs = [r.getMessage() for r in caplog.records if "LR schedule changed" in r.getMessage()]
+    assert len(msgs) == 1 and "trainer.max_steps 4 -> 8" in msgs[0], msgs
+    old, new = (float(x) for x in re.findall(r"LR at step 4 (\S+) -> (\S+)", msgs[0])[0])
+    assert new > old  # cosine at 4 of 4 is the floor; at 4 of 8 it is half-way
+    caplog.clear()
+    with caplog.at_level("INFO", logger="llmtrain"):
+        _train(make_config, "run.name=grow", "trainer.max_steps=8")  # nothing changed: nothing said
+    assert not [r for r in caplog.records if "LR schedule changed" in r.getMessage()]
