@@ -11,6 +11,7 @@ from pathlib import Path
 
 from llmtrain.checkpoint.dcp_io import read_tensors, tensor_shapes
 from llmtrain.checkpoint.folder import ENGINE_DIR, CheckpointError, resolve_checkpoint_path
+from llmtrain.checkpoint.pin import base_of
 from llmtrain.checkpoint.state import TrainerState
 from llmtrain.checkpoint.weights import write_weights_checkpoint
 from llmtrain.models.lora import is_adapter, merge_lora_state
@@ -27,10 +28,9 @@ def merge_lora_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
     own = sorted(tensor_shapes(path / ENGINE_DIR))
     tensors = read_tensors(path / ENGINE_DIR, own)
     if not any(not is_adapter(k) for k in own):  # adapters only: the base comes from init_from
-        base_spec = (cfg.get("checkpoint") or {}).get("init_from")
-        if not base_spec:
+        base = base_of(state.init_from, cfg, path)  # the pinned base, checked unchanged
+        if base is None:
             raise CheckpointError(f"{path}: adapters-only checkpoint without checkpoint.init_from (no base)")
-        base = resolve_checkpoint_path(base_spec)
         names = [k for k in tensor_shapes(base / ENGINE_DIR) if not is_adapter(k)]
         tensors = {**read_tensors(base / ENGINE_DIR, names), **tensors}
     merged = merge_lora_state(tensors, float(peft["alpha"]) / int(peft["rank"]))

@@ -26,6 +26,7 @@ from llmtrain.checkpoint.folder import (
     resolve_checkpoint_path,
     set_aside,
 )
+from llmtrain.checkpoint.pin import InitPin, run_pin, verify
 from llmtrain.checkpoint.state import TrainerState
 from llmtrain.config.checkpoint import CheckpointConfig
 from llmtrain.distributed.collectives import broadcast_int
@@ -79,6 +80,8 @@ class ResumePlan:
     """The explicit checkpoint.resume this run's lineage started from (recorded in its saves)."""
     notes: list[str] = field(default_factory=list)
     """Warnings for the user: damaged checkpoints set aside, superseded newer checkpoints."""
+    pin: InitPin | None = None
+    """checkpoint.init_from resolved once for this run (None without init_from)."""
 
 
 def check_intact(path: Path) -> TrainerState:
@@ -105,7 +108,17 @@ def newest_intact(folder: Path, notes: list[str]) -> tuple[Path | None, TrainerS
 
 def plan_resume(ck: CheckpointConfig, folder: Path) -> ResumePlan:
     """Apply the resume rules of this module to the run's checkpoint folder (rank 0: it may set damaged
-    checkpoints aside; the trainer shares the plan with the other ranks)."""
+    checkpoints aside; the trainer shares the plan with the other ranks), with checkpoint.init_from
+    pinned (checkpoint/pin.py; the run folder is the checkpoint folder's parent)."""
+    plan = _plan(ck, folder)
+    saved = plan.state.init_from if plan.state is not None else None
+    plan.pin = run_pin(ck.init_from, folder.parent, saved)
+    if plan.path is not None and not plan.full_state and plan.pin is not None:  # weights of the pinned base
+        plan.path = verify(plan.pin)
+    return plan
+
+
+def _plan(ck: CheckpointConfig, folder: Path) -> ResumePlan:
     notes: list[str] = []
     own, own_state = newest_intact(folder, notes)
     mode = ck.resume

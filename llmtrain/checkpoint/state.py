@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import OmegaConf
 
 from llmtrain.checkpoint.folder import FORMAT, STATE_FILE, CheckpointError, verify_manifest
+from llmtrain.checkpoint.pin import InitPin
 from llmtrain.config.errors import ConfigError
 from llmtrain.config.model import ModelConfig
 
@@ -54,6 +55,8 @@ class TrainerState:
     world_size: int | None = None
     layout: str | None = None
     engine: str = "native"
+    init_from: InitPin | None = None
+    """checkpoint.init_from resolved once (the exact base checkpoint; see checkpoint/pin.py)."""
     resume_origin: str | None = None
     """The checkpoint.resume path this run's lineage branched from (see checkpoint/policy.py)."""
     source: str | None = None
@@ -82,6 +85,7 @@ class TrainerState:
             world_size=d.get("world_size"),
             layout=d.get("layout"),
             engine=d.get("engine") or "native",
+            init_from=InitPin.from_dict(d["init_from"]) if d.get("init_from") else None,
             resume_origin=d.get("resume_origin"),
             source=d.get("source"),
             saved_at=d.get("saved_at"),

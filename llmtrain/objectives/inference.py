@@ -16,6 +16,7 @@ from torch import nn
 
 from llmtrain.checkpoint.dcp_io import single_process_dcp
 from llmtrain.checkpoint.folder import ENGINE_DIR, resolve_checkpoint_path
+from llmtrain.checkpoint.pin import base_of
 from llmtrain.checkpoint.state import TrainerState
 from llmtrain.config import Config, ConfigError
 from llmtrain.data.dataset import TokenDataset
@@ -66,10 +67,10 @@ def load_checkpoint_engine(
     mesh = dims.build_mesh(dev.type) if env.world_size > 1 else None
     with single_process_dcp():
         engine = build_engine(cfg, dims, mesh, dev, build_peft(cfg))
-        base = base_checkpoint(cfg)
-        if base is not None:  # adapters-only LoRA checkpoint: its frozen base first
-            base_path = resolve_checkpoint_path(base, key="checkpoint.init_from")
-            engine.load(base_path / ENGINE_DIR, load_optimizer=False)
+        if base_checkpoint(cfg) is not None:  # adapters-only LoRA checkpoint: its pinned frozen base first
+            base = base_of(state.init_from, state.config, ckpt)
+            assert base is not None
+            engine.load(base / ENGINE_DIR, load_optimizer=False)
         engine.load(ckpt / ENGINE_DIR, load_optimizer=False)
     return LoadedCheckpoint(ckpt, cfg, state, engine, dims, dev)
 

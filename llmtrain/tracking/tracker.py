@@ -81,6 +81,9 @@ def run_tags(trainer: Any) -> dict[str, str]:
     }
     if os.environ.get("SLURM_JOB_ID"):
         tags["slurm_job_id"] = os.environ["SLURM_JOB_ID"]
+    pin = getattr(trainer, "init_pin", None)
+    if pin is not None:  # the exact base checkpoint of a fine-tuning run
+        tags["init_from"] = pin.describe()
     return tags
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from llmtrain.checkpoint import CheckpointManager, RankState, SaveResult, TrainerState, latest_checkpoint
-from llmtrain.checkpoint.folder import resolve_checkpoint_path
+from llmtrain.checkpoint.pin import InitPin, read_pin_file, write_pin_file
 from llmtrain.checkpoint.policy import ResumePlan, SaveSchedule, plan_resume
 from llmtrain.checkpoint.rng import capture_host_rng
 from llmtrain.checkpoint.state import LRPosition
@@ -74,6 +74,7 @@ class Trainer:
         self.stop.install()
         self.step, self.tokens_seen, self.last_saved = 0, 0, -1
         self.resume_origin: str | None = None
+        self.init_pin: InitPin | None = None
         self.history: list[dict[str, float]] = []
         margs, seq = model_args(cfg.model), cfg.data.seq_len  # MFU counts model FLOPs, HFU + recompute
         peak_dtype = torch.bfloat16 if t.precision == "bf16" else torch.float32
@@ -227,6 +228,7 @@ class Trainer:
             engine=self.cfg.parallel.backend,
             lr_schedule=LRPosition(self.step, max_steps, o.lr * lr_factor(self.step, o, max_steps)),
             resume_origin=self.resume_origin,
+            init_from=self.init_pin,
         )
         rank_state = RankState(data=self.train_loader.state_dict(), rng=capture_host_rng())
         self.saving = self.ckpt.save(self.step, self.engine, state, rank_state)
@@ -258,13 +260,14 @@ class Trainer:
         plan = self._agree_resume_plan()
         for note in plan.notes:
             self.console.warning(note)
-        self.resume_origin = plan.origin
+        self.resume_origin, self.init_pin = plan.origin, plan.pin
+        if plan.pin is not None:
+            self.console.info(f"checkpoint.init_from={plan.pin.spec} pinned to {plan.pin.describe()}")
         if plan.path is None:
             return None
-        base = base_checkpoint(self.cfg)
-        if base is not None and plan.full_state:  # adapters-only checkpoints: the frozen base goes first
-            base_path = resolve_checkpoint_path(base, key="checkpoint.init_from")
-            self.ckpt.load(base_path, self.engine, load_optimizer=False, model=self.cfg.model)
+        if base_checkpoint(self.cfg) is not None and plan.full_state:  # adapters-only: the frozen base first
+            assert plan.pin is not None
+            self.ckpt.load(Path(plan.pin.path), self.engine, load_optimizer=False, model=self.cfg.model)
         state = self.ckpt.load(
             plan.path, self.engine, load_optimizer=plan.load_optimizer, model=self.cfg.model, state=plan.state
         )
@@ -288,6 +291,8 @@ class Trainer:
                 self.console.info(f"removed {p}: an incomplete checkpoint (a save that did not finish)")
             try:
                 plan = plan_resume(self.cfg.checkpoint, self.ckpt.folder)
+                if plan.pin is not None and read_pin_file(self.run_dir) is None:
+                    write_pin_file(self.run_dir, plan.pin)
             except ValueError as e:  # CheckpointError / ConfigError: bad input, one line on every rank
                 error = e
         plan, error = broadcast_object((plan, error))

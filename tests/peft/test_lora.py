@@ -141,3 +141,46 @@ def test_merged_checkpoint_matches_the_adapted_model(shakespeare_dir, tmp_path, 
     direct = load_file(export_hf(tmp_path / "ft", tmp_path / "hf_direct") / "model.safetensors")
     via_merge = load_file(export_hf(merged, tmp_path / "hf_merged") / "model.safetensors")
     assert direct.keys() == via_merge.keys() and all(torch.equal(direct[k], via_merge[k]) for k in direct)
+
+
+def test_the_base_of_a_lora_run_is_pinned_when_it_trains_on(shakespeare_dir, tmp_path) -> None:
+    """init_from=<run folder> resolves once: after the base run trains 4 more steps, the same LoRA
+    checkpoint exports the same weights (it exported different ones, max diff 1e-3), its resume loads the
+    same base, and a base rewritten under the pin is refused naming both fingerprints."""
+    from safetensors.torch import load_file
+
+    from llmtrain.checkpoint import TrainerState, latest_checkpoint
+    from llmtrain.checkpoint.convert import export_hf
+    from llmtrain.checkpoint.pin import PIN_FILE
+    from llmtrain.tracking.tracker import run_tags
+    from llmtrain.train.trainer import Trainer
+
+    base = tmp_path / "base"
+    base_cfg = ["run.name=base", "checkpoint.every_steps=2", "checkpoint.keep_last=5"]
+    train(tiny_config(shakespeare_dir, tmp_path, *base_cfg, "trainer.max_steps=2"))
+    pinned = latest_checkpoint(base / "checkpoints")
+    first = losses(lora_run(shakespeare_dir, tmp_path, base, "ft", 3))
+    lora_ckpt = latest_checkpoint(tmp_path / "ft" / "checkpoints")
+    pin = TrainerState.read(lora_ckpt).init_from
+    assert pin is not None and pin.path == str(pinned.resolve()) and pin.spec == str(base)
+    assert (tmp_path / "ft" / PIN_FILE).is_file()
+    before = load_file(export_hf(tmp_path / "ft", tmp_path / "hf1") / "model.safetensors")
+    train(tiny_config(shakespeare_dir, tmp_path, *base_cfg, "trainer.max_steps=6"))  # the base trains on
+    assert latest_checkpoint(base / "checkpoints") != pinned
+    after = load_file(export_hf(tmp_path / "ft", tmp_path / "hf2") / "model.safetensors")
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    on_pinned = losses(lora_run(shakespeare_dir, tmp_path, pinned, "ref", 5))  # straight, on the step-2 base
+    resumed = losses(lora_run(shakespeare_dir, tmp_path, base, "ft", 5))  # resumes: base still step 2
+    assert first + resumed == on_pinned  # bitwise: the resume did not pick up the newer base
+    cfg = tiny_config(shakespeare_dir, tmp_path, "peft=lora", f"checkpoint.init_from={base}", "run.name=ft")
+    trainer = Trainer(cfg, __import__("llmtrain.distributed.env", fromlist=["DistEnv"]).DistEnv(0, 0, 1, 1))
+    trainer.maybe_resume()
+    assert run_tags(trainer)["init_from"] == pin.describe()  # shown in MLflow as a run tag
+    (pinned / "COMPLETE").write_text((pinned / "COMPLETE").read_text().replace('"step": 2', '"step":2'))
+    with pytest.raises(ValueError, match=f"changed since this run was pinned.*{pin.fingerprint}"):
+        lora_run(shakespeare_dir, tmp_path, base, "ft", 6)
+    other = tiny_config(
+        shakespeare_dir, tmp_path, "peft=lora", f"checkpoint.init_from={pinned}", "run.name=ft"
+    )
+    with pytest.raises(ValueError, match="but this run was started from"):
+        train(other)
