@@ -100,3 +100,17 @@ def test_multirun_creates_sibling_runs(shakespeare_dir, tmp_path):
     assert runs == ["default-optim.lr=0.001", "default-optim.lr=0.003"]
     a, b = (_losses(tmp_path / "runs" / r) for r in runs)
     assert a[0] == b[0] and a[-1] != b[-1]  # same start, different learning rates
+
+
+def test_a_config_error_writes_nothing(tmp_path):
+    """A rejected config leaves no trace: no run folder, no Hydra folder or log file (it created
+    <run>/hydra/cli.log before)."""
+    res = subprocess.run(
+        [sys.executable, "-m", "llmtrain.cli", f"run.root={tmp_path / 'runs'}", "optim.schedule=nope"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 2 and "optim.schedule='nope'" in res.stderr
+    assert sorted(p.name for p in tmp_path.rglob("*")) == []
