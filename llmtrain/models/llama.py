@@ -4,6 +4,7 @@ This file knows nothing of parallelism (docs/architecture.md). Build it on the m
 `llmtrain.parallel` functions transform it, then materialize and call `init_weights`.
 """
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -64,19 +65,10 @@ class TransformerArgs:
         )
 
     def moe_args(self) -> MoEArgs:
-        """The MoE layer's own arguments."""
+        """The MoE layer's own arguments: each MoEArgs field `f` is this dataclass's `moe_f`."""
+        names = [f.name for f in dataclasses.fields(MoEArgs) if f.name not in ("dim", "expert_dim")]
         return MoEArgs(
-            dim=self.dim,
-            num_experts=self.moe_num_experts,
-            top_k=self.moe_top_k,
-            expert_dim=self.expert_dim,
-            score=self.moe_score,
-            norm_topk=self.moe_norm_topk,
-            route_scale=self.moe_route_scale,
-            aux_loss_coef=self.moe_aux_loss_coef,
-            z_loss_coef=self.moe_z_loss_coef,
-            bias_update_rate=self.moe_bias_update_rate,
-            gemm=self.moe_gemm,
+            dim=self.dim, expert_dim=self.expert_dim, **{n: getattr(self, f"moe_{n}") for n in names}
         )
 
     @property
