@@ -1,4 +1,5 @@
-"""MoE under data parallelism: 2 gloo ranks (DDP, ZeRO-3) against 1 process with accumulation.
+"""MoE under data parallelism: 2 gloo ranks (DDP, ZeRO-3, ZeRO-3 with full activation checkpointing)
+against 1 process with accumulation.
 
 The router's aux losses (per row, weighted by target tokens), the expert loads that drive the bias
 update (all-reduced over dp) and the router choices must not depend on the layout: loss, grad norm and
@@ -24,7 +25,11 @@ MOE = [
     "model.moe_z_loss_coef=0.01",
     "model.moe_bias_update_rate=0.01",
 ]
-LAYOUTS = {"dp2": ["parallel=ddp"], "zero3_dp2": ["parallel=zero3"]}
+LAYOUTS = {
+    "dp2": ["parallel=ddp"],
+    "zero3_dp2": ["parallel=zero3"],
+    "zero3_dp2_ac_full": ["parallel=zero3", "parallel.activation_checkpoint=full"],
+}
 
 
 def _spawned(rank: int, world: int, data: str, root: str) -> dict:
