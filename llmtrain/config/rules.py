@@ -58,6 +58,7 @@ def check_parallel_config(cfg: Config) -> None:
             "model.tie_embeddings=true is not supported with parallel.tp > 1 or parallel.pp > 1"
         )
     _check_pipeline(cfg)
+    check_moe_parallel(cfg)
     if p.dp_shard != -1:  # -1 resolves with the world size: parallel.layout applies the same rule then
         check_zero_shards(p.zero_stage, p.dp_shard)
     if p.backend == "native" and p.zero_stage == 0 and p.param_dtype != "fp32":
@@ -65,6 +66,28 @@ def check_parallel_config(cfg: Config) -> None:
             f"parallel.param_dtype={p.param_dtype} is applied by ZeRO/FSDP2 only; with "
             "parallel.zero_stage=0 use trainer.precision=bf16 (autocast) instead"
         )
+
+
+def check_moe_parallel(cfg: Config) -> None:
+    """What an MoE model (model.moe_num_experts > 0) runs on today, with the reason for each refusal."""
+    p, m = cfg.parallel, cfg.model
+    if m.moe_num_experts == 0:
+        return
+    if p.backend != "native":
+        raise ConfigError(
+            f"model.moe_num_experts={m.moe_num_experts} runs on parallel.backend=native only, got "
+            f"{p.backend}: our experts (GroupedExperts, token-choice router, per-row aux losses) are not "
+            "translated into DeepSpeed's or megatron-core's MoE layers"
+        )
+    for key, value, why in (
+        ("tp", p.tp, "the experts have no tensor-parallel plan"),
+        ("pp", p.pp, "the router losses and statistics are not wired through the pipeline schedule"),
+    ):
+        if value > 1:
+            raise ConfigError(
+                f"model.moe_num_experts={m.moe_num_experts} with parallel.{key}={value} is not "
+                f"supported yet ({why}); use parallel.{key}=1"
+            )
 
 
 def check_zero_shards(zero_stage: int, dp_shard: int, world_size: int | None = None) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 from llmtrain.config.checkpoint import resume_mode
 from llmtrain.config.errors import ConfigError, check, check_choice
 from llmtrain.config.launcher import LAUNCHERS
+from llmtrain.config.model import check_moe_fields
 from llmtrain.config.optim import SCHEDULES
 from llmtrain.config.parallel import AC_MODES, BACKENDS, DTYPES, PP_SCHEDULES
 from llmtrain.config.rules import check_parallel_config, validate_objective, validate_peft
@@ -45,11 +46,16 @@ def validate_config(cfg: Config) -> Config:
     check_choice("launcher.name", cfg.launcher.name, LAUNCHERS)
     for key in ("dim", "n_layers", "n_heads", "vocab_size"):
         check(getattr(m, key) > 0, f"model.{key}", "must be positive")
-    check(m.dim % m.n_heads == 0, "model.dim", f"{m.dim} must be divisible by model.n_heads={m.n_heads}")
+    check(
+        m.attn_head_dim is not None or m.dim % m.n_heads == 0,
+        "model.dim",
+        f"{m.dim} must be divisible by model.n_heads={m.n_heads} (or set model.attn_head_dim)",
+    )
     kv = m.n_kv_heads or m.n_heads
     check(m.n_heads % kv == 0, "model.n_kv_heads", f"{kv} must divide model.n_heads={m.n_heads}")
     check_parallel_config(cfg)
-    check((m.dim // m.n_heads) % 2 == 0, "model.dim", "head dim (dim / n_heads) must be even for RoPE")
+    check(m.head_dim % 2 == 0, "model.dim", f"head dim {m.head_dim} must be even for RoPE")
+    check_moe_fields(m)
     check(
         d.seq_len <= m.max_seq_len, "data.seq_len", f"{d.seq_len} exceeds model.max_seq_len={m.max_seq_len}"
     )

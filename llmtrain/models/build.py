@@ -28,3 +28,15 @@ def count_params(model: torch.nn.Module, exclude_embeddings: bool = False) -> in
             continue
         seen[id(p)] = p.numel()
     return sum(seen.values())
+
+
+def count_active_params(model: torch.nn.Module) -> int:
+    """Parameters one token uses: `count_params` minus the routed experts it is not sent to
+    (num_experts - top_k of every MoE layer). Equals `count_params` for a dense model."""
+    from llmtrain.models.moe import moe_layers
+
+    inactive = 0
+    for _, layer in moe_layers(model):
+        per_expert = sum(p.numel() for p in layer.experts.parameters()) // layer.args.num_experts
+        inactive += (layer.args.num_experts - layer.args.top_k) * per_expert
+    return count_params(model) - inactive

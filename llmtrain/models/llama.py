@@ -4,6 +4,7 @@ This file knows nothing of parallelism (docs/architecture.md). Build it on the m
 `llmtrain.parallel` functions transform it, then materialize and call `init_weights`.
 """
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmtrain.config.model import ffn_hidden_dim
+from llmtrain.models.moe import MoE, MoEArgs
 
 
 @dataclass(kw_only=True)
@@ -32,10 +34,42 @@ class TransformerArgs:
     max_seq_len: int = 2048
     tie_embeddings: bool = False
     init_std: float = 0.02
+    attn_head_dim: int | None = None
+    moe_num_experts: int = 0
+    moe_top_k: int = 2
+    moe_expert_dim: int | None = None
+    moe_shared_experts: int = 0
+    moe_every: int = 1
+    moe_first_k_dense: int = 0
+    moe_score: str = "softmax"
+    moe_norm_topk: bool = True
+    moe_route_scale: float = 1.0
+    moe_aux_loss_coef: float = 0.0
+    moe_z_loss_coef: float = 0.0
+    moe_bias_update_rate: float = 0.0
+    moe_gemm: str = "auto"
 
     @property
     def head_dim(self) -> int:
-        return self.dim // self.n_heads
+        return self.attn_head_dim or self.dim // self.n_heads
+
+    @property
+    def expert_dim(self) -> int:
+        """SwiGLU width of one routed (or shared) expert."""
+        return self.moe_expert_dim or self.hidden_dim
+
+    def is_moe_layer(self, layer_id: int) -> bool:
+        """Layer `layer_id` has an MoE feed-forward (after the first k dense ones, every moe_every-th)."""
+        return (
+            self.moe_num_experts > 0 and layer_id >= self.moe_first_k_dense and layer_id % self.moe_every == 0
+        )
+
+    def moe_args(self) -> MoEArgs:
+        """The MoE layer's own arguments: each MoEArgs field `f` is this dataclass's `moe_f`."""
+        names = [f.name for f in dataclasses.fields(MoEArgs) if f.name not in ("dim", "expert_dim")]
+        return MoEArgs(
+            dim=self.dim, expert_dim=self.expert_dim, **{n: getattr(self, f"moe_{n}") for n in names}
+        )
 
     @property
     def kv_heads(self) -> int:
@@ -130,14 +164,21 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then + ffn(norm(x))."""
+    """Pre-norm residual block: x + attn(norm(x)), then + ffn(norm(x)); the ffn is a dense SwiGLU or,
+    in the layers `TransformerArgs.is_moe_layer` names, a mixture of experts (llmtrain.models.moe)."""
 
-    def __init__(self, args: TransformerArgs) -> None:
+    def __init__(self, args: TransformerArgs, layer_id: int = 0) -> None:
         super().__init__()
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.attention = Attention(args)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
-        self.feed_forward = FeedForward(args.dim, args.hidden_dim)
+        self.feed_forward: nn.Module
+        if args.is_moe_layer(layer_id):
+            width = args.moe_shared_experts * args.expert_dim  # n shared experts == one n-times wider
+            shared = FeedForward(args.dim, width) if width else None
+            self.feed_forward = MoE(args.moe_args(), shared)
+        else:
+            self.feed_forward = FeedForward(args.dim, args.hidden_dim)
 
     def forward(
         self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = True
@@ -156,7 +197,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.args = args
         self.tok_embeddings: nn.Embedding | None = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleDict({str(i): TransformerBlock(args) for i in range(args.n_layers)})
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(args, i) for i in range(args.n_layers)})
         self.norm: RMSNorm | None = RMSNorm(args.dim, args.norm_eps)
         self.output: nn.Linear | None = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
@@ -208,13 +249,17 @@ class Transformer(nn.Module):
         )
         for name, p, draw, param_seed in self.init_plan(seed):
             fill_param(p, draw, seed=param_seed, name=name)
+        for module in self.modules():
+            if isinstance(module, MoE):
+                module.reset_buffers()
 
     def init_plan(self, seed: int) -> Iterator[tuple[str, nn.Parameter, Callable, int]]:
         """(name, parameter, draw(shape, generator), seed) of every parameter: the init rule, apart from
         how a rank reaches its storage (plain/DTensor here; DeepSpeed ZeRO-3 gathers one at a time)."""
         std, out_std = self.args.init_std, self.args.init_std / math.sqrt(2 * self.args.n_layers)
         for name, p in self.named_parameters():
-            leaf = name.rsplit(".", 1)[0].rsplit(".", 1)[-1]
+            parts = name.split(".")  # the module's name (wo in ...wo.weight), or the expert tensor's (w2)
+            leaf = parts[-2] if parts[-1] == "weight" and len(parts) > 1 else parts[-1]
             if name.endswith("norm.weight"):
                 yield name, p, _ones, 0
             elif leaf in ("wo", "w2"):

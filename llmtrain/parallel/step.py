@@ -10,6 +10,10 @@ Tensor parallelism does not change this: the tp ranks of one dp rank compute the
 vocab-parallel cross-entropy all-reduces its partial sums) and each back-propagates into its own
 shard. Pipeline parallelism uses the same per-micro-batch loss inside the schedule
 (`llmtrain.parallel.pipeline.PipelineRunner`, driven by the native engine), with the same global N.
+
+MoE auxiliary losses (llmtrain.models.moe) join the backward as  sum_rows n_row * aux_row  next to
+the cross-entropy sum, so they carry the same dp / N scale and the same accumulation invariance; the
+reported loss stays the cross-entropy (the router terms are logged as moe/* metrics).
 """
 
 from collections import defaultdict
@@ -25,6 +29,7 @@ from torch import nn
 
 from llmtrain.data.loader import IGNORE_INDEX, Batch
 from llmtrain.distributed.collectives import all_reduce_
+from llmtrain.models.moe import collect_moe_losses, moe_step_end
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """(logits, targets) -> summed cross-entropy over the target tokens."""
@@ -111,13 +116,15 @@ def train_step(
         last = i == len(batches) - 1
         with ctx.autocast(), ctx.loss_ctx(), ctx.accumulate() if not last else nullcontext():
             loss = forward_loss_sum(model, batch, ctx.loss_fn, ctx.explicit_positions)
-            (loss * scale).backward()
+            aux = collect_moe_losses(model, batch.targets.ne(IGNORE_INDEX).sum(-1))
+            ((loss if aux is None else loss + aux) * scale).backward()
         loss_sum += loss.detach().double().cpu()
     if ctx.reduce_grads is not None:
         ctx.reduce_grads()
     all_reduce_(loss_sum, ctx.dp_group)
     grad_norm = clip_grad_norm(model, ctx.grad_clip)
     optimizer.step()
+    moe_step_end(model, ctx.dp_group)
     optimizer.zero_grad(set_to_none=True)
     return StepResult(float(loss_sum) / max(n_global, 1), grad_norm, n_global)
 

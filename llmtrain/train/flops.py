@@ -18,6 +18,8 @@ each checkpointed block, all but its last matmul (torch's non-reentrant checkpoi
 as soon as every tensor backward needs is back, and the SwiGLU w2 output is not one of them); the
 output head is never recomputed. `tests/train/test_flops.py` checks these numbers
 against torch's FlopCounterMode on the real model.
+MoE layers (`active_ffn_weights`) count the weights a token actually uses: its top-k experts, the
+shared experts and the router; the dispatch (sort, gather, weighted sum) moves data and is not counted.
 """
 
 import re
@@ -59,11 +61,27 @@ def forward_flops_per_token(args: TransformerArgs, seq_len: int) -> tuple[float,
     """Forward FLOPs per token as (all transformer blocks, output head)."""
     d, hd = args.dim, args.head_dim
     q_dim, kv_dim = args.n_heads * hd, args.kv_heads * hd
-    block_weights = d * q_dim + 2 * d * kv_dim + q_dim * d + 3 * d * args.hidden_dim
+    attn_weights = d * q_dim + 2 * d * kv_dim + q_dim * d
     attention = 2 * 2 * seq_len * q_dim  # QK^T and AV over the full square (see module doc)
-    blocks = args.n_layers * (2 * block_weights + attention)
+    blocks = args.n_layers * (2 * attn_weights + attention) + 2 * active_ffn_weights(args)[0]
     head = 2 * d * args.vocab_size
     return float(blocks), float(head)
+
+
+def active_ffn_weights(args: TransformerArgs) -> tuple[int, int]:
+    """Feed-forward weights one token uses, summed over the layers, and the part of them in the last
+    projections (w2). Dense layers: the SwiGLU; MoE layers: top_k routed experts + shared experts +
+    the router (the MFU numerator counts active, not total, parameters)."""
+    d, total, last = args.dim, 0, 0
+    for layer in range(args.n_layers):
+        if args.is_moe_layer(layer):
+            width = (args.moe_top_k + args.moe_shared_experts) * args.expert_dim
+            total += 3 * d * width + d * args.moe_num_experts
+        else:
+            width = args.hidden_dim
+            total += 3 * d * width
+        last += d * width
+    return total, last
 
 
 def recompute_fraction(activation_checkpoint: str, n_layers: int) -> float:
@@ -84,7 +102,7 @@ def flops_per_token(args: TransformerArgs, seq_len: int, recompute: float = 0.0)
     activation checkpointing re-runs) x their recomputed forward. recompute=0 gives the MFU numerator
     (model FLOPs), the checkpointing share gives the HFU numerator (hardware FLOPs)."""
     blocks, head = forward_flops_per_token(args, seq_len)
-    rerun = blocks - args.n_layers * 2 * args.hidden_dim * args.dim  # w2 is not recomputed
+    rerun = blocks - 2 * active_ffn_weights(args)[1]  # w2 is not recomputed
     return 3 * (blocks + head) + float(recompute) * rerun
 
 

@@ -19,6 +19,7 @@ from llmtrain.config.io import to_dict
 from llmtrain.distributed.collectives import broadcast_object
 from llmtrain.distributed.env import DistEnv, init_distributed, pick_device
 from llmtrain.models import model_args
+from llmtrain.models.moe import moe_stats
 from llmtrain.objectives import build_objective
 from llmtrain.optim import lr_factor
 from llmtrain.parallel import ParallelDims
@@ -186,6 +187,7 @@ class Trainer:
             "train/tokens_seen": float(self.tokens_seen),
             "sys/mem_gb": memory_gb(self.device),
             **self.meter.metrics(self.cfg.trainer.max_steps - self.step),
+            **moe_stats(getattr(self.engine, "model", None)),  # router statistics (MoE models only)
         }
         self.meter.reset()
         self.console.step(self.step, self.cfg.trainer.max_steps, metrics)
