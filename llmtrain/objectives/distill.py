@@ -11,6 +11,7 @@ layout) from its own checkpoint config, loaded with DCP under that layout, froze
 """
 
 import dataclasses
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from llmtrain.checkpoint.folder import ENGINE_DIR, resolve_checkpoint_path
 from llmtrain.checkpoint.state import TrainerState
 from llmtrain.config import Config, ConfigError
+from llmtrain.config.model import ModelConfig
 from llmtrain.config.peft import PeftConfig
 from llmtrain.data.loader import IGNORE_INDEX
 from llmtrain.parallel.dims import ParallelDims
@@ -71,12 +73,9 @@ class DistillLoss:
         return distill_loss_sum(logits, t_logits, targets, self.temperature, self.alpha)
 
 
-def build_teacher(
-    cfg: Config, dims: ParallelDims, mesh: DeviceMesh | None, device: torch.device
-) -> nn.Module:
-    """Build the teacher with the student's engine and layout, load its weights, freeze it."""
-    from llmtrain.parallel.build import build_engine
-
+def teacher_checkpoint(cfg: Config) -> tuple[Path, ModelConfig]:
+    """The teacher's checkpoint folder and model config, checked usable for this student: it exists and
+    is complete, and it shares the student's tokenizer and vocabulary (also run by the launcher)."""
     path = resolve_checkpoint_path(cfg.objective.distill.teacher, key="objective.distill.teacher")
     model_cfg, tokenizer = TrainerState.read(path).model_and_tokenizer(path)
     if (tokenizer not in (None, cfg.data.tokenizer)) or model_cfg.vocab_size != cfg.model.vocab_size:
@@ -85,6 +84,16 @@ def build_teacher(
             f"{model_cfg.vocab_size}) differ from the student's data.tokenizer={cfg.data.tokenizer}, "
             f"model.vocab_size={cfg.model.vocab_size}; distillation needs the same tokenizer"
         )
+    return path, model_cfg
+
+
+def build_teacher(
+    cfg: Config, dims: ParallelDims, mesh: DeviceMesh | None, device: torch.device
+) -> nn.Module:
+    """Build the teacher with the student's engine and layout, load its weights, freeze it."""
+    from llmtrain.parallel.build import build_engine
+
+    path, model_cfg = teacher_checkpoint(cfg)
     teacher_cfg = dataclasses.replace(cfg, model=model_cfg, peft=PeftConfig())
     engine = build_engine(teacher_cfg, dims, mesh, device)
     engine.load(path / ENGINE_DIR, load_optimizer=False)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from llmtrain.config.objective import SFTConfig
+from llmtrain.data.errors import DataError
 from llmtrain.data.loader import IGNORE_INDEX, Batch
 from llmtrain.data.tokenizer import Tokenizer
 
@@ -37,8 +38,9 @@ OPEN_BINS = 64
 """Rows kept open while packing: first-fit over the last OPEN_BINS rows is O(n) and near-optimal."""
 
 
-class SFTDataError(ValueError):
-    """A malformed SFT data file; the message names the file, line and field."""
+class SFTDataError(DataError):
+    """A malformed SFT data file; the message names the file, line and field (a data error: one line
+    and exit code 2 from the launcher or any rank)."""
 
 
 @dataclass
