@@ -88,11 +88,54 @@ def flops_per_token(args: TransformerArgs, seq_len: int, recompute: float = 0.0)
     return 3 * (blocks + head) + float(recompute) * rerun
 
 
-def lookup_peak_tflops(device_name: str) -> tuple[str, float] | None:
-    """(table label, dense bf16 TFLOP/s) for a device name as torch reports it, or None."""
+# Dense (tf32 tensor-core, plain fp32) TFLOP/s per table label, from the same datasheets (sparse
+# tf32 figures halved). An fp32 run with TF32 off (torch's default for matmuls) runs at the fp32
+# rate: 67 on an H100 SXM, 15x below its bf16 peak. No TF32 (V100) runs fp32.
+FP32_TFLOPS: dict[str, tuple[float, float]] = {
+    "GH200": (494.7, 67.0),
+    "H200 NVL": (417.5, 60.0),
+    "H200 SXM": (494.7, 67.0),
+    "H100 PCIe": (378.0, 51.0),
+    "H100 NVL": (417.5, 60.0),
+    "H100 SXM": (494.7, 67.0),
+    "H800 PCIe": (378.0, 51.0),
+    "H800 SXM": (494.7, 67.0),
+    "H20": (74.0, 44.0),
+    "B200": (1125.0, 75.0),
+    "A100": (156.0, 19.5),
+    "A800": (156.0, 19.5),
+    "L40S": (183.0, 91.6),
+    "L40": (90.5, 90.5),
+    "L4": (60.0, 30.3),
+    "A10G": (35.0, 31.2),
+    "A10": (62.5, 31.2),
+    "V100 (fp16; no bf16)": (15.7, 15.7),
+    "MI325X": (653.7, 163.4),
+    "MI300X": (653.7, 163.4),
+    "MI250X": (95.7, 95.7),
+}
+COMPUTE_PRECISIONS = ("bf16", "tf32", "fp32")
+
+
+def compute_precision(precision: str, param_dtype: str = "fp32", tf32: bool = False) -> str:
+    """Which tensor-core rate the matmuls run at: bf16 under autocast (trainer.precision=bf16) or
+    bf16 ZeRO parameters (parallel.param_dtype=bf16), else tf32 when TF32 matmuls are allowed,
+    else plain fp32."""
+    if precision == "bf16" or param_dtype == "bf16":
+        return "bf16"
+    return "tf32" if tf32 else "fp32"
+
+
+def lookup_peak_tflops(device_name: str, precision: str = "bf16") -> tuple[str, float] | None:
+    """(table label, dense TFLOP/s in `precision`: bf16, tf32 or fp32) for a device name as torch
+    reports it, or None."""
+    if precision not in COMPUTE_PRECISIONS:
+        raise ValueError(f"precision {precision!r}; allowed: {COMPUTE_PRECISIONS}")
     for pattern, label, tflops in PEAK_TFLOPS:
         if re.search(pattern, device_name, flags=re.IGNORECASE):
-            return label, tflops
+            if precision == "bf16":
+                return label, tflops
+            return label, FP32_TFLOPS[label][precision == "fp32"]
     return None
 
 

@@ -130,3 +130,23 @@ def test_throughput_counts_every_input_token() -> None:
     assert sum(b.num_tokens for b in batches) == 12
     assert processed_tokens(batches, dp_size=4, fallback=12) == 3 * 16 * 4
     assert processed_tokens([object()], dp_size=4, fallback=12) == 12
+
+
+@pytest.mark.parametrize(
+    "name,precision,tflops",
+    [
+        ("NVIDIA H100 80GB HBM3", "fp32", 67.0),
+        ("NVIDIA H100 80GB HBM3", "tf32", 494.7),
+        ("NVIDIA H100 80GB HBM3", "bf16", 989.4),
+        ("NVIDIA A100-SXM4-80GB", "fp32", 19.5),
+        ("NVIDIA A100-SXM4-80GB", "tf32", 156.0),
+    ],
+)
+def test_peak_of_the_running_precision(name: str, precision: str, tflops: float) -> None:
+    """fp32 with TF32 off runs on the CUDA cores: an fp32 run's MFU is against 67, not 989 TFLOP/s."""
+    assert lookup_peak_tflops(name, precision)[1] == tflops
+
+
+def test_gpu_peak_follows_the_training_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    assert peak_tflops(torch.device("cuda", 0), None, torch.float32) == 67.0
