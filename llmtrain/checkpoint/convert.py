@@ -147,13 +147,13 @@ def export_hf(
 
 def _write_tokenizer(config: dict[str, Any], out: Path) -> None:
     """The run's `data.tokenizer` beside the weights, its special-token ids into config.json."""
-    from llmtrain.checkpoint.hf_tokenizer import export_tokenizer
+    from llmtrain.checkpoint.hf_tokenizer import export_tokenizer, sft_chat_template
 
     spec = (config.get("data") or {}).get("tokenizer")
     if not spec:
         log.warning("tokenizer not exported: the checkpoint records no data.tokenizer")
         return
-    what, ids = export_tokenizer(spec, out, int(config["model"]["max_seq_len"]))
+    what, ids = export_tokenizer(spec, out, int(config["model"]["max_seq_len"]), sft_chat_template(config))
     if not ids:
         log.warning("tokenizer %s", what)
         return

@@ -129,7 +129,8 @@ class SupervisedFineTuning(Objective):
         )
         val: SFTLoader | None = None
         if s.val_path:
-            val = SFTLoader(load_examples(s.val_path, s, tok, d.seq_len), grad_accum=1, shuffle=False, **kw)
+            val_examples = load_examples(s.val_path, s, tok, d.seq_len)
+            val = SFTLoader(val_examples, grad_accum=1, shuffle=False, wrap=False, **kw)  # each row once
         return train, val
 
 

@@ -33,6 +33,34 @@ TEMPLATES = {
     "chatml": ("<|im_start|>{role}\n", "<|im_end|>\n"),
     "plain": ("{role}: ", "\n"),
 }
+
+
+def jinja_chat_template(name: str) -> str:
+    """`TEMPLATES[name]` as the Jinja `chat_template` of an HF tokenizer_config.json: the same text
+    `render_example` tokenizes (EOS after the last message), or with `add_generation_prompt` the
+    assistant header that `render_chat_prompt` ends with."""
+    header, footer = TEMPLATES[name]
+    before, after = (json.dumps(part) for part in header.split("{role}"))
+    end = json.dumps(footer)
+    return (
+        "{%- for message in messages -%}"
+        f"{{{{ {before} + message['role'] + {after} + message['content'] + {end} }}}}"
+        "{%- endfor -%}"
+        f"{{%- if add_generation_prompt -%}}{{{{ {before} + 'assistant' + {after} }}}}"
+        "{%- else -%}{{ eos_token }}{%- endif -%}"
+    )
+
+
+def render_chat_prompt(messages: list[dict[str, str]], template: str, tok: Tokenizer) -> list[int]:
+    """Token ids of `messages` as SFT renders them, followed by the assistant header: the prompt
+    a chat-tuned model continues with its reply (tools/generate.py --chat)."""
+    header, footer = TEMPLATES[template]
+    ids: list[int] = []
+    for msg in messages:
+        ids += tok.encode(header.format(role=msg["role"])) + tok.encode(msg["content"] + footer)
+    return ids + tok.encode(header.format(role="assistant"))
+
+
 OPEN_BINS = 64
 """Rows kept open while packing: first-fit over the last OPEN_BINS rows is O(n) and near-optimal."""
 
@@ -177,11 +205,15 @@ class SFTLoader:
         dp_size: int = 1,
         seed: int = 0,
         shuffle: bool = True,
+        wrap: bool = True,
     ) -> None:
+        """`wrap=False` (validation): steps past the last packed row get padding-only rows that carry
+        no loss, so a val set smaller than trainer.val_batches x the global micro-batch scores each
+        row exactly once instead of wrapping around to score some twice."""
         self.examples, self.seq_len, self.pad_id = examples, seq_len, pad_id
         self.rows = pack([len(e.tokens) for e in examples], seq_len, seed)
         self.mb, self.accum, self.dp_rank, self.dp_size = micro_batch_size, grad_accum, dp_rank, dp_size
-        self.seed, self.shuffle = seed, shuffle
+        self.seed, self.shuffle, self.wrap = seed, shuffle, wrap
         self.global_batch = micro_batch_size * grad_accum * dp_size
         self.consumed = 0
         self._perm_epoch, self._perm = -1, np.arange(0)
@@ -192,6 +224,8 @@ class SFTLoader:
 
     def _row(self, g: int) -> list[Example]:
         epoch, i = divmod(g, len(self.rows))
+        if epoch and not self.wrap:
+            return []  # a padding-only row (collate_rows): no target tokens
         if self.shuffle:
             if epoch != self._perm_epoch:
                 self._perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))
