@@ -38,6 +38,12 @@ from llmtrain.models.llama import TransformerArgs
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+MASKED_LM_REFUSAL = (
+    "{path}: objective.name=masked_lm trained a bidirectional encoder; a LlamaForCausalLM export would run it "
+    "with causal attention (other logits) and transformers has no bidirectional Llama model type to export it "
+    "as: evaluate it with tools/evaluate.py, or fine-tune it causally (objective=causal_lm "
+    "checkpoint.init_from=...) before exporting"
+)
 
 
 def write_weights_checkpoint(
@@ -100,6 +106,11 @@ def export_hf(
         raise ValueError(f"dtype={dtype!r}; allowed: {', '.join(DTYPES)}")
     path = resolve_checkpoint_path(checkpoint)
     config = read_state(path).get("config") or {}
+    if (config.get("objective") or {}).get("name") == "masked_lm":
+        raise CheckpointError(MASKED_LM_REFUSAL.format(path=path))
+    Path(out).resolve().parent.mkdir(
+        parents=True, exist_ok=True
+    )  # the temporary folders below sit beside out
     if (config.get("peft") or {}).get("method") == "lora":  # fold the adapters in first (into a temp folder)
         from llmtrain.peft.export import merge_lora_checkpoint
 

@@ -141,3 +141,56 @@ def test_merged_checkpoint_matches_the_adapted_model(shakespeare_dir, tmp_path, 
     direct = load_file(export_hf(tmp_path / "ft", tmp_path / "hf_direct") / "model.safetensors")
     via_merge = load_file(export_hf(merged, tmp_path / "hf_merged") / "model.safetensors")
     assert direct.keys() == via_merge.keys() and all(torch.equal(direct[k], via_merge[k]) for k in direct)
+
+
+def test_lora_reports_trainable_share_and_mfu_counts_frozen_weights_at_4n(
+    shakespeare_dir, tmp_path, pretrained_run, caplog, monkeypatch
+) -> None:
+    """Tiny model (dim 32, 2 layers, q 32, kv 16, ffn 64, vocab 320, untied): 2 x (1024 + 2 x 512 +
+    1024 + 3 x 2048 + 2 x 32 norms) + 2 x 320 x 32 + 32 = 39,072 base parameters; r 8 adapters on wq
+    (8 x (32 + 32)) and wv (8 x (32 + 16)) in both layers = 1,792 trainable, 4.39% of 40,864. The
+    count goes to the console and to MLflow; the Meter's FLOPs are the LoRA ones."""
+    import mlflow
+
+    from llmtrain.models import model_args
+    from llmtrain.train.flops import flops_per_token, lora_flops_per_token
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    uri = (tmp_path / "mlruns").as_uri()
+    from llmtrain.launch.env import DistEnv
+    from llmtrain.train.trainer import Trainer
+
+    cfg = tiny_config(
+        shakespeare_dir,
+        tmp_path,
+        "peft=lora",
+        f"checkpoint.init_from={pretrained_run}",
+        "run.name=share",
+        "trainer.max_steps=1",
+        "tracking=mlflow",
+        f"tracking.uri={uri}",
+        "tracking.system_metrics=false",
+    )
+    torch.set_num_threads(1)
+    with caplog.at_level("INFO", logger="llmtrain"):
+        trainer = Trainer(cfg, DistEnv(0, 0, 1, 1))
+        trainer.train()
+    assert "peft.method=lora: training 1,792 of 40,864 parameters (4.39%)" in caplog.text
+    run_id = (tmp_path / "share" / "mlflow_run_id.txt").read_text().strip()
+    metrics = mlflow.MlflowClient(uri).get_run(run_id).data.metrics
+    assert metrics["params/trainable"] == 1792 and metrics["params/total"] == 40864
+    assert metrics["params/trainable_share"] == pytest.approx(1792 / 40864)
+    args = model_args(cfg.model)
+    assert trainer.meter.flops_per_token == lora_flops_per_token(args, 32, 8, ["wq", "wv"])
+    assert trainer.meter.flops_per_token < 0.75 * flops_per_token(args, 32)
+
+
+def test_lora_export_creates_missing_parent_folders(shakespeare_dir, tmp_path, pretrained_run) -> None:
+    from safetensors.torch import load_file
+
+    from llmtrain.checkpoint.convert import export_hf
+
+    lora_run(shakespeare_dir, tmp_path, pretrained_run, "ex", 2)
+    out = export_hf(tmp_path / "ex", tmp_path / "not" / "yet" / "hf")
+    assert out == tmp_path / "not" / "yet" / "hf"
+    assert len(load_file(out / "model.safetensors")) == 2 * 9 + 3  # 9 per block + embedding, norm, head
