@@ -147,9 +147,10 @@ def test_lora_reports_trainable_share_and_mfu_counts_frozen_weights_at_4n(
     shakespeare_dir, tmp_path, pretrained_run, caplog, monkeypatch
 ) -> None:
     """Tiny model (dim 32, 2 layers, q 32, kv 16, ffn 64, vocab 320, untied): 2 x (1024 + 2 x 512 +
-    1024 + 3 x 2048 + 2 x 32 norms) + 2 x 320 x 32 + 32 = 39,072 base parameters; r 8 adapters on wq
-    (8 x (32 + 32)) and wv (8 x (32 + 16)) in both layers = 1,792 trainable, 4.39% of 40,864. The
-    count goes to the console and to MLflow; the Meter's FLOPs are the LoRA ones."""
+    1024 + 3 x 2048 + 2 x 32 norms) + 2 x 320 x 32 + 32 = 39,072 base parameters; the default r 8
+    adapters on wq (8 x (32 + 32)) and wv (8 x (32 + 16)) in both layers (1,792) and on the output
+    head (8 x (32 + 320) = 2,816) = 4,608 trainable, 10.55% of 43,680. The count goes to the console
+    and to MLflow; the Meter's FLOPs are the LoRA ones."""
     import mlflow
 
     from llmtrain.models import model_args
@@ -175,14 +176,14 @@ def test_lora_reports_trainable_share_and_mfu_counts_frozen_weights_at_4n(
     with caplog.at_level("INFO", logger="llmtrain"):
         trainer = Trainer(cfg, DistEnv(0, 0, 1, 1))
         trainer.train()
-    assert "peft.method=lora: training 1,792 of 40,864 parameters (4.39%)" in caplog.text
+    assert "peft.method=lora: training 4,608 of 43,680 parameters (10.55%)" in caplog.text
     run_id = (tmp_path / "share" / "mlflow_run_id.txt").read_text().strip()
     metrics = mlflow.MlflowClient(uri).get_run(run_id).data.metrics
-    assert metrics["params/trainable"] == 1792 and metrics["params/total"] == 40864
-    assert metrics["params/trainable_share"] == pytest.approx(1792 / 40864)
+    assert metrics["params/trainable"] == 4608 and metrics["params/total"] == 43680
+    assert metrics["params/trainable_share"] == pytest.approx(4608 / 43680)
     args = model_args(cfg.model)
-    assert trainer.meter.flops_per_token == lora_flops_per_token(args, 32, 8, ["wq", "wv"])
-    assert trainer.meter.flops_per_token < 0.75 * flops_per_token(args, 32)
+    assert trainer.meter.flops_per_token == lora_flops_per_token(args, 32, 8, ["wq", "wv", "output"])
+    assert trainer.meter.flops_per_token < 0.85 * flops_per_token(args, 32)  # 159,744 vs 196,608
 
 
 def test_lora_export_creates_missing_parent_folders(shakespeare_dir, tmp_path, pretrained_run) -> None:
