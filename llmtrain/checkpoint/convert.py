@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from llmtrain.checkpoint.dcp_io import read_tensors, tensor_shapes, verify_dcp
-from llmtrain.checkpoint.folder import ENGINE_DIR, resolve_checkpoint_path
+from llmtrain.checkpoint.folder import ENGINE_DIR, CheckpointError, resolve_checkpoint_path
 from llmtrain.checkpoint.formats import engine_of, to_native
 from llmtrain.checkpoint.hf import (
     from_hf,
@@ -32,6 +32,12 @@ from llmtrain.paths import honour_umask
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+MASKED_LM_REFUSAL = (
+    "{path}: objective.name=masked_lm trained a bidirectional encoder; a LlamaForCausalLM export would run it "
+    "with causal attention (other logits) and transformers has no bidirectional Llama model type to export it "
+    "as: evaluate it with tools/evaluate.py, or fine-tune it causally (objective=causal_lm "
+    "checkpoint.init_from=...) before exporting"
+)
 
 
 def _hidden_dim(model: dict[str, Any]) -> int:
@@ -59,6 +65,11 @@ def export_hf(
     path = resolve_checkpoint_path(checkpoint)
     state = TrainerState.read(path)
     config = state.config
+    if (config.get("objective") or {}).get("name") == "masked_lm":
+        raise CheckpointError(MASKED_LM_REFUSAL.format(path=path))
+    Path(out).resolve().parent.mkdir(
+        parents=True, exist_ok=True
+    )  # the temporary folders below sit beside out
     if (config.get("peft") or {}).get("method") == "lora":  # fold the adapters in first (into a temp folder)
         with tempfile.TemporaryDirectory(dir=Path(out).resolve().parent) as tmp:
             merged = merge_lora_checkpoint(path, Path(tmp) / "merged")
@@ -101,13 +112,13 @@ def export_hf(
 
 def _write_tokenizer(config: dict[str, Any], out: Path) -> None:
     """The run's `data.tokenizer` beside the weights, its special-token ids into config.json."""
-    from llmtrain.checkpoint.hf_tokenizer import export_tokenizer
+    from llmtrain.checkpoint.hf_tokenizer import export_tokenizer, sft_chat_template
 
     spec = (config.get("data") or {}).get("tokenizer")
     if not spec:
         log.warning("tokenizer not exported: the checkpoint records no data.tokenizer")
         return
-    what, ids = export_tokenizer(spec, out, int(config["model"]["max_seq_len"]))
+    what, ids = export_tokenizer(spec, out, int(config["model"]["max_seq_len"]), sft_chat_template(config))
     if not ids:
         log.warning("tokenizer %s", what)
         return

@@ -141,9 +141,33 @@ def _sentencepiece(path: Path, sp: SentencePieceTokenizer, out: Path, max_len: i
     return f"tokenizer.model + tokenizer.json (agrees with sentencepiece on {ours}/{len(PROBES)} probes)"
 
 
-def export_tokenizer(spec: str, out: Path, max_len: int) -> tuple[str, dict[str, Any]]:
-    """Write the tokenizer files for `data.tokenizer=spec` into `out`. Returns a description for the
-    user and the special-token ids for config.json (empty when nothing was written)."""
+def sft_chat_template(config: dict[str, Any]) -> str | None:
+    """The Jinja chat template an SFT run trained with (objective.sft.chat_template), else None:
+    only a chat-tuned model gets one, so `apply_chat_template` renders what its training saw."""
+    objective = config.get("objective") or {}
+    if objective.get("name") != "sft":
+        return None
+    from llmtrain.data.chat import jinja_chat_template
+
+    return jinja_chat_template((objective.get("sft") or {}).get("chat_template", "chatml"))
+
+
+def export_tokenizer(
+    spec: str, out: Path, max_len: int, chat_template: str | None = None
+) -> tuple[str, dict[str, Any]]:
+    """Write the tokenizer files for `data.tokenizer=spec` into `out`, with `chat_template` (Jinja)
+    in tokenizer_config.json when given. Returns a description for the user and the special-token
+    ids for config.json (empty when nothing was written)."""
+    what, ids = _export_tokenizer(spec, out, max_len)
+    config_path = out / "tokenizer_config.json"
+    if chat_template and ids and config_path.is_file():
+        config = json.loads(config_path.read_text()) | {"chat_template": chat_template}
+        config_path.write_text(json.dumps(config, indent=2) + "\n")
+        what += " with the SFT chat template"
+    return what, ids
+
+
+def _export_tokenizer(spec: str, out: Path, max_len: int) -> tuple[str, dict[str, Any]]:
     path = Path(spec)
     if spec != "byte" and not path.is_file():
         return f"not exported: data.tokenizer={spec} no longer exists (copy it in by hand)", {}

@@ -66,6 +66,11 @@ class Objective:
         """Hook the objective into the engine (the default keeps the engine's own loss)."""
         return None
 
+    def metrics(self, split: str) -> dict[str, float]:
+        """Extra `<split>/...` metrics (split: train or val) the trainer logs next to the loss; every
+        rank calls it at the same step (it may all-reduce). The default has none."""
+        return {}
+
 
 class MaskedLM(Objective):
     """BERT-style masking of the Arrow batches (llmtrain.objectives.masked_lm)."""
@@ -129,7 +134,8 @@ class SupervisedFineTuning(Objective):
         )
         val: SFTLoader | None = None
         if s.val_path:
-            val = SFTLoader(load_examples(s.val_path, s, tok, d.seq_len), grad_accum=1, shuffle=False, **kw)
+            val_examples = load_examples(s.val_path, s, tok, d.seq_len)
+            val = SFTLoader(val_examples, grad_accum=1, shuffle=False, wrap=False, **kw)  # each row once
         return train, val
 
 
@@ -148,6 +154,11 @@ class Distillation(Objective):
     def install(self, engine: "Engine") -> None:
         engine.replace_loss(self.loss_fn)
         self.loss_fn.attach(engine.modules[0])
+        self.dp_group = getattr(engine, "dp_group", None)
+
+    def metrics(self, split: str) -> dict[str, float]:
+        """The student's own cross-entropy, perplexity and KL (the loss mixes CE and KL)."""
+        return self.loss_fn.take(split, self.dp_group)
 
 
 def build_objective(

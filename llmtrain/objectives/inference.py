@@ -104,8 +104,16 @@ def evaluate_checkpoint(
             shuffle=False,
             document_mask=cfg.data.document_mask,
         )
-    batches = [b.to(loaded.device) for _ in range(num_batches) for b in loader.next_step()]
-    loss = loaded.engine.evaluate(objective.prepare(batches, None))
+    batches = objective.prepare(
+        [b.to(loaded.device) for _ in range(num_batches) for b in loader.next_step()], None
+    )
+    if masked:  # scored: the masked positions only; and how many of them the model gets right
+        from llmtrain.objectives.masked_lm import evaluate_masked
+
+        loss, accuracy = evaluate_masked(loaded.engine, batches)
+        extra |= {"masked_accuracy": accuracy} if accuracy is not None else {}
+    else:
+        loss = loaded.engine.evaluate(batches)
     tokens = global_tokens(batches, getattr(loaded.engine, "dp_group", None))
     return {"loss": loss, "ppl": float(torch.tensor(loss).exp()), "tokens": float(tokens), **extra}
 

@@ -7,18 +7,24 @@ they are (the 80/10/10 rule of Devlin et al.); targets are the original tokens a
 positions and IGNORE_INDEX everywhere else, so the token-weighted loss in `train_step` counts exactly
 the selected positions.
 
+Evaluation (`evaluate_masked`, used by tools/evaluate.py) reports the masked-token accuracy next to
+the loss, and the token count is that of the selected positions, not of the whole window.
+
 Randomness is keyed by (objective.seed, step, row of the global batch), not by rank: row k of step s
 is the same sample whatever the data-parallel size or accumulation split, so it gets the same mask,
 and DDP runs reproduce the single-process run.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
+from typing import Any
 
 import numpy as np
 import torch
 
 from llmtrain.config.objective import MaskedLMConfig
 from llmtrain.data.loader import IGNORE_INDEX, Batch
+from llmtrain.distributed.collectives import all_reduce_
 
 EVAL_STREAM, TRAIN_STREAM = 0, 1
 
@@ -96,3 +102,35 @@ class MaskedLMTransform:
         u = rng.random((2, seq))
         tok = rng.integers(0, self.num_random_tokens, seq)
         return np.concatenate([u, tok[None].astype(np.float64)])
+
+
+class CountCorrect:
+    """An engine loss function that also counts the target tokens whose argmax prediction is right:
+    the masked-token accuracy of a masked-LM evaluation, from the very forward that gives the loss."""
+
+    def __init__(self, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+        self.loss_fn = loss_fn
+        self.correct = torch.zeros((), dtype=torch.float64)
+
+    def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        keep = targets != IGNORE_INDEX
+        self.correct += (logits.argmax(-1)[keep] == targets[keep]).sum().double().cpu()
+        return self.loss_fn(logits, targets)
+
+
+def evaluate_masked(engine: Any, batches: list[Batch]) -> tuple[float, float | None]:
+    """(mean loss, accuracy) on masked batches over all data-parallel ranks; accuracy is None for an
+    engine without a pluggable loss. `batches` are already masked (`MaskedLMTransform`)."""
+    original = engine.loss_fn
+    if original is None:
+        return engine.evaluate(batches), None
+    counter = CountCorrect(original)
+    engine.replace_loss(counter)
+    try:
+        loss = engine.evaluate(batches)
+    finally:
+        engine.replace_loss(original)
+    group = getattr(engine, "dp_group", None)
+    totals = torch.stack([counter.correct, torch.tensor(float(sum(b.num_tokens for b in batches)))]).double()
+    all_reduce_(totals, group)
+    return loss, float(totals[0] / totals[1].clamp(min=1))

@@ -23,17 +23,25 @@ import numpy as np
 import torch
 
 from llmtrain.config.objective import SFTConfig
+from llmtrain.data.chat import TEMPLATES
 from llmtrain.data.errors import DataError
 from llmtrain.data.loader import IGNORE_INDEX, Batch
 from llmtrain.data.tokenizer import Tokenizer
 
 log = logging.getLogger("llmtrain")
 
+
 #: chat template name -> (header before a message, footer after its content)
-TEMPLATES = {
-    "chatml": ("<|im_start|>{role}\n", "<|im_end|>\n"),
-    "plain": ("{role}: ", "\n"),
-}
+def render_chat_prompt(messages: list[dict[str, str]], template: str, tok: Tokenizer) -> list[int]:
+    """Token ids of `messages` as SFT renders them, followed by the assistant header: the prompt
+    a chat-tuned model continues with its reply (tools/generate.py --chat)."""
+    header, footer = TEMPLATES[template]
+    ids: list[int] = []
+    for msg in messages:
+        ids += tok.encode(header.format(role=msg["role"])) + tok.encode(msg["content"] + footer)
+    return ids + tok.encode(header.format(role="assistant"))
+
+
 OPEN_BINS = 64
 """Rows kept open while packing: first-fit over the last OPEN_BINS rows is O(n) and near-optimal."""
 
@@ -179,11 +187,15 @@ class SFTLoader:
         dp_size: int = 1,
         seed: int = 0,
         shuffle: bool = True,
+        wrap: bool = True,
     ) -> None:
+        """`wrap=False` (validation): steps past the last packed row get padding-only rows that carry
+        no loss, so a val set smaller than trainer.val_batches x the global micro-batch scores each
+        row exactly once instead of wrapping around to score some twice."""
         self.examples, self.seq_len, self.pad_id = examples, seq_len, pad_id
         self.rows = pack([len(e.tokens) for e in examples], seq_len, seed)
         self.mb, self.accum, self.dp_rank, self.dp_size = micro_batch_size, grad_accum, dp_rank, dp_size
-        self.seed, self.shuffle = seed, shuffle
+        self.seed, self.shuffle, self.wrap = seed, shuffle, wrap
         self.global_batch = micro_batch_size * grad_accum * dp_size
         self.consumed = 0
         self._perm_epoch, self._perm = -1, np.arange(0)
@@ -194,6 +206,8 @@ class SFTLoader:
 
     def _row(self, g: int) -> list[Example]:
         epoch, i = divmod(g, len(self.rows))
+        if epoch and not self.wrap:
+            return []  # a padding-only row (collate_rows): no target tokens
         if self.shuffle:
             if epoch != self._perm_epoch:
                 self._perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))

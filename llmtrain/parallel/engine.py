@@ -59,6 +59,11 @@ class Engine(ABC):
     #: the `parallel.backend` value; checkpoints record which engine wrote them (checkpoint/formats.py)
     kind: str = "native"
 
+    @property
+    def loss_fn(self) -> LossFn | None:
+        """The pluggable loss in use (see `replace_loss`); None for an engine without one."""
+        return None
+
     def replace_loss(self, loss_fn: LossFn) -> None:
         """Train and evaluate with `loss_fn(logits, targets)` (summed over target tokens) instead of the
         token cross-entropy, on one model part (objectives such as distillation). Engines that cannot

@@ -128,6 +128,11 @@ class NativeEngine(Engine):
             explicit_positions=dims.tp_enabled and cfg.parallel.sequence_parallel,
         )
 
+    @property
+    def loss_fn(self) -> LossFn | None:
+        """None under TP/PP, where the loss cannot be replaced."""
+        return None if self.pipeline is not None or self.dims.tp_enabled else self.ctx.loss_fn
+
     def replace_loss(self, loss_fn: LossFn) -> None:
         if self.pipeline is not None or self.dims.tp_enabled:
             super().replace_loss(loss_fn)  # refuses: the loss needs whole logits on one model part

@@ -18,15 +18,16 @@ Per step, with P parameters per (tp, pp) shard, m micro-batches, n = dp_shard, r
                    activations (mbs x seq x dim)
   pp               per micro-batch an activation forward and a gradient backward over each boundary:
                    a middle stage sends both, an end stage one (the busiest rank is counted)
-g = gradient reduce bytes (fp32 here: 4), a = parameter bytes (bf16 params: 2, else 4), activations in
-the compute dtype. Which links a group uses follows the mesh order (pp, dp_replicate, dp_shard, tp;
-tp innermost): a group whose ranks lie in one node uses the intra-node bandwidth, else inter-node.
+g = gradient reduce bytes (parallel.reduce_dtype under ZeRO/FSDP2: bf16 2, fp32 4; DDP reduces its
+fp32 gradients: 4), a = parameter bytes (bf16 params: 2, else 4), activations in the compute dtype.
+Which links a group uses follows the mesh order (pp, dp_replicate, dp_shard, tp; tp innermost): a
+group whose ranks lie in one node uses the intra-node bandwidth, else inter-node.
 """
 
 from dataclasses import dataclass
 
 from llmtrain.models.llama import TransformerArgs
-from llmtrain.plan.memory import Layout, total_params
+from llmtrain.plan.memory import DTYPE_BYTES, Layout, total_params
 
 
 @dataclass(kw_only=True)
@@ -55,7 +56,8 @@ def comm_volume(
     """Bytes per rank per step for `layout` by kind (dp, dp_replicate, tp, pp; see the module doc)."""
     lo = layout
     shard_params = total_params(args) / (lo.tp * lo.pp)
-    g = 4.0  # gradients are reduced in fp32 (FSDP's reduce dtype, DDP on fp32 grads)
+    fsdp = lo.zero_stage >= 1 and lo.dp_shard > 1  # FSDP2's reduce_dtype; DDP reduces fp32 grads
+    g = float(DTYPE_BYTES[lo.reduce_dtype]) if fsdp else 4.0
     a = 2.0 if lo.param_dtype == "bf16" else 4.0
     act_bytes = 2.0 if precision == "bf16" else 4.0
     m, n, r, t = grad_accum, lo.dp_shard, lo.dp_replicate, lo.tp

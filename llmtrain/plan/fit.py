@@ -95,6 +95,7 @@ def layout_from_config(cfg: Any, world: int) -> Layout:
         pp_microbatches=p.pp_microbatches,
         pp_virtual_stages=p.pp_virtual_stages,
         param_dtype=p.param_dtype,
+        reduce_dtype=p.reduce_dtype,
         micro_batch_size=cfg.trainer.micro_batch_size,
     )
 

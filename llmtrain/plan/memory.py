@@ -50,6 +50,7 @@ class Layout:
     pp_microbatches: int | None = None
     pp_virtual_stages: int = 1
     param_dtype: str = "fp32"
+    reduce_dtype: str = "fp32"
     micro_batch_size: int = 1
 
     @property

@@ -32,6 +32,8 @@ def format_line(step: int, max_steps: int, m: dict[str, float]) -> str:
         f"gnorm {m['train/grad_norm']:.2f}",
         f"{fmt_count(m['perf/tokens_per_s'])} tok/s",
     ]
+    if "train/ce" in m:  # distillation: the student's own cross-entropy and KL beside the mixed loss
+        parts.append(f"ce {m['train/ce']:.4f} | kl {m['train/kl']:.4f}")
     if "perf/mfu" in m:
         parts.append(f"mfu {100 * m['perf/mfu']:.1f}%")
     if "sys/mem_gb" in m:
@@ -39,6 +41,15 @@ def format_line(step: int, max_steps: int, m: dict[str, float]) -> str:
     if "perf/eta_s" in m:
         parts.append(f"eta {fmt_duration(m['perf/eta_s'])}")
     return " | ".join(parts)
+
+
+def format_metrics(m: dict[str, float], prefix: str) -> str:
+    """`loss 2.4302 | ppl 11.36 | ...` for the metrics under `prefix` (e.g. the validation line)."""
+    return " | ".join(
+        f"{k[len(prefix) :]} {v:.2f}" if k.endswith("ppl") else f"{k[len(prefix) :]} {v:.4f}"
+        for k, v in m.items()
+        if k.startswith(prefix)
+    )
 
 
 class ConsoleLogger:

@@ -23,6 +23,7 @@ shared experts and the router; the dispatch (sort, gather, weighted sum) moves d
 """
 
 import re
+from typing import Any
 
 from llmtrain.models.llama import TransformerArgs
 
@@ -106,11 +107,135 @@ def flops_per_token(args: TransformerArgs, seq_len: int, recompute: float = 0.0)
     return 3 * (blocks + head) + float(recompute) * rerun
 
 
-def lookup_peak_tflops(device_name: str) -> tuple[str, float] | None:
-    """(table label, dense bf16 TFLOP/s) for a device name as torch reports it, or None."""
+# Dense (tf32 tensor-core, plain fp32) TFLOP/s per table label, from the same datasheets (sparse
+# tf32 figures halved). An fp32 run with TF32 off (torch's default for matmuls) runs at the fp32
+# rate: 67 on an H100 SXM, 15x below its bf16 peak. No TF32 (V100) runs fp32.
+FP32_TFLOPS: dict[str, tuple[float, float]] = {
+    "GH200": (494.7, 67.0),
+    "H200 NVL": (417.5, 60.0),
+    "H200 SXM": (494.7, 67.0),
+    "H100 PCIe": (378.0, 51.0),
+    "H100 NVL": (417.5, 60.0),
+    "H100 SXM": (494.7, 67.0),
+    "H800 PCIe": (378.0, 51.0),
+    "H800 SXM": (494.7, 67.0),
+    "H20": (74.0, 44.0),
+    "B200": (1125.0, 75.0),
+    "A100": (156.0, 19.5),
+    "A800": (156.0, 19.5),
+    "L40S": (183.0, 91.6),
+    "L40": (90.5, 90.5),
+    "L4": (60.0, 30.3),
+    "A10G": (35.0, 31.2),
+    "A10": (62.5, 31.2),
+    "V100 (fp16; no bf16)": (15.7, 15.7),
+    "MI325X": (653.7, 163.4),
+    "MI300X": (653.7, 163.4),
+    "MI250X": (95.7, 95.7),
+}
+COMPUTE_PRECISIONS = ("bf16", "tf32", "fp32")
+
+
+def compute_precision(precision: str, param_dtype: str = "fp32", tf32: bool = False) -> str:
+    """Which tensor-core rate the matmuls run at: bf16 under autocast (trainer.precision=bf16) or
+    bf16 ZeRO parameters (parallel.param_dtype=bf16), else tf32 when TF32 matmuls are allowed,
+    else plain fp32."""
+    if precision == "bf16" or param_dtype == "bf16":
+        return "bf16"
+    return "tf32" if tf32 else "fp32"
+
+
+LORA_SHAPES = {  # target module -> (in, out) as multiples of (dim, q_dim, kv_dim, ffn hidden, vocab)
+    "wq": ("d", "q"),
+    "wk": ("d", "kv"),
+    "wv": ("d", "kv"),
+    "wo": ("q", "d"),
+    "w1": ("d", "f"),
+    "w3": ("d", "f"),
+    "w2": ("f", "d"),
+    "output": ("d", "v"),
+}
+
+
+def lora_flops_per_token(
+    args: TransformerArgs, seq_len: int, rank: int, targets: list[str], recompute: float = 0.0
+) -> float:
+    """`flops_per_token` of a LoRA run. The base weights are frozen, so their backward computes the
+    input gradient only (forward + backward = 2 x forward, 4 FLOPs per weight and token instead of
+    6; counting 6 put MFU above 100%); attention (no weights) and the adapters (2 r (in + out) per
+    token forward) keep 3 x forward. Autograd also skips every input gradient nothing upstream
+    needs: with frozen embeddings, the first block's q/k/v projections (`_lora_skipped`).
+    `tests/train/test_flops.py` checks this against FlopCounterMode exactly. HFU adds the base
+    blocks' recomputed forward, as `flops_per_token` does."""
+    sizes = _sizes(args)
+    blocks, head = forward_flops_per_token(args, seq_len)
+    attention = args.n_layers * 2 * 2 * seq_len * sizes["q"]
+    weights = blocks - attention + head  # forward FLOPs of the (frozen) base matmuls
+    adapters = sum(
+        2
+        * rank
+        * (sizes[LORA_SHAPES[n][0]] + sizes[LORA_SHAPES[n][1]])
+        * (1 if n == "output" else args.n_layers)
+        for n in targets
+    )
+    rerun = (
+        blocks - args.n_layers * 2 * args.hidden_dim * args.dim
+    )  # as flops_per_token: w2 is not recomputed
+    skipped = _lora_skipped(args, seq_len, rank, set(targets))
+    return 2 * weights + 3 * (attention + adapters) - skipped + float(recompute) * rerun
+
+
+def _sizes(args: TransformerArgs) -> dict[str, int]:
+    hd = args.head_dim
+    q, kv = args.n_heads * hd, args.kv_heads * hd
+    return {"d": args.dim, "q": q, "kv": kv, "f": args.hidden_dim, "v": args.vocab_size}
+
+
+def _lora_skipped(args: TransformerArgs, seq_len: int, rank: int, targets: set[str]) -> float:
+    """Backward FLOPs per token that autograd never runs because the input of an op needs no
+    gradient: walking the blocks in order, the residual stream needs one only after the first
+    trainable adapter. A frozen matmul then skips its input gradient (its forward FLOPs), an
+    adapter the input gradient of A (2 r in), attention each of dQ, dK, dP, dV it does not need."""
+    sz, r, grad = _sizes(args), rank, False
+    matmul = lambda name: 2 * sz[LORA_SHAPES[name][0]] * sz[LORA_SHAPES[name][1]]
+    adapter_in = lambda name: 2 * r * sz[LORA_SHAPES[name][0]] if name in targets else 0
+    skip = lambda names, needed: 0.0 if needed else float(sum(matmul(n) + adapter_in(n) for n in names))
+    skipped = 0.0
+    for _ in range(args.n_layers):
+        if grad:  # every later block needs all its input gradients
+            break
+        q, k, v = ("wq" in targets), ("wk" in targets), ("wv" in targets)
+        skipped += skip(("wq", "wk", "wv"), False)
+        skipped += 2 * seq_len * sz["q"] * sum(not x for x in (q, k, q or k, v))
+        attn = q or k or v
+        skipped += skip(("wo",), attn)
+        grad = attn or "wo" in targets
+        skipped += skip(("w1", "w3"), grad)
+        inner = grad or "w1" in targets or "w3" in targets
+        skipped += skip(("w2",), inner)
+        grad = inner or "w2" in targets
+    return skipped + skip(("output",), grad)
+
+
+def run_flops_per_token(cfg: Any, args: TransformerArgs, seq_len: int, recompute: float = 0.0) -> float:
+    """The MFU (recompute=0) or HFU numerator of a run: `lora_flops_per_token` under peft.method=lora,
+    else `flops_per_token`."""
+    p = cfg.peft
+    if p.method == "lora":
+        return lora_flops_per_token(args, seq_len, p.rank, list(p.target_modules), recompute)
+    return flops_per_token(args, seq_len, recompute)
+
+
+def lookup_peak_tflops(device_name: str, precision: str = "bf16") -> tuple[str, float] | None:
+    """(table label, dense TFLOP/s in `precision`: bf16, tf32 or fp32) for a device name as torch
+    reports it, or None."""
+    if precision not in COMPUTE_PRECISIONS:
+        raise ValueError(f"precision {precision!r}; allowed: {COMPUTE_PRECISIONS}")
     for pattern, label, tflops in PEAK_TFLOPS:
         if re.search(pattern, device_name, flags=re.IGNORECASE):
-            return label, tflops
+            if precision == "bf16":
+                return label, tflops
+            return label, FP32_TFLOPS[label][precision == "fp32"]
     return None
 
 

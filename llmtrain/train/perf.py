@@ -124,7 +124,7 @@ def peak_tflops(
         return float(override)
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        found = lookup_peak_tflops(name)
+        found = lookup_peak_tflops(name, "bf16" if dtype == torch.bfloat16 else "fp32")  # TF32 stays off
         if found is None:
             log.warning("no peak TFLOP/s known for %r: set trainer.peak_tflops to report MFU", name)
             return None

@@ -25,10 +25,12 @@ from llmtrain.optim import lr_factor
 from llmtrain.parallel import ParallelDims
 from llmtrain.parallel.build import build_engine
 from llmtrain.peft import base_checkpoint, build_peft
+from llmtrain.peft.summary import describe_trainable, trainable_params
 from llmtrain.tracking import ConsoleLogger
 from llmtrain.tracking.commands import mlflow_ui_command
+from llmtrain.tracking.console import format_metrics
 from llmtrain.tracking.tracker import Tracker, ends_run_on_error, run_tags
-from llmtrain.train.flops import flops_per_token, recompute_fraction
+from llmtrain.train.flops import recompute_fraction, run_flops_per_token
 from llmtrain.train.perf import Meter, memory_gb, peak_tflops, processed_tokens
 from llmtrain.train.profiler import build_profiler
 from llmtrain.train.signals import StopFlag
@@ -79,11 +81,11 @@ class Trainer:
         self.history: list[dict[str, float]] = []
         margs, seq = model_args(cfg.model), cfg.data.seq_len  # MFU counts model FLOPs, HFU + recompute
         peak_dtype = torch.bfloat16 if t.precision == "bf16" else torch.float32
-        self.meter = Meter(
-            flops_per_token(margs, seq),
+        self.meter = Meter(  # LoRA: frozen weights compute no weight gradient (run_flops_per_token)
+            run_flops_per_token(cfg, margs, seq),
             peak_tflops(self.device, t.peak_tflops, peak_dtype),
             env.world_size,
-            flops_per_token(margs, seq, recompute_fraction(p.activation_checkpoint, margs.n_layers)),
+            run_flops_per_token(cfg, margs, seq, recompute_fraction(p.activation_checkpoint, margs.n_layers)),
         )
 
     def train(self) -> dict[str, Any]:
@@ -94,6 +96,7 @@ class Trainer:
 
     def _train(self) -> dict[str, Any]:
         run_id = self.maybe_resume()
+        peft = trainable_params(self.engine.modules) if self.cfg.peft.method != "none" else {}
         self.tracker = Tracker(
             self.cfg, self.run_dir, self.env.is_main, run_id, run_tags(self), start_step=self.step
         )
@@ -102,6 +105,9 @@ class Trainer:
             f"training {self.cfg.model.name} on {self.env.world_size} rank(s) "
             f"[{self.dims.describe()}] from step {self.step}, accumulation {self.grad_accum}"
         )
+        if peft:  # LoRA: how much of the model trains (console + MLflow metrics)
+            self.console.info(describe_trainable(peft, self.cfg.peft.method))
+            self.tracker.log_metrics(peft, self.step)
         self.profiler = build_profiler(
             self.cfg.trainer, self.run_dir, self.env.rank, self.device, self.tracker
         )
@@ -188,6 +194,7 @@ class Trainer:
             "sys/mem_gb": memory_gb(self.device),
             **self.meter.metrics(self.cfg.trainer.max_steps - self.step),
             **moe_stats(getattr(self.engine, "model", None)),  # router statistics (MoE models only)
+            **self.objective.metrics("train"),  # e.g. distillation's CE and KL apart from the mixed loss
         }
         self.meter.reset()
         self.console.step(self.step, self.cfg.trainer.max_steps, metrics)
@@ -207,9 +214,11 @@ class Trainer:
             None,
         )
         loss = self.engine.evaluate(batches)
-        ppl = float(torch.tensor(loss).exp())
-        self.console.info(f"validation at step {self.step}: loss {loss:.4f} | ppl {ppl:.2f}")
-        self.tracker.log_metrics({"val/loss": loss, "val/ppl": ppl}, self.step)
+        metrics = {"val/loss": loss, "val/ppl": float(torch.tensor(loss).exp())} | self.objective.metrics(
+            "val"
+        )
+        self.console.info(f"validation at step {self.step}: " + format_metrics(metrics, "val/"))
+        self.tracker.log_metrics(metrics, self.step)
         return loss
 
     def should_save(self) -> bool:

@@ -166,7 +166,6 @@ def megatron_checks():
         (["parallel.sequence_parallel=true"], (1, 2, 1, 1), "sequence_parallel=true .* needs CUDA"),
         (["parallel.sequence_parallel=false"], (1, 1, 2, 1), "needs a GPU"),  # no shim in this process
         (["data.document_mask=true"], (1, 1, 1, 1), "document_mask"),
-        (["model.n_layers=3"], (1, 1, 2, 1), "must divide evenly"),
     ],
 )
 def test_cpu_refusals_name_the_key(make_config, megatron_checks, overrides, dims, match) -> None:
@@ -178,6 +177,13 @@ def test_cpu_refusals_name_the_key(make_config, megatron_checks, overrides, dims
         megatron_checks(
             cfg, ParallelDims(dims[0], 1, dims[1], dims[2], dims[0] * dims[1] * dims[2]), torch.device("cpu")
         )
+
+
+def test_uneven_layer_split_is_refused_with_the_config(make_config) -> None:
+    """megatron splits layers evenly; the rule is the config's own (config/rules.py), checked once at
+    compose time for every engine, so the engine does not repeat it."""
+    with pytest.raises(ConfigError, match="n_layers=3 is not divisible by 2 pipeline stages"):
+        make_config(*OVERRIDES, "parallel.backend=megatron", "model.n_layers=3", "parallel.pp=2")
 
 
 def _gpu_sp_case(rank: int, world: int, cfg) -> list:

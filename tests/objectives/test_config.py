@@ -65,4 +65,4 @@ def test_sft_and_distill_options_compose_with_their_required_paths() -> None:
     cfg = compose_config(
         ["objective=distill", "objective.distill.teacher=runs/base", "peft=lora", "checkpoint.init_from=b"]
     )
-    assert cfg.objective.distill.temperature == 2.0 and cfg.peft.target_modules == ["wq", "wv"]
+    assert cfg.objective.distill.temperature == 2.0 and cfg.peft.target_modules == ["wq", "wv", "output"]

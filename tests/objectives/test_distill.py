@@ -1,6 +1,8 @@
 """Distillation: the KL term against an explicit formula, zero KL for teacher = student at T=1,
 only the student learns, and the objective runs from a config with a teacher checkpoint."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -106,3 +108,49 @@ def test_teacher_with_another_vocabulary_is_refused(shakespeare_dir, tmp_path, p
                 "model.vocab_size=300",
             )
         )
+
+
+def test_distill_logs_the_students_ce_and_kl_apart_from_the_mixed_loss(
+    shakespeare_dir, tmp_path, pretrained_run, caplog
+) -> None:
+    """val/ce, val/ppl and val/kl equal a hand computation on the same batches with the student and
+    the teacher; val/loss is the mix 0.5 * T^2 * kl + 0.5 * ce, and val/ppl is exp(ce), not exp(loss)."""
+    from llmtrain.distributed.env import DistEnv
+    from llmtrain.train.trainer import Trainer
+
+    cfg = tiny_config(
+        shakespeare_dir,
+        tmp_path,
+        "run.name=dl",
+        "objective=distill",
+        f"objective.distill.teacher={pretrained_run}",
+        "objective.distill.temperature=2.0",
+        "objective.distill.alpha=0.5",
+        "trainer.max_steps=2",
+        "trainer.log_every=1",
+        "checkpoint.enabled=false",
+    )
+    torch.set_num_threads(1)
+    with caplog.at_level("INFO", logger="llmtrain"):
+        trainer = Trainer(cfg, DistEnv(0, 0, 1, 1))
+        trainer.train()
+    assert f"distillation teacher: {(pretrained_run / 'checkpoints').resolve()}" in caplog.text
+    assert "validation at step 2: loss" in caplog.text and "| ce " in caplog.text and "| kl " in caplog.text
+    trainer.val_loader.consumed = 0
+    batches = [b for _ in range(cfg.trainer.val_batches) for b in trainer.val_loader.next_step()]
+    loss = trainer.engine.evaluate(batches)
+    got = trainer.objective.metrics("val")
+    student, teacher = trainer.engine.modules[0], trainer.objective.loss_fn.teacher
+    ce = kl = n = 0.0
+    with torch.no_grad():
+        for b in batches:
+            s, t, y = student(b.inputs), teacher(b.inputs), b.targets
+            ce += F.cross_entropy(s.flatten(0, 1), y.flatten(), reduction="sum").item()
+            p_t = F.softmax(t / 2, -1)
+            kl += (p_t * (F.log_softmax(t / 2, -1) - F.log_softmax(s / 2, -1))).sum().item()
+            n += y.numel()
+    assert got["val/ce"] == pytest.approx(ce / n, rel=1e-5)
+    assert got["val/kl"] == pytest.approx(kl / n, rel=1e-4)
+    assert got["val/ppl"] == pytest.approx(math.exp(ce / n), rel=1e-5)
+    assert loss == pytest.approx(0.5 * 4 * kl / n + 0.5 * ce / n, rel=1e-4)
+    assert got["val/ppl"] > 2 * math.exp(loss)  # the mixed loss's exp() flatters the student

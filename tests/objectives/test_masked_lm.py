@@ -1,6 +1,9 @@
 """Masked LM: exactly the selected positions carry loss, the 80/10/10 rule holds, masks are
 deterministic and independent of the data-parallel split, and attention is bidirectional."""
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -121,3 +124,46 @@ def test_mask_token_must_fit_the_model_vocabulary(shakespeare_dir, tmp_path) -> 
 
     with pytest.raises(ConfigError, match=r"objective\.masked_lm\.mask_token_id"):
         train(tiny_config(shakespeare_dir, tmp_path, "objective=masked_lm", "model.vocab_size=258"))
+
+
+@pytest.fixture(scope="module")
+def masked_run(shakespeare_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("mlm")
+    train(tiny_config(shakespeare_dir, root, "objective=masked_lm", "run.name=enc", "trainer.max_steps=4"))
+    return root / "enc"
+
+
+def test_evaluate_reports_masked_tokens_and_accuracy(masked_run: Path, shakespeare_dir: Path, capsys) -> None:
+    """2 micro-batches of 2 x 32 = 128 positions; the count is of the masked ones (~15%), and the
+    accuracy is argmax == original token over them, recomputed here from the checkpoint's model."""
+    from llmtrain.data.dataset import TokenDataset
+    from llmtrain.data.loader import DataLoader
+    from llmtrain.distributed.env import DistEnv
+    from llmtrain.objectives import MaskedLM
+    from llmtrain.objectives.inference import load_checkpoint_engine
+    from tools.evaluate import main
+
+    val = shakespeare_dir / "val"
+    assert main([str(masked_run), "--data", str(val), "--batches", "2", "--no-log"]) == 0
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    loaded = load_checkpoint_engine(masked_run, DistEnv(0, 0, 1, 1), device="cpu")
+    loader = DataLoader(TokenDataset(str(val), 32), micro_batch_size=2, grad_accum=1, shuffle=False)
+    raw = [b for _ in range(2) for b in loader.next_step()]
+    masked = MaskedLM(loaded.cfg, 0, 1).prepare(raw, None)
+    selected = sum(int((b.targets != IGNORE_INDEX).sum()) for b in masked)
+    right = 0
+    with torch.no_grad():
+        for b in masked:
+            keep = b.targets != IGNORE_INDEX
+            right += int((loaded.model(b.inputs, causal=False).argmax(-1)[keep] == b.targets[keep]).sum())
+    assert got["tokens"] == selected and 8 < selected < 40  # not the 128 positions of the window
+    assert got["masked_accuracy"] == pytest.approx(right / selected)
+
+
+def test_export_refuses_a_masked_lm_with_the_reason(masked_run: Path, tmp_path: Path, capsys) -> None:
+    from tools.export_hf import main
+
+    assert main([str(masked_run), str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert "objective.name=masked_lm" in err and "bidirectional" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "hf").exists()

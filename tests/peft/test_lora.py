@@ -184,3 +184,57 @@ def test_the_base_of_a_lora_run_is_pinned_when_it_trains_on(shakespeare_dir, tmp
     )
     with pytest.raises(ValueError, match="but this run was started from"):
         train(other)
+
+
+def test_lora_reports_trainable_share_and_mfu_counts_frozen_weights_at_4n(
+    shakespeare_dir, tmp_path, pretrained_run, caplog, monkeypatch
+) -> None:
+    """Tiny model (dim 32, 2 layers, q 32, kv 16, ffn 64, vocab 320, untied): 2 x (1024 + 2 x 512 +
+    1024 + 3 x 2048 + 2 x 32 norms) + 2 x 320 x 32 + 32 = 39,072 base parameters; the default r 8
+    adapters on wq (8 x (32 + 32)) and wv (8 x (32 + 16)) in both layers (1,792) and on the output
+    head (8 x (32 + 320) = 2,816) = 4,608 trainable, 10.55% of 43,680. The count goes to the console
+    and to MLflow; the Meter's FLOPs are the LoRA ones."""
+    import mlflow
+
+    from llmtrain.models import model_args
+    from llmtrain.train.flops import flops_per_token, lora_flops_per_token
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    uri = (tmp_path / "mlruns").as_uri()
+    from llmtrain.distributed.env import DistEnv
+    from llmtrain.train.trainer import Trainer
+
+    cfg = tiny_config(
+        shakespeare_dir,
+        tmp_path,
+        "peft=lora",
+        f"checkpoint.init_from={pretrained_run}",
+        "run.name=share",
+        "trainer.max_steps=1",
+        "tracking=mlflow",
+        f"tracking.uri={uri}",
+        "tracking.system_metrics=false",
+    )
+    torch.set_num_threads(1)
+    with caplog.at_level("INFO", logger="llmtrain"):
+        trainer = Trainer(cfg, DistEnv(0, 0, 1, 1))
+        trainer.train()
+    assert "peft.method=lora: training 4,608 of 43,680 parameters (10.55%)" in caplog.text
+    run_id = (tmp_path / "share" / "mlflow_run_id.txt").read_text().strip()
+    metrics = mlflow.MlflowClient(uri).get_run(run_id).data.metrics
+    assert metrics["params/trainable"] == 4608 and metrics["params/total"] == 43680
+    assert metrics["params/trainable_share"] == pytest.approx(4608 / 43680)
+    args = model_args(cfg.model)
+    assert trainer.meter.flops_per_token == lora_flops_per_token(args, 32, 8, ["wq", "wv", "output"])
+    assert trainer.meter.flops_per_token < 0.85 * flops_per_token(args, 32)  # 159,744 vs 196,608
+
+
+def test_lora_export_creates_missing_parent_folders(shakespeare_dir, tmp_path, pretrained_run) -> None:
+    from safetensors.torch import load_file
+
+    from llmtrain.checkpoint.convert import export_hf
+
+    lora_run(shakespeare_dir, tmp_path, pretrained_run, "ex", 2)
+    out = export_hf(tmp_path / "ex", tmp_path / "not" / "yet" / "hf")
+    assert out == tmp_path / "not" / "yet" / "hf"
+    assert len(load_file(out / "model.safetensors")) == 2 * 9 + 3  # 9 per block + embedding, norm, head

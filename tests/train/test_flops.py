@@ -130,3 +130,64 @@ def test_throughput_counts_every_input_token() -> None:
     assert sum(b.num_tokens for b in batches) == 12
     assert processed_tokens(batches, dp_size=4, fallback=12) == 3 * 16 * 4
     assert processed_tokens([object()], dp_size=4, fallback=12) == 12
+
+
+@pytest.mark.parametrize(
+    "name,precision,tflops",
+    [
+        ("NVIDIA H100 80GB HBM3", "fp32", 67.0),
+        ("NVIDIA H100 80GB HBM3", "tf32", 494.7),
+        ("NVIDIA H100 80GB HBM3", "bf16", 989.4),
+        ("NVIDIA A100-SXM4-80GB", "fp32", 19.5),
+        ("NVIDIA A100-SXM4-80GB", "tf32", 156.0),
+    ],
+)
+def test_peak_of_the_running_precision(name: str, precision: str, tflops: float) -> None:
+    """fp32 with TF32 off runs on the CUDA cores: an fp32 run's MFU is against 67, not 989 TFLOP/s."""
+    assert lookup_peak_tflops(name, precision)[1] == tflops
+
+
+def test_gpu_peak_follows_the_training_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    assert peak_tflops(torch.device("cuda", 0), None, torch.float32) == 67.0
+
+
+@pytest.mark.parametrize(
+    "targets",
+    [
+        ["wq", "wv"],
+        ["wq", "wk", "wv", "wo", "w1", "w2", "w3"],
+        ["wq", "wv", "output"],
+        ["output"],
+        ["w2"],
+        ["wk"],
+    ],
+)
+def test_lora_flops_match_torch_flop_counter(targets: list[str]) -> None:
+    """Frozen base weights compute no weight gradient (and no input gradient where nothing upstream
+    trains): the LoRA numerator equals the counted FLOPs, well below the full fine-tune's 6N."""
+    from llmtrain.models.lora import apply_lora
+    from llmtrain.train.flops import lora_flops_per_token
+
+    torch.set_num_threads(1)
+    args, batch, seq = SHAPES[1][0], 2, 48
+    args = TransformerArgs(**{**args.__dict__, "n_layers": 3})
+    model = Transformer(args)
+    apply_lora(model, 4, 8.0, 0.0, targets)
+    counted = counted_train_flops(model, batch, seq)
+    assert lora_flops_per_token(args, seq, 4, targets) * batch * seq == pytest.approx(counted, rel=1e-9)
+    assert counted < 0.8 * flops_per_token(args, seq) * batch * seq
+
+
+def test_lora_flops_by_hand() -> None:
+    """dim 64, 1 layer, 4 heads (q 64), 2 kv heads (kv 32), ffn 96, vocab 130, seq 8, r 2 on wq, wv.
+    Base forward per token: 2 x (64*64 + 2*64*32 + 64*64 + 3*64*96) = 61,440 (block) + 2*64*130 =
+    16,640 (head); attention forward 4*8*64 = 2048; adapters forward 2*2*(64+64) + 2*2*(64+32) = 896.
+    Frozen weights 2x forward, attention and adapters 3x, minus what autograd skips in the only
+    block: the q/k/v input gradients (2*64*64 + 2*2*64*32 = 16,384), the adapters' A input gradients
+    (2*2*64 * 2 = 512) and dK (k needs no gradient: 2*8*64 = 1024)."""
+    from llmtrain.train.flops import lora_flops_per_token
+
+    args = TransformerArgs(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=130, ffn_dim=96)
+    expected = 2 * (61_440 + 16_640) + 3 * (2048 + 896) - (16_384 + 512 + 1024)
+    assert lora_flops_per_token(args, 8, 2, ["wq", "wv"]) == expected

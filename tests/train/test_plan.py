@@ -324,3 +324,110 @@ def test_slow_network_moves_the_best_layout_off_cross_node_zero3() -> None:
         best.layout.dp_shard < 16
         and best.comm_exposed_s < plan_layout(args, 2048, 64, flat, slow, "bf16").comm_exposed_s
     )
+
+
+def run_plan(*argv: str, json_out: Path) -> tuple[str, dict]:
+    """tools/plan.py in a real subprocess; (stdout, its --json report)."""
+    cmd = [sys.executable, str(ROOT / "tools" / "plan.py"), *argv, "--json", str(json_out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert res.returncode == 0, res.stdout + res.stderr
+    return res.stdout, json.loads(json_out.read_text())
+
+
+# 8B by hand: block matrices 4096*4096*2 (q, o) + 2*4096*1024 (k, v) + 3*4096*14336 (SwiGLU) =
+# 218,103,808; forward per token at seq 256 = 32 * (2 * 218,103,808 + 4 * 256 * 4096) + head
+# 2 * 4096 * 128,256 = 15,143,534,592; training = 3x; a step = 32 x 256 tokens.
+FLOPS_8B_STEP = 3 * 15_143_534_592 * 32 * 256
+
+
+# 8,030,261,248 parameters (32 x (218,103,808 + 2 x 4096) + 2 x 128,256 x 4096 + 4096); ZeRO-3 on 8
+# GPUs, one micro-batch: fp32 gather fwd + bwd + reduce-scatter = 12 x 7/8 bytes per parameter.
+ZERO3_8B_S = 12 * 7 / 8 * 8_030_261_248 / 360e9  # 0.234 s on NVLink
+
+
+@pytest.mark.parametrize(
+    "extra,peak,compute",
+    [
+        ([], 67.0, FLOPS_8B_STEP / (8 * 67e12 * 0.4)),  # fp32, TF32 off: 1.736 s, not 0.12 s
+        (["--tf32"], 494.7, FLOPS_8B_STEP / (8 * 494.7e12 * 0.4)),  # 0.235 s
+        (["trainer.precision=bf16"], 989.4, FLOPS_8B_STEP / (8 * 989.4e12 * 0.4)),  # 0.118 s
+    ],
+)
+def test_step_time_uses_the_peak_of_the_running_precision(
+    tmp_path: Path, extra: list[str], peak: float, compute: float
+) -> None:
+    out, report = run_plan("model=8b", "parallel=zero3", "--gpus", "8", *extra, json_out=tmp_path / "p.json")
+    assert report["peak_tflops"] == peak
+    assert report["params"] == 8_030_261_248
+    assert pytest.approx(3.7217e14, rel=1e-4) == FLOPS_8B_STEP
+    exposed = max(0.0, ZERO3_8B_S - 2 / 3 * compute)  # hidden behind the fp32 backward, not the bf16 one
+    assert report["configured"]["step_time_s"] == pytest.approx(compute + exposed, rel=1e-9)
+    assert (BF16_NOTE in out) == ("trainer.precision=bf16" in extra)
+
+
+BF16_NOTE = "weights, gradients and AdamW state stay fp32"
+
+
+def test_zero3_reduce_bytes_follow_reduce_dtype(tmp_path: Path) -> None:
+    """70B ZeRO-3 on 64 GPUs, bf16 parameters: per rank all-gather fwd + bwd (2 x 2 bytes) and a
+    reduce-scatter (reduce_dtype bytes) of 63/64 of the 70,553,706,496 parameters (80 blocks of
+    855,654,400 + untied embedding and head 2 x 128,256 x 8192 + final norm 8192)."""
+    p70 = 80 * 855_654_400 + 2 * 128_256 * 8192 + 8192
+    common = ["model=70b", "parallel=zero3", "parallel.param_dtype=bf16", "trainer.precision=bf16"]
+    common += ["--gpus", "8", "--nodes", "8"]
+    _, bf16 = run_plan(*common, "parallel.reduce_dtype=bf16", json_out=tmp_path / "a.json")
+    _, fp32 = run_plan(*common, json_out=tmp_path / "b.json")
+    assert bf16["params"] == p70
+    assert bf16["configured"]["comm_bytes"]["dp"] == pytest.approx((2 + 2 + 2) * 63 / 64 * p70)  # 416.7 GB
+    assert fp32["configured"]["comm_bytes"]["dp"] == pytest.approx((2 + 2 + 4) * 63 / 64 * p70)  # 555.6 GB
+    assert round(bf16["configured"]["comm_bytes"]["dp"] / 1e9, 1) == 416.7
+
+
+def test_fit_batch_suggests_instead_of_refusing() -> None:
+    from llmtrain.plan.batch import fit_batch
+
+    # 32 sequences on dp 8 with micro-batch 8 do not split: micro-batch 4 keeps the batch
+    fit = fit_batch(32, 8, 8, dp=8, pp=1, pp_microbatches=None)
+    assert (fit.global_batch_size, fit.micro_batch_size, fit.val_batches) == (32, 4, 8)
+    assert "trainer.micro_batch_size=4" in fit.notes[0] and "trainer.global_batch_size=64" in fit.notes[0]
+    # 32 on dp 64: no micro-batch keeps it; the smallest legal batch is 64 x 1
+    fit = fit_batch(32, 8, 8, dp=64, pp=1, pp_microbatches=None)
+    assert (fit.global_batch_size, fit.micro_batch_size) == (64, 1)
+    # pp 2 on dp 16: micro-batch 1 gives 2 pipeline micro-batches; keeping micro-batch 8 needs 256
+    fit = fit_batch(32, 8, 8, dp=16, pp=2, pp_microbatches=None)
+    assert (fit.global_batch_size, fit.micro_batch_size) == (32, 1)
+    assert "trainer.global_batch_size=256" in fit.notes[0]
+    # 3d: 64 sequences, micro-batch 1, dp 4 -> 16 pipeline micro-batches; 4 val rows must become 16
+    fit = fit_batch(64, 1, 4, dp=4, pp=2, pp_microbatches=None)
+    assert (fit.global_batch_size, fit.micro_batch_size, fit.val_batches) == (64, 1, 16)
+    assert "trainer.val_batches=16" in fit.notes[0]
+    # micro-batch 2 into 6 pipeline micro-batches: val rows 2 x vb divisible by 6 -> vb = 3
+    assert fit_batch(48, 2, 1, dp=4, pp=2, pp_microbatches=6).val_batches == 3
+    assert fit_batch(32, 4, 8, dp=8, pp=1, pp_microbatches=None).notes == []  # legal: unchanged
+
+
+def readme_plan_commands() -> list[list[str]]:
+    """Every `python tools/plan.py ...` command in README.md, continuation lines joined, comments cut."""
+    import re
+    import shlex
+
+    text = (ROOT / "README.md").read_text().replace("\\\n", " ")
+    cmds = re.findall(r"^python tools/plan\.py[^\n]*", text, flags=re.MULTILINE)
+    return [shlex.split(c.split("#")[0])[2:] for c in cmds]
+
+
+def test_readme_planner_commands_run_as_written(tmp_path: Path) -> None:
+    cmds = readme_plan_commands()
+    assert len(cmds) == 2
+    for i, argv in enumerate(cmds):
+        out, report = run_plan(*argv, json_out=tmp_path / f"{i}.json")
+        assert "configured" in report and "not valid" not in out, out
+        assert report["suggestions"], out
+    assert any("trainer.micro_batch_size=4 (keeps the batch)" in n for n in report["batch_notes"])
+
+
+def test_3d_layout_is_estimated_with_a_fitting_val_batches(tmp_path: Path) -> None:
+    argv = ["model=8b", "parallel=3d", "trainer.micro_batch_size=1", "trainer.global_batch_size=64"]
+    out, report = run_plan(*argv, "--gpus", "8", "--nodes", "2", json_out=tmp_path / "p.json")
+    assert report["configured"]["layout"].startswith("dp1x4 tp2 pp2")
+    assert report["batch"]["val_batches"] == 16 and "trainer.val_batches=16" in out
