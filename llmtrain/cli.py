@@ -100,6 +100,9 @@ def _task(dcfg: DictConfig) -> int:
         kind = next(k for cls, k in kinds.items() if isinstance(e, cls))
         print(f"llmtrain: {kind} error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:  # Ctrl-C while composing or preparing: nothing has started
+        print("llmtrain: interrupted (SIGINT) before training started; nothing saved", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":
