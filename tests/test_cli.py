@@ -100,3 +100,32 @@ def test_multirun_creates_sibling_runs(shakespeare_dir, tmp_path):
     assert runs == ["default-optim.lr=0.001", "default-optim.lr=0.003"]
     a, b = (_losses(tmp_path / "runs" / r) for r in runs)
     assert a[0] == b[0] and a[-1] != b[-1]  # same start, different learning rates
+
+
+@pytest.mark.distributed
+def test_bad_data_on_two_ranks_is_one_line_and_exit_2(shakespeare_dir, tmp_path):
+    import shutil
+
+    data = tmp_path / "damaged"
+    shutil.copytree(shakespeare_dir, data)
+    shard = sorted(data.glob("shard_*.arrow"))[-1]
+    with open(shard, "r+b") as f:  # one byte short of what index.json records
+        f.truncate(shard.stat().st_size - 1)
+    out = _cli(
+        [
+            *TINY,
+            f"data.sources.0.path={data}",
+            f"run.root={tmp_path / 'runs'}",
+            "tracking=none",
+            "launcher.nproc=2",
+            "trainer.max_steps=3",
+        ],
+        tmp_path,
+    )
+    assert out.returncode == 2, out.stderr[-3000:]
+    errors = [ln for ln in out.stderr.splitlines() if ln.startswith("llmtrain")]
+    assert errors == [
+        f"llmtrain: data error: {shard}: {shard.stat().st_size} bytes but index.json says "
+        f"{shard.stat().st_size + 1} (truncated or replaced?)"
+    ], out.stderr[-3000:]
+    assert "ChildFailedError" not in out.stderr and "Traceback" not in out.stderr

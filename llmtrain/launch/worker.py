@@ -88,8 +88,16 @@ def _run(cfg: Config | None, config_path: str) -> int:
             )
         return exit_code(e.signal_name)
     except BaseException:
-        traceback.print_exc()
+        if not _other_rank_failed():  # else this is the fallout (a collective with a rank gone)
+            traceback.print_exc()
         return 1
+
+
+def _other_rank_failed() -> bool:
+    """Under the launcher: another rank already reported bad input (its line is the one to print)."""
+    folder = os.environ.get(ERROR_DIR_ENV)
+    mine = f"rank{os.environ.get('RANK', '0')}.json"
+    return bool(folder) and any(p.name != mine for p in Path(folder).glob("rank*.json"))
 
 
 def main(argv: list[str] | None = None, cfg: Config | None = None) -> None:
@@ -99,10 +107,11 @@ def main(argv: list[str] | None = None, cfg: Config | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     watch_parent()
     code = _run(cfg, argv[0] if argv else "")
-    try:
-        shutdown_distributed()
-    except Exception:
-        code = code or 1
+    if code == 0 or code > 128:  # all ranks end here together; after an error a peer may never come
+        try:
+            shutdown_distributed()
+        except Exception:
+            code = code or 1
     release_held()
     sys.stdout.flush()
     sys.stderr.flush()
