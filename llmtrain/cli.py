@@ -91,6 +91,7 @@ def main() -> None:
 
 
 def _task(dcfg: DictConfig) -> int:
+    from llmtrain.launch.signals import Interrupted, exit_code
     from llmtrain.launch.worker import input_errors
 
     kinds = input_errors()
@@ -100,9 +101,10 @@ def _task(dcfg: DictConfig) -> int:
         kind = next(k for cls, k in kinds.items() if isinstance(e, cls))
         print(f"llmtrain: {kind} error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    except KeyboardInterrupt:  # Ctrl-C while composing or preparing: nothing has started
-        print("llmtrain: interrupted (SIGINT) before training started; nothing saved", file=sys.stderr)
-        raise SystemExit(130) from None
+    except (KeyboardInterrupt, Interrupted) as e:  # a signal while composing or preparing
+        name = getattr(e, "signal_name", "SIGINT")
+        print(f"llmtrain: stopped by {name} before training started; nothing saved", file=sys.stderr)
+        raise SystemExit(exit_code(name)) from None
 
 
 if __name__ == "__main__":

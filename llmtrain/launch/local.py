@@ -15,7 +15,7 @@ from typing import Any
 
 from llmtrain.config import Config, load_config, save_config
 from llmtrain.data import ensure_prepared
-from llmtrain.launch.signals import exit_code
+from llmtrain.launch.signals import Interrupted, exit_code, interrupt_on_signals
 from llmtrain.launch.worker import ERROR_DIR_ENV
 
 log = logging.getLogger("llmtrain")
@@ -106,7 +106,8 @@ def launch_local(cfg: Config) -> int:
     run_dir = Path(cfg.run.root) / cfg.run.name
     lease = hold(run_dir) if cfg.launcher.node_rank == 0 else contextlib.nullcontext()
     with lease:
-        prepare_run(cfg)
+        with interrupt_on_signals():  # stopped while preparing (tokenizing): one line, lease released
+            prepare_run(cfg)
         if cfg.launcher.nproc == 1 and cfg.launcher.nnodes == 1:
             return _train_here(run_dir)
         return run_ranks(cfg, run_dir)
@@ -115,7 +116,6 @@ def launch_local(cfg: Config) -> int:
 def _train_here(run_dir: Path) -> int:
     """nproc=1: train in this process; a stop signal saves at the step boundary (one line, 128+N)."""
     from llmtrain.launch.env import shutdown_distributed
-    from llmtrain.launch.signals import Interrupted, interrupt_on_signals
     from llmtrain.launch.worker import setup_logging, train
 
     setup_logging(0, 1)
