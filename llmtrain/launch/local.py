@@ -209,8 +209,15 @@ def _rank_failure(failures: dict[int, Any], errors: Path) -> int:
         first = json.loads(reports[0].read_text())
         cls = next(c for c, k in input_errors().items() if k == first["kind"])
         raise cls(first["message"])
-    rank, failure = min(failures.items())
-    code = failure.exitcode
-    how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
-    print(f"llmtrain: rank {rank} {how} (its output is above); the job stopped", file=sys.stderr)
+
+    def how(code: int) -> str:
+        return f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+
+    # the first to fail is the cause; on a tie a rank killed by a signal (its peers then fail on it)
+    order = sorted(failures.items(), key=lambda kv: (kv[1].timestamp, kv[1].exitcode >= 0, kv[0]))
+    (rank, first), others = order[0], order[1:]
+    also = "; then " + ", ".join(f"rank {r} {how(f.exitcode)}" for r, f in others) if others else ""
+    print(
+        f"llmtrain: rank {rank} {how(first.exitcode)}{also} (output above); the job stopped", file=sys.stderr
+    )
     return 1
