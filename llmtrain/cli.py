@@ -92,6 +92,7 @@ def main() -> None:
 
 def _task(dcfg: DictConfig) -> int:
     from llmtrain.launch.worker import input_errors
+    from llmtrain.train.signals import Interrupted, exit_code
 
     kinds = input_errors()
     try:
@@ -100,6 +101,10 @@ def _task(dcfg: DictConfig) -> int:
         kind = next(k for cls, k in kinds.items() if isinstance(e, cls))
         print(f"llmtrain: {kind} error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    except (KeyboardInterrupt, Interrupted) as e:  # a signal while composing or preparing
+        name = getattr(e, "signal_name", "SIGINT")
+        print(f"llmtrain: stopped by {name} before training started; nothing saved", file=sys.stderr)
+        raise SystemExit(exit_code(name)) from None
 
 
 if __name__ == "__main__":

@@ -32,3 +32,17 @@ def make_config(shakespeare_dir: Path, tmp_path: Path):
         return compose_config([*base, *overrides])
 
     return make
+
+
+@pytest.fixture(autouse=True)
+def _restore_signal_handlers():
+    """A Trainer built in the test process installs its graceful-stop handlers (SIGTERM only sets a
+    flag); left in place they would make this pytest process, and processes it forks, ignore the
+    SIGTERM of a timeout or of a pool ending its workers. Each test gets the handlers back."""
+    import signal
+
+    names = ("SIGTERM", "SIGINT", "SIGHUP", "SIGUSR1", "SIGUSR2")
+    saved = {n: signal.getsignal(getattr(signal, n)) for n in names}
+    yield
+    for n, handler in saved.items():
+        signal.signal(getattr(signal, n), handler)

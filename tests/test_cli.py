@@ -114,3 +114,76 @@ def test_a_config_error_writes_nothing(tmp_path):
     )
     assert res.returncode == 2 and "optim.schedule='nope'" in res.stderr
     assert sorted(p.name for p in tmp_path.rglob("*")) == []
+
+
+@pytest.mark.distributed
+def test_bad_data_on_two_ranks_is_one_line_and_exit_2(shakespeare_dir, tmp_path):
+    import shutil
+
+    data = tmp_path / "damaged"
+    shutil.copytree(shakespeare_dir, data)
+    shard = sorted(data.glob("shard_*.arrow"))[-1]
+    with open(shard, "r+b") as f:  # one byte short of what index.json records
+        f.truncate(shard.stat().st_size - 1)
+    out = _cli(
+        [
+            *TINY,
+            f"data.sources.0.path={data}",
+            f"run.root={tmp_path / 'runs'}",
+            "tracking=none",
+            "launcher.nproc=2",
+            "trainer.max_steps=3",
+        ],
+        tmp_path,
+    )
+    assert out.returncode == 2, out.stderr[-3000:]
+    errors = [ln for ln in out.stderr.splitlines() if ln.startswith("llmtrain")]
+    assert errors == [
+        f"llmtrain: data error: {shard}: {shard.stat().st_size} bytes but index.json says "
+        f"{shard.stat().st_size + 1} (truncated or replaced?)"
+    ], out.stderr[-3000:]
+    assert "ChildFailedError" not in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        (
+            ["objective=sft", "objective.sft.train_path={tmp}/missing.jsonl"],
+            "llmtrain: data error: objective.sft: data file {tmp}/missing.jsonl does not exist",
+        ),
+        (
+            ["objective=sft", "objective.sft.train_path={tmp}/bad.jsonl"],
+            "llmtrain: data error: {tmp}/bad.jsonl:2: expected a JSON object",
+        ),
+        (
+            ["objective=distill", "objective.distill.teacher={tmp}/no-teacher"],
+            "llmtrain: config error: objective.distill.teacher: {tmp}/no-teacher: no complete llmtrain checkpoint",
+        ),
+    ],
+    ids=["sft-missing", "sft-malformed", "teacher-missing"],
+)
+def test_objective_inputs_are_checked_before_any_rank_starts(shakespeare_dir, tmp_path, overrides, needle):
+    """A missing or malformed SFT file or teacher was found only on the ranks (a traceback per rank and
+    torchrun's dump, exit 1); the launcher finds it: one line, exit 2, nothing written."""
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a"\n')
+    runs = tmp_path / "runs"
+    args = [*TINY, f"data.sources.0.path={shakespeare_dir}", f"run.root={runs}", "tracking=none"]
+    args += ["launcher.nproc=2", *(o.format(tmp=tmp_path) for o in overrides)]
+    out = _cli(args, tmp_path, timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = [ln for ln in out.stderr.splitlines() if ln.startswith("llmtrain")]
+    assert len(lines) == 1 and lines[0].startswith(needle.format(tmp=tmp_path)), out.stderr[-2000:]
+    assert "Traceback" not in out.stderr and not runs.exists()
+
+
+def test_a_rejected_resume_writes_nothing_into_the_run_folder(shakespeare_dir, tmp_path):
+    """checkpoint.resume=none over a run with checkpoints is refused; the run's config.yaml stays the
+    one of the run that wrote those checkpoints (it was overwritten before the refusal)."""
+    args = [*TINY, f"data.sources.0.path={shakespeare_dir}", f"run.root={tmp_path}", "tracking=none"]
+    assert _cli([*args, "trainer.max_steps=2"], tmp_path).returncode == 0
+    config = tmp_path / "default" / "config.yaml"
+    before = config.read_text()
+    out = _cli([*args, "trainer.max_steps=3", "checkpoint.resume=none", "optim.lr=0.5"], tmp_path)
+    assert out.returncode == 2 and "checkpoint.resume=none but" in out.stderr, out.stderr[-2000:]
+    assert config.read_text() == before

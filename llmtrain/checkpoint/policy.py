@@ -94,23 +94,39 @@ def check_intact(path: Path) -> TrainerState:
     return state
 
 
-def newest_intact(folder: Path, notes: list[str]) -> tuple[Path | None, TrainerState | None]:
+def newest_intact(
+    folder: Path, notes: list[str], dry: bool = False
+) -> tuple[Path | None, TrainerState | None]:
     """The run's newest checkpoint that is intact. Damaged newer ones (a file missing or truncated, an
-    unreadable state) are set aside under a new name, never deleted, with a note for the user. Rank 0."""
+    unreadable state) are set aside under a new name, never deleted, with a note for the user (rank 0;
+    `dry`: only noted, nothing renamed)."""
     for _, path in reversed(list_checkpoints(folder)):
         try:
             return path, check_intact(path)
         except CheckpointError as e:
+            if dry:
+                notes.append(f"checkpoint {path} is damaged ({e}); the run will set it aside")
+                continue
             moved = set_aside(path, str(e))
             notes.append(f"checkpoint {path} is damaged ({e}); set aside as {moved.name}")
     return None, None
 
 
-def plan_resume(ck: CheckpointConfig, folder: Path) -> ResumePlan:
+def check_resume(ck: CheckpointConfig, folder: Path, model: Any) -> ResumePlan:
+    """The launcher's read-only rehearsal of the resume, before it writes anything into the run folder:
+    the same rules and errors as `plan_resume` (resume=none over checkpoints, a missing resume path, a
+    changed init_from base, another model shape), nothing renamed or recorded."""
+    plan = plan_resume(ck, folder, dry=True)
+    if plan.state is not None and plan.path is not None:
+        check_model_matches(plan.state.config, model, plan.path)
+    return plan
+
+
+def plan_resume(ck: CheckpointConfig, folder: Path, dry: bool = False) -> ResumePlan:
     """Apply the resume rules of this module to the run's checkpoint folder (rank 0: it may set damaged
     checkpoints aside; the trainer shares the plan with the other ranks), with checkpoint.init_from
     pinned (checkpoint/pin.py; the run folder is the checkpoint folder's parent)."""
-    plan = _plan(ck, folder)
+    plan = _plan(ck, folder, dry)
     saved = plan.state.init_from if plan.state is not None else None
     plan.pin = run_pin(ck.init_from, folder.parent, saved)
     if plan.path is not None and not plan.full_state and plan.pin is not None:  # weights of the pinned base
@@ -118,9 +134,9 @@ def plan_resume(ck: CheckpointConfig, folder: Path) -> ResumePlan:
     return plan
 
 
-def _plan(ck: CheckpointConfig, folder: Path) -> ResumePlan:
+def _plan(ck: CheckpointConfig, folder: Path, dry: bool) -> ResumePlan:
     notes: list[str] = []
-    own, own_state = newest_intact(folder, notes)
+    own, own_state = newest_intact(folder, notes, dry)
     mode = ck.resume
     if mode == "none":
         if own is not None:

@@ -19,6 +19,7 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -150,7 +151,12 @@ _WORKER_TOK: Tokenizer | None = None
 
 
 def _init_worker(spec: str) -> None:
+    """Pool worker start. Forked workers inherit the parent's signal handlers: a trainer's (or the
+    launcher's) graceful-stop handler would only set a flag on the SIGTERM by which the pool ends its
+    workers, and the pool would wait for them forever. They get the default actions back."""
     global _WORKER_TOK
+    for name in ("SIGTERM", "SIGINT", "SIGHUP", "SIGUSR1", "SIGUSR2"):
+        signal.signal(getattr(signal, name), signal.SIG_DFL)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _WORKER_TOK = load_tokenizer(spec)
 

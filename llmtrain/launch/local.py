@@ -1,15 +1,22 @@
-"""Local launcher: run in this process (nproc=1) or spawn nproc ranks with torchrun (gloo on CPU)."""
+"""Local launcher: run in this process (nproc=1) or spawn nproc ranks with torchrun's agent (gloo on CPU)."""
 
+import contextlib
 import fcntl
+import json
 import logging
 import os
+import signal
 import socket
-import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
+from typing import Any
 
-from llmtrain.config import Config, save_config
+from llmtrain.config import Config, load_config, save_config
 from llmtrain.data import ensure_prepared
+from llmtrain.launch.worker import ERROR_DIR_ENV
+from llmtrain.train.signals import Interrupted, exit_code, interrupt_on_signals
 
 log = logging.getLogger("llmtrain")
 
@@ -34,12 +41,32 @@ def prepare_run(cfg: Config) -> Path:
     return run_dir
 
 
+def preflight(cfg: Config, run_dir: Path) -> None:
+    """What the ranks would refuse, refused before anything is written into the run folder (so a
+    rejected resume leaves the previous config.yaml in place): the objective's own inputs (SFT files,
+    the distillation teacher) and a read-only rehearsal of the resume (checkpoint/policy.py)."""
+    from llmtrain.checkpoint.policy import check_resume
+    from llmtrain.objectives.preflight import check_objective_inputs
+
+    check_objective_inputs(cfg)
+    check_resume(cfg.checkpoint, run_dir / "checkpoints", cfg.model)
+
+
 def run_as_rank(cfg: Config) -> int:
-    """Hydra main executed by each rank of a user-started torchrun/srun: prepare, then train here."""
+    """Hydra main executed by each rank of a user-started torchrun/srun: prepare, then train here.
+
+    Global rank 0 takes the run folder's lease before anything is written there and holds it while
+    it trains; the other ranks keep their copy of the config outside the run folder and wait for rank
+    0 at the process-group rendezvous, so a refused job writes nothing."""
+    from llmtrain.distributed.env import detect_env
+    from llmtrain.launch.lease import acquire
     from llmtrain.launch.worker import main as worker_main
 
-    run_dir = prepare_run(cfg)
-    worker_main([str(run_dir / "config.yaml")])  # exits the process
+    if detect_env().rank == 0:
+        preflight(cfg, Path(cfg.run.root) / cfg.run.name)
+        acquire(Path(cfg.run.root) / cfg.run.name)  # released by worker_main before it exits
+        prepare_run(cfg)
+    worker_main([], cfg=cfg)  # exits the process
     return 0
 
 
@@ -79,24 +106,131 @@ def torchrun_command(cfg: Config, config_path: Path) -> list[str]:
 
 
 def launch_local(cfg: Config) -> int:
-    """Start the run on this machine; returns the exit code of the ranks."""
+    """Start the run on this machine; returns the exit code of the ranks (128+N after signal N).
+
+    This process holds the run folder's lease for the whole job (on node_rank 0 of a multi-node
+    launcher=torchrun job; the other nodes' launchers join that job)."""
+    from llmtrain.launch.lease import hold
     from llmtrain.parallel.layout import build_dims
 
     # the world size is known here: check the layout and batch geometry before any rank is spawned
     build_dims(cfg, cfg.launcher.nproc * cfg.launcher.nnodes)
-    run_dir = prepare_run(cfg)
-    config_path = run_dir / "config.yaml"
-    if cfg.launcher.nproc == 1 and cfg.launcher.nnodes == 1:
-        from llmtrain.distributed.env import shutdown_distributed
-        from llmtrain.launch.worker import run_training, setup_logging
+    run_dir = Path(cfg.run.root) / cfg.run.name
+    preflight(cfg, run_dir)  # read-only: before the lease creates the run folder
+    lease = hold(run_dir) if cfg.launcher.node_rank == 0 else contextlib.nullcontext()
+    with lease:
+        with interrupt_on_signals():  # stopped while preparing (tokenizing): one line, lease released
+            prepare_run(cfg)
+        if cfg.launcher.nproc == 1 and cfg.launcher.nnodes == 1:
+            return _train_here(run_dir)
+        return run_ranks(cfg, run_dir)
 
-        setup_logging(0, 1)
-        try:
-            run_training(str(config_path))
-        finally:
-            shutdown_distributed()
-        return 0
-    cmd = torchrun_command(cfg, config_path)
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+
+def _train_here(run_dir: Path) -> int:
+    """nproc=1: train in this process; a stop signal saves at the step boundary (one line, 128+N)."""
+    from llmtrain.distributed.env import shutdown_distributed
+    from llmtrain.launch.worker import setup_logging, train
+
+    setup_logging(0, 1)
+    started = time.time()
+    try:
+        with interrupt_on_signals():
+            cfg = load_config(run_dir / "config.yaml")
+            _, stopped_by = train(cfg)
+    except (Interrupted, KeyboardInterrupt) as e:  # during start-up, or a second Ctrl-C while saving
+        stopped_by = getattr(e, "signal_name", "SIGINT")
+    finally:
+        shutdown_distributed()
+    if stopped_by:
+        print(f"llmtrain: {stop_summary(run_dir, stopped_by, started)}", file=sys.stderr)
+        return exit_code(stopped_by)
+    return 0
+
+
+def stop_summary(run_dir: Path, signal_name: str, started: float) -> str:
+    """The one line for a job stopped by a signal: what was saved, or why nothing was."""
+    from llmtrain.checkpoint import latest_checkpoint
+
+    newest = latest_checkpoint(run_dir / "checkpoints")
+    if newest is not None and newest.stat().st_mtime >= started:
+        return f"stopped by {signal_name}; saved {newest}: run the same command to resume from it"
+    if newest is not None:
+        return (
+            f"stopped by {signal_name} before saving (stopped during start-up or pressed twice); "
+            f"the same command resumes from the earlier {newest}"
+        )
+    return (
+        f"stopped by {signal_name}; nothing saved (stopped during start-up or pressed twice, "
+        "or checkpoint.enabled / checkpoint.save_at_end is false)"
+    )
+
+
+def _quiet_torchelastic() -> None:
+    """torchrun's agent logs a warning per signal and a multi-line report per failed rank; the
+    launcher says the same in one line, so its loggers only pass CRITICAL records."""
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith(
+            ("torch.distributed.elastic", "torch.distributed.launcher", "torch.distributed.run")
+        ):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def run_ranks(cfg: Config, run_dir: Path) -> int:
+    """Run the ranks under torchrun's elastic agent *in this process* (the same arguments a torchrun
+    command would take, printed for reference): the agent forwards SIGTERM/SIGINT/SIGHUP to the ranks
+    and waits for them to save (TORCH_ELASTIC_SHUTDOWN_TIMEOUT, default here 120 s), a rank's bad-input
+    error comes back as the one `llmtrain: ...` line and exit code 2, and no torchrun process sits
+    between this one and the ranks (which end when it dies, see signals.watch_parent)."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import elastic_launch
+    from torch.distributed.run import config_from_args, parse_args
+
+    cmd = torchrun_command(cfg, run_dir / "config.yaml")
     log.info("launching %d ranks: %s", cfg.launcher.nproc * cfg.launcher.nnodes, " ".join(cmd))
-    return subprocess.call(cmd, env=env)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "120")
+    launch_cfg, entry, entry_args = config_from_args(parse_args(cmd[3:]))  # after "python -m torch...run"
+    _quiet_torchelastic()
+    started, handlers = time.time(), {s: signal.getsignal(s) for s in _AGENT_SIGNALS}
+    with tempfile.TemporaryDirectory(prefix="llmtrain-errors-") as errors:
+        os.environ[ERROR_DIR_ENV] = errors
+        try:
+            elastic_launch(launch_cfg, entry)(*entry_args)
+            return 0
+        except ChildFailedError as e:
+            return _rank_failure(e.failures, Path(errors))
+        except SignalException as e:
+            print(f"llmtrain: {stop_summary(run_dir, e.sigval.name, started)}", file=sys.stderr)
+            return exit_code(e.sigval.name)
+        finally:
+            os.environ.pop(ERROR_DIR_ENV, None)
+            for s, h in handlers.items():
+                signal.signal(s, h)
+
+
+_AGENT_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+
+
+def _rank_failure(failures: dict[int, Any], errors: Path) -> int:
+    """Bad input on any rank: re-raise it here (the CLI prints one line, exit 2); otherwise one line
+    naming the first failed rank (its traceback is above) and exit code 1."""
+    from llmtrain.launch.worker import input_errors
+
+    reports = sorted(errors.glob("rank*.json"), key=lambda p: int(p.stem[4:]))
+    if reports:
+        first = json.loads(reports[0].read_text())
+        cls = next(c for c, k in input_errors().items() if k == first["kind"])
+        raise cls(first["message"])
+
+    def how(code: int) -> str:
+        return f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+
+    # the first to fail is the cause; on a tie a rank killed by a signal (its peers then fail on it)
+    order = sorted(failures.items(), key=lambda kv: (kv[1].timestamp, kv[1].exitcode >= 0, kv[0]))
+    (rank, first), others = order[0], order[1:]
+    also = "; then " + ", ".join(f"rank {r} {how(f.exitcode)}" for r, f in others) if others else ""
+    print(
+        f"llmtrain: rank {rank} {how(first.exitcode)}{also} (output above); the job stopped", file=sys.stderr
+    )
+    return 1

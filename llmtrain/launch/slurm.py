@@ -46,7 +46,12 @@ def slurm_parameters(cfg: Config, partition: str | None) -> dict[str, Any]:
         "cpus_per_task": lc.cpus_per_task,
         "signal_delay_s": lc.signal_delay_s,  # -> --signal=USR2@<s>
         "setup": list(lc.setup),
-        "srun_args": list(lc.srun_args),
+        # one task failing (e.g. rank 0 refused the run folder's lease) ends its siblings, which
+        # would otherwise wait at the rendezvous until it times out
+        "srun_args": [
+            *lc.srun_args,
+            *([] if _has_flag(lc.srun_args, "--kill-on-bad-exit") else ["--kill-on-bad-exit=1"]),
+        ],
         "additional_parameters": {"requeue": True, **dict(lc.sbatch_args)},
     }
     if lc.gpus_per_node:
@@ -60,6 +65,10 @@ def slurm_parameters(cfg: Config, partition: str | None) -> dict[str, Any]:
     }
     params.update({k: v for k, v in optional.items() if v is not None})
     return params
+
+
+def _has_flag(args: list[str], flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in args)
 
 
 def absolute_paths(cfg: Config) -> Config:
@@ -103,12 +112,15 @@ class Prepared:
 
 def prepare(cfg: Config) -> Prepared:
     """Every check (config, cluster, no live job on the run folder), then the run folder itself."""
-    from llmtrain.launch.local import prepare_run
+    from llmtrain.launch.lease import check_free
+    from llmtrain.launch.local import preflight, prepare_run
 
     check_static(cfg)
     part = check_cluster(cfg, query_partitions())
     cfg = absolute_paths(cfg)
-    _refuse_duplicate(Path(cfg.run.root) / cfg.run.name)
+    check_free(Path(cfg.run.root) / cfg.run.name)  # a running local/torchrun/SLURM job holds it
+    _refuse_duplicate(Path(cfg.run.root) / cfg.run.name)  # a queued job does not yet
+    preflight(cfg, Path(cfg.run.root) / cfg.run.name)
     run_dir = prepare_run(cfg)
     partition = cfg.launcher.partition or part.name
     return Prepared(cfg, run_dir, partition, slurm_parameters(cfg, partition), _sweep_id())

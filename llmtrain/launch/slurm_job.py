@@ -27,6 +27,7 @@ from typing import Any
 log = logging.getLogger("llmtrain")
 
 WARNING_SIGNALS = frozenset({"SIGUSR1", "SIGUSR2"})
+STOP_SIGNALS = frozenset({"SIGTERM", "SIGINT", "SIGHUP"})  # scancel, preemption, an operator
 PORT_BASE, PORT_SPAN = 15000, 10000  # below the Linux ephemeral range (32768+)
 _exit_code = 0
 
@@ -83,9 +84,32 @@ class TrainJob:
         early.install()
         atexit.register(_hard_exit)
         _exit_code = 1
-        result = self._train(early)
+        lease, keep = self._take_lease(), False
+        try:
+            result = self._train(early)
+        except SystemExit as e:
+            keep = e.code == -1  # requeued: the next allocation of this job takes the lease over
+            raise
+        finally:
+            if lease is not None and not keep:
+                lease.release()
         _exit_code = 0
         return result
+
+    def _take_lease(self) -> Any:
+        """Rank 0 holds the run folder's lease while the job runs (after a requeue it takes over its
+        own: same SLURM_JOB_ID); refused, the task fails and srun --kill-on-bad-exit ends the rest."""
+        from pathlib import Path
+
+        from llmtrain.launch.lease import LeaseHeld, acquire
+
+        if os.environ.get("SLURM_PROCID", "0") != "0":
+            return None
+        try:
+            return acquire(Path(self.config_path).parent)
+        except LeaseHeld as e:
+            print(f"llmtrain: run folder error: {e}", file=sys.stderr, flush=True)
+            raise
 
     def _train(self, early: Any) -> dict[str, Any]:
         from llmtrain.config import load_config
@@ -135,7 +159,7 @@ class TrainJob:
 
         if status == "FINISHED":
             outcome = "finished"
-        elif received == {"SIGTERM"}:
+        elif received and received <= STOP_SIGNALS:
             outcome = "terminated"
         elif restarts >= self.max_requeues:
             log.warning("not requeueing: launcher.max_requeues=%d reached", self.max_requeues)

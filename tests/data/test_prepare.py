@@ -201,3 +201,24 @@ def test_cli_progress_without_a_terminal_is_plain_lines_and_counts_shards(
         f"{out / 'val'}: {val.num_documents:,} documents, {val.num_tokens:,} tokens in "
         f"{len(val.shards)} shards (validation split)",
     ]
+
+
+@pytest.mark.timeout(120)
+def test_parallel_prepare_finishes_under_a_graceful_stop_handler(tmp_path: Path, texts: list[str]) -> None:
+    """A process whose SIGTERM only sets a flag (the trainer's StopFlag, the launcher's handlers) used
+    to hang in a parallel prepare: the forked workers inherited the handler and ignored the SIGTERM
+    with which the pool ends them (the full suite hung 300 s in the tokenizer tests)."""
+    import signal
+
+    from llmtrain.train.signals import StopFlag
+
+    raw = tmp_path / "a.jsonl"
+    raw.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    StopFlag().install()
+    try:
+        index = prepare_dataset(raw, tmp_path / "out", workers=2, chunk_docs=7)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    assert index.num_documents == len(texts)

@@ -6,6 +6,7 @@ same config run locally on 2 processes (`reference_losses`), interrupted or not.
 """
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -220,3 +221,14 @@ def test_bad_input_is_refused_before_submission(slurm_cluster, shakespeare_dir, 
     ):
         _submit([*base, "checkpoint.every_minutes=30", "launcher.partition=debug"], tmp_path, "short")
     assert not list(tmp_path.glob("*/slurm/jobs.jsonl"))  # nothing was submitted
+
+
+def test_submission_is_refused_while_a_local_run_holds_the_folder(
+    slurm_cluster, tiny_overrides, tmp_path
+) -> None:
+    from llmtrain.launch.lease import LeaseHeld, hold
+
+    run_dir = tmp_path / "busy"
+    with hold(run_dir), pytest.raises(LeaseHeld, match=rf"{run_dir} is in use by pid {os.getpid()} on host"):
+        _submit(tiny_overrides, tmp_path, "busy")
+    assert sorted(p.name for p in run_dir.iterdir()) == []  # nothing written, nothing submitted
