@@ -40,12 +40,24 @@ def main(argv: list[str] | None = None) -> int:
     import logging
     import warnings
 
-    from llmtrain.plan.dry_run import DryRunOptions, dry_run_rank, format_report
+    from llmtrain.config.errors import ConfigError
     from llmtrain.testing import compose_config
 
     warnings.filterwarnings("ignore")  # fake-group and DTensor warnings repeat per rank
     logging.getLogger("llmtrain").setLevel(logging.ERROR)
-    cfg = compose_config([*overrides, "tracking=none"])
+
+    try:
+        cfg = compose_config([*overrides, "tracking=none"])
+        return _run(cfg, opts)
+    except ConfigError as e:
+        print(f"dry_run: config error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(cfg: object, opts: argparse.Namespace) -> int:
+    """Dry-run the requested ranks, print their tables, write JSON; 1 when a rank does not fit."""
+    from llmtrain.plan.dry_run import DryRunOptions, dry_run_rank, format_report
+
     ranks = sorted({0, opts.world - 1}) if opts.ranks is None else [int(r) for r in opts.ranks.split(",")]
     start = time.perf_counter()
 

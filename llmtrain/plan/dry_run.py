@@ -131,7 +131,7 @@ def _local_bytes(tensors: Iterator[torch.Tensor]) -> tuple[int, int]:
     seen, numel, nbytes = set(), 0, 0
     for t in tensors:
         local = t.to_local() if hasattr(t, "to_local") else t
-        key = (local.untyped_storage()._cdata, local.storage_offset()) if not local.is_meta else id(local)
+        key = (local.untyped_storage()._cdata, local.storage_offset()) if not local.is_meta else id(t)
         if key in seen:
             continue
         seen.add(key)
@@ -159,14 +159,14 @@ def _step_skip_reason(
     if opts.steps <= 0:
         return "steps not requested (--steps 0)"
     if meta:
-        return "parameters on meta (the shard does not fit this machine): no steps"
-    if est.total > 0.5 * psutil.virtual_memory().available:
-        return f"a step's planned peak {est.total / GIB:.1f} GiB exceeds half of this machine's free memory"
+        return "parameters on meta (--meta, or the shard would not fit this machine): no steps"
     if dims.pp_enabled:
         return (
             "pp > 1: torch.distributed.pipelining infers stage shapes by exchanging Python objects, "
             "which the fake group cannot carry; set-up, memory plan and checkpoint plan only"
         )
+    if est.total > 0.5 * psutil.virtual_memory().available:
+        return f"a step's planned peak {est.total / GIB:.1f} GiB exceeds half of this machine's free memory"
     args = model_args(cfg.model)
     tokens = cfg.trainer.micro_batch_size * cfg.data.seq_len * batch_geometry(cfg, dims.dp)
     tflop = flops_per_token(args, cfg.data.seq_len) * tokens / (dims.tp * dims.pp) / 1e12
@@ -192,13 +192,14 @@ def dry_run_rank(cfg: Config, world: int, rank: int, opts: DryRunOptions) -> Ran
     meta = _needs_meta(est) if opts.meta is None else opts.meta
     device = torch.device("meta" if meta else "cpu")
     phases: dict[str, float] = {}
-    notes = ["parameters on meta: set-up and shapes only"] if meta else []
+    notes: list[str] = []
     say = opts.progress or (lambda _msg: None)
     with fake_world(rank, world):
         t0 = time.perf_counter()
         mesh = dims.build_mesh("cpu")
         phases["mesh"] = time.perf_counter() - t0
         say(f"rank {rank}: mesh {phases['mesh']:.1f}s; building the engine ...")
+        rss_before = psutil.Process().memory_info().rss
         t0 = time.perf_counter()
         with timed_phases(phases, lambda m: say(f"rank {rank}: {m}")), PeakTensorMemory() as build_mem:
             engine = build_engine(cfg, dims, mesh, device)
@@ -207,6 +208,8 @@ def dry_run_rank(cfg: Config, world: int, rank: int, opts: DryRunOptions) -> Ran
         params_local, param_bytes = _local_bytes(engine.model.parameters())
         memory = {"params": float(param_bytes), "build peak": float(build_mem.peak)}
         memory["buffers"] = float(_local_bytes(engine.model.buffers())[1])
+        memory["rss after build"] = float(psutil.Process().memory_info().rss)
+        memory["rss growth in build"] = memory["rss after build"] - rss_before
         skip = _step_skip_reason(cfg, dims, opts, meta, est)
         recorder = None
         if skip is None:
@@ -378,6 +381,12 @@ def format_report(r: RankReport) -> str:
     lines.append("  set-up: " + ", ".join(f"{k} {v:.2f}s" for k, v in r.phases.items()))
     share = r.params_global / r.params_local if r.params_local else 0.0
     lines.append(f"  parameters: {r.params_local:,} local of {r.params_global:,} (1/{share:.1f})")
+    mem = r.memory
+    lines.append(
+        f"  build: peak tensor memory {mem['build peak'] / mib:.1f} MiB = "
+        f"{mem['build peak'] / max(mem['params'], 1):.2f}x the local shard; "
+        f"process RSS {mem['rss after build'] / mib:.0f} MiB (+{mem['rss growth in build'] / mib:.0f} in the build)"
+    )
     plan = dict(r.planned_memory)
     rope = r.memory["buffers"]  # the planner's buffers = the RoPE table + ZeRO's unsharded blocks
     plan["step peak"] = plan["dynamic"] + plan["buffers"] - rope
