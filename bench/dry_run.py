@@ -76,17 +76,7 @@ the two end stages, which also hold the embedding and the head, 8 on the others)
 full activation checkpointing (without it 70b at 8k tokens needs ~85 GiB on the first stage)."""
 
 
-SMALL = [
-    "model.dim=256",
-    "model.n_layers=4",
-    "model.n_heads=8",
-    "model.n_kv_heads=8",
-    "model.vocab_size=512",
-    "model.ffn_dim=768",
-    "data.seq_len=256",
-    "trainer.micro_batch_size=2",
-    "tracking=none",
-]
+SMALL = ["tracking=none"]  # + llmtrain.plan.dry_run.SMALL_MODEL
 SMALL_CASES = {
     "ddp @64": (["parallel=ddp", "trainer.global_batch_size=128"], 64),
     "zero1 @64": (["parallel=zero1", "trainer.global_batch_size=128"], 64),
@@ -108,12 +98,12 @@ SMALL_CASES = {
 
 def validate_small() -> list[dict]:
     """Rank 0 of each SMALL_CASES layout, stepped (2 steps, the second measured), in this process."""
-    from llmtrain.plan.dry_run import DryRunOptions, dry_run_rank, measured_comm
+    from llmtrain.plan.dry_run import SMALL_MODEL, DryRunOptions, dry_run_rank, measured_comm
     from llmtrain.testing import compose_config
 
     out = []
     for name, (overrides, world) in SMALL_CASES.items():
-        r = dry_run_rank(compose_config(SMALL + overrides), world, 0, DryRunOptions())
+        r = dry_run_rank(compose_config(SMALL_MODEL + SMALL + overrides), world, 0, DryRunOptions())
         got, plan, sent = r.memory, r.planned_memory, measured_comm(r)
         row = {"case": name, "memory measured/planned": f"{got['total'] / plan['total']:.3f}"}
         row["MiB measured"] = f"{got['total'] / 2**20:.1f}"

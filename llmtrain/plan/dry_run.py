@@ -35,6 +35,19 @@ from llmtrain.plan.measure import PeakTensorMemory
 from llmtrain.plan.memory import GIB, MemoryEstimate, estimate_stage, total_params
 from llmtrain.train.flops import flops_per_token
 
+SMALL_MODEL = [
+    "model.dim=256",
+    "model.n_layers=4",
+    "model.n_heads=8",
+    "model.n_kv_heads=8",
+    "model.vocab_size=512",
+    "model.ffn_dim=768",
+    "data.seq_len=256",
+    "trainer.micro_batch_size=2",
+]
+"""Overrides of a model whose steps take seconds on a CPU at any fake world: the CI test and
+`bench/dry_run.py --small` compare the measured memory and traffic with the planner on it."""
+
 CPU_TFLOPS = 0.05
 """Sustained fp32 matmul throughput assumed for one CPU process, to decide which steps are too slow."""
 

@@ -76,7 +76,10 @@ LAYOUTS = {
     "zero3 dp3 (uneven shards)": (["parallel=zero3"], 3),
     "tp2": (["parallel=tp2"], 2),
     "pp2": (["parallel=pp2", "trainer.global_batch_size=8", "trainer.micro_batch_size=2"], 2),
-    "3d tp2 pp2 zero3 dp2": (["parallel=3d", "trainer.global_batch_size=16", "trainer.micro_batch_size=2"], 8),
+    "3d tp2 pp2 zero3 dp2": (
+        ["parallel=3d", "trainer.global_batch_size=16", "trainer.micro_batch_size=2"],
+        8,
+    ),
 }
 
 
@@ -94,7 +97,9 @@ def test_every_rank_holds_the_single_process_weights_bitwise(layout: str):
                 for name, p in target.named_parameters():
                     full = ref[name]
                     if isinstance(p, DTensor):
-                        shape, off = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+                        shape, off = compute_local_shape_and_global_offset(
+                            p.shape, p.device_mesh, p.placements
+                        )
                         full = full[tuple(slice(o, o + s) for o, s in zip(off, shape))]
                         p = p.to_local()
                     assert torch.equal(p.detach(), full), f"{layout} rank {rank}: {name}"

@@ -8,20 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from llmtrain.plan.dry_run import DryRunOptions, dry_run_rank, measured_comm
+from llmtrain.plan.dry_run import SMALL_MODEL, DryRunOptions, dry_run_rank, measured_comm
 from llmtrain.testing import compose_config
 
 ROOT = Path(__file__).resolve().parents[2]
-MODEL = [
-    "model.dim=256",
-    "model.n_layers=4",
-    "model.n_heads=8",
-    "model.n_kv_heads=8",
-    "model.vocab_size=512",
-    "model.ffn_dim=768",
-    "data.seq_len=256",
-    "trainer.micro_batch_size=2",
-]
+MODEL = SMALL_MODEL
 
 
 @pytest.fixture(scope="module")
