@@ -237,9 +237,10 @@ class Transformer(nn.Module):
     def init_weights(self, seed: int, buffer_device: torch.device | None = None) -> None:
         """Deterministic init that does not depend on the parallel layout.
 
-        Every parameter is drawn in full from its own generator seeded by (seed, parameter name) and
-        each rank keeps its local shard, so dp, tp, pp and ZeRO runs all start from the same weights
-        as the single-process run (the basis of every parity test).
+        Each element comes from a counter-based generator addressed by (seed, parameter name, global
+        element index) and each rank computes only the elements of its local shard, so dp, tp, pp and
+        ZeRO runs all start from the same weights as the single-process run (the basis of every
+        parity test) at a cost that scales with the shard, not the model.
         """
         from llmtrain.models.init import fill_param  # local import keeps this file torch-only
 
@@ -254,7 +255,7 @@ class Transformer(nn.Module):
                 module.reset_buffers()
 
     def init_plan(self, seed: int) -> Iterator[tuple[str, nn.Parameter, Callable, int]]:
-        """(name, parameter, draw(shape, generator), seed) of every parameter: the init rule, apart from
+        """(name, parameter, draw(uniforms), seed) of every parameter: the init rule, apart from
         how a rank reaches its storage (plain/DTensor here; DeepSpeed ZeRO-3 gathers one at a time)."""
         std, out_std = self.args.init_std, self.args.init_std / math.sqrt(2 * self.args.n_layers)
         for name, p in self.named_parameters():
@@ -268,12 +269,12 @@ class Transformer(nn.Module):
                 yield name, p, _normal(std), seed
 
 
-def _ones(shape: torch.Size, g: torch.Generator) -> torch.Tensor:
-    return torch.ones(shape)
+def _ones(u: torch.Tensor) -> torch.Tensor:
+    return torch.ones_like(u)
 
 
-def _normal(std: float):
-    def draw(shape: torch.Size, g: torch.Generator) -> torch.Tensor:
-        return torch.nn.init.trunc_normal_(torch.empty(shape), std=std, a=-3 * std, b=3 * std, generator=g)
+def _normal(std: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """N(0, std) truncated at +-3 std from the per-element uniforms of `llmtrain.models.init`."""
+    from llmtrain.models.init import trunc_normal  # local import keeps this file torch-only
 
-    return draw
+    return trunc_normal(std, bound=3.0)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmtrain.models.init import fill_param
+from llmtrain.models.init import fill_param, uniform
 
 ADAPTER_KEYS = ("lora_A", "lora_B")
 _ADAPTER_RE = re.compile(r"\.lora_[AB]$")
@@ -69,7 +69,7 @@ def apply_lora(
 
 @torch.no_grad()
 def init_lora(model: nn.Module, seed: int) -> None:
-    """A ~ U(-1/sqrt(in), 1/sqrt(in)) (layout-independent: drawn in full per name), B = 0.
+    """A ~ U(-1/sqrt(in), 1/sqrt(in)) (layout-independent: per-element counter-based draws), B = 0.
 
     Call after materialization: the model's own init also fills the adapters, which must be undone.
     Names are taken below a DDP wrapper (`module.`) so that every layout draws the same adapters."""
@@ -77,8 +77,7 @@ def init_lora(model: nn.Module, seed: int) -> None:
     for name, mod in model.named_modules():
         if isinstance(mod, LoRALinear):
             bound = 1.0 / math.sqrt(mod.in_features)
-            draw = lambda shape, g, b=bound: torch.empty(shape).uniform_(-b, b, generator=g)
-            fill_param(mod.lora_A, draw, seed=seed, name=f"{name}.lora_A")
+            fill_param(mod.lora_A, uniform(bound), seed=seed, name=f"{name}.lora_A")
             mod.lora_B.zero_()
 
 

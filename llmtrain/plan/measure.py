@@ -28,6 +28,9 @@ class PeakTensorMemory(TorchDispatchMode):
         self.current -= self.live.pop(key, 0)
 
     def track(self, t: torch.Tensor) -> None:
+        local = getattr(t, "_local_tensor", None)  # a DTensor's wrapper reports the global size
+        if isinstance(local, torch.Tensor):
+            t = local
         st = t.untyped_storage()
         key = st._cdata
         if key in self.live or st.device.type == "meta":

@@ -93,7 +93,8 @@ def test_output_projections_are_scaled_down():
 
 
 @pytest.mark.parametrize(
-    ("preset", "billions"), [("125m", 0.134), ("1b", 1.24), ("7b", 6.74), ("8b", 8.03), ("70b", 70.6)]
+    ("preset", "billions"),
+    [("125m", 0.134), ("1b", 1.24), ("7b", 6.74), ("8b", 8.03), ("70b", 70.6), ("405b", 405.9)],
 )
 def test_presets_build_on_meta_with_expected_size(preset, billions):
     model = build_model(compose_config([f"model={preset}"]).model)
