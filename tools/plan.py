@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from llmtrain.models import model_args
 from llmtrain.plan.fit import Cluster, Plan, describe_model, layout_from_config, plan_layout, suggest_layouts
 from llmtrain.plan.memory import GIB
-from llmtrain.train.flops import lookup_peak_tflops
+from llmtrain.train.flops import FP8_PEAK_TFLOPS, PEAK_TFLOPS, lookup_peak_tflops
 
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -29,7 +29,7 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     ap.add_argument("--gpu-mem", type=float, default=80.0, help="memory per GPU in GiB")
     ap.add_argument("--gpu", default="NVIDIA H100 80GB HBM3", help="device name for the peak-FLOPs table")
     ap.add_argument(
-        "--peak-tflops", type=float, default=None, help="dense bf16 peak per GPU (overrides --gpu)"
+        "--peak-tflops", type=float, default=None, help="dense bf16 (fp8 with parallel.fp8) peak per GPU (overrides --gpu)"
     )
     ap.add_argument("--mfu", type=float, default=0.4, help="assumed MFU before recompute and pipeline bubble")
     ap.add_argument("--headroom", type=float, default=0.1, help="share of GPU memory kept free")
@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     from llmtrain.testing import compose_config
 
     cfg = compose_config(overrides)
-    peak = opts.peak_tflops or (lookup_peak_tflops(opts.gpu) or (None, None))[1]
+    fp8 = cfg.parallel.fp8.recipe != "none"  # FP8 matmuls: the FP8 datasheet peak
+    peak = opts.peak_tflops or (lookup_peak_tflops(opts.gpu, FP8_PEAK_TFLOPS if fp8 else PEAK_TFLOPS) or (None, None))[1]
     if peak is None:
         raise SystemExit(f"--gpu {opts.gpu!r} is not in the peak table; pass --peak-tflops")
     cluster = Cluster(
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"cluster: {opts.nodes} node(s) x {opts.gpus} GPUs, {opts.gpu_mem:g} GiB each "
-        f"({100 * (1 - opts.headroom):.0f}% usable), peak {peak:g} TFLOP/s, assumed MFU {opts.mfu:.0%}, "
+        f"({100 * (1 - opts.headroom):.0f}% usable), peak {peak:g} TFLOP/s{' (fp8)' if fp8 else ''}, assumed MFU {opts.mfu:.0%}, "
         f"links {opts.intra_gbps:g} GB/s in a node, {opts.inter_gbps:g} GB/s per GPU across nodes"
     )
     report: dict = {

@@ -54,6 +54,22 @@ PEAK_TFLOPS: list[tuple[str, str, float]] = [
     (r"\bMI250X?\b", "MI250X", 383.0),
 ]
 
+# Dense FP8 tensor-core peak TFLOP/s (parallel.fp8 on), same matching rules. Vendor datasheets list
+# FP8 "with sparsity"; dense is half: H100 SXM 3958 -> 1979 (PCIe 3026 -> 1513, NVL 3341 -> 1671),
+# H200 SXM 3958 -> 1979 (NVL 3341 -> 1671), HGX B200 9 PFLOP/s -> 4500 (FP8 and MXFP8 alike),
+# L40S 1466 -> 733, L4 485 -> 242.5. GPUs without FP8 tensor cores (A100 and older) have no entry.
+FP8_PEAK_TFLOPS: list[tuple[str, str, float]] = [
+    (r"\bGH200\b", "GH200", 1979.0),
+    (r"\bH200\b.*\bNVL\b", "H200 NVL", 1671.0),
+    (r"\bH200\b", "H200 SXM", 1979.0),
+    (r"\bH100\b.*\bPCIe\b", "H100 PCIe", 1513.0),
+    (r"\bH100\b.*\bNVL\b", "H100 NVL", 1671.0),
+    (r"\bH100\b", "H100 SXM", 1979.0),
+    (r"\bB200\b", "B200", 4500.0),
+    (r"\bL40S\b", "L40S", 733.0),
+    (r"\bL4\b", "L4", 242.5),
+]
+
 
 def forward_flops_per_token(args: TransformerArgs, seq_len: int) -> tuple[float, float]:
     """Forward FLOPs per token as (all transformer blocks, output head)."""
@@ -88,9 +104,12 @@ def flops_per_token(args: TransformerArgs, seq_len: int, recompute: float = 0.0)
     return 3 * (blocks + head) + float(recompute) * rerun
 
 
-def lookup_peak_tflops(device_name: str) -> tuple[str, float] | None:
-    """(table label, dense bf16 TFLOP/s) for a device name as torch reports it, or None."""
-    for pattern, label, tflops in PEAK_TFLOPS:
+def lookup_peak_tflops(
+    device_name: str, table: list[tuple[str, str, float]] = PEAK_TFLOPS
+) -> tuple[str, float] | None:
+    """(table label, dense TFLOP/s) for a device name as torch reports it, or None. `table`:
+    PEAK_TFLOPS (bf16) or FP8_PEAK_TFLOPS."""
+    for pattern, label, tflops in table:
         if re.search(pattern, device_name, flags=re.IGNORECASE):
             return label, tflops
     return None
