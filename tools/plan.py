@@ -29,7 +29,10 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     ap.add_argument("--gpu-mem", type=float, default=80.0, help="memory per GPU in GiB")
     ap.add_argument("--gpu", default="NVIDIA H100 80GB HBM3", help="device name for the peak-FLOPs table")
     ap.add_argument(
-        "--peak-tflops", type=float, default=None, help="dense bf16 (fp8 with parallel.fp8) peak per GPU (overrides --gpu)"
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="dense bf16 (fp8 with parallel.fp8) peak per GPU (overrides --gpu)",
     )
     ap.add_argument("--mfu", type=float, default=0.4, help="assumed MFU before recompute and pipeline bubble")
     ap.add_argument("--headroom", type=float, default=0.1, help="share of GPU memory kept free")
@@ -100,7 +103,10 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = compose_config(overrides)
     fp8 = cfg.parallel.fp8.recipe != "none"  # FP8 matmuls: the FP8 datasheet peak
-    peak = opts.peak_tflops or (lookup_peak_tflops(opts.gpu, FP8_PEAK_TFLOPS if fp8 else PEAK_TFLOPS) or (None, None))[1]
+    peak = (
+        opts.peak_tflops
+        or (lookup_peak_tflops(opts.gpu, FP8_PEAK_TFLOPS if fp8 else PEAK_TFLOPS) or (None, None))[1]
+    )
     if peak is None:
         raise SystemExit(f"--gpu {opts.gpu!r} is not in the peak table; pass --peak-tflops")
     cluster = Cluster(

@@ -109,4 +109,3 @@ def apply_fp8(
         config = dataclasses.replace(float8.Float8LinearConfig.from_recipe_name(recipe), emulate=emulate)
         float8.convert_to_float8_training(model, config=config, module_filter_fn=keep)
     return converted
-
