@@ -129,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"cluster: {opts.nodes} node(s) x {opts.gpus} GPUs, {opts.gpu_mem:g} GiB each "
-        f"({100 * (1 - opts.headroom):.0f}% usable), peak {peak:g} TFLOP/s{' (fp8)' if fp8 else ''}, assumed MFU {opts.mfu:.0%}, "
+        f"({100 * (1 - opts.headroom):.0f}% usable), peak {peak:g} TFLOP/s{' (fp8)' if fp8 else ''}, "
+        f"assumed MFU {opts.mfu:.0%}, "
         f"links {opts.intra_gbps:g} GB/s in a node, {opts.inter_gbps:g} GB/s per GPU across nodes"
     )
     report: dict = {

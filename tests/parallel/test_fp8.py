@@ -164,6 +164,6 @@ def test_device_refusals_name_the_reason() -> None:
 
     with pytest.raises(ConfigError, match="mxfp8 needs a Blackwell GPU"):
         check_fp8_device("mxfp8", True, torch.device("cpu"))
-    with pytest.raises(ConfigError, match="parallel.fp8.emulate=true"):
+    with pytest.raises(ConfigError, match=r"parallel\.fp8\.emulate=true"):
         check_fp8_device("rowwise", False, torch.device("cpu"))
     check_fp8_device("rowwise", True, torch.device("cpu"))  # emulation runs anywhere
