@@ -9,6 +9,9 @@ after `--warmup` steps on random tokens, on one GPU:
   masquerade as a speed-up;
 - reference: bench/common.py ReferenceLoop, the same model by hand with fused AdamW, optionally
   torch.compile per block and per-block checkpointing;
+- llmtrain+fp8, llmtrain+compile+fp8: the same with parallel.fp8.recipe=rowwise (docs/fp8.md); their
+  `mfu` divides by the bf16 peak like every row (so rows compare), `mfu_fp8` by the FP8 peak
+  (the trainer's MFU with FP8 on). --smoke runs llmtrain+fp8 in emulation;
 - hf: transformers LlamaForCausalLM of the same shape (attn_implementation=sdpa), same loss/optimizer.
 MFU = tokens/s x model FLOPs/token (llmtrain.train.flops) / peak (device table; --peak-tflops).
 mem_gib is torch.cuda.max_memory_allocated over the timed steps; est_gib the planner's estimate.
@@ -35,11 +38,14 @@ VARIANTS = {  # name: (kind, compile, activation checkpointing)
     "llmtrain+compile": ("llmtrain", True, False),
     "llmtrain+ac": ("llmtrain", False, True),
     "llmtrain+compile+ac": ("llmtrain", True, True),
+    "llmtrain+fp8": ("llmtrain", False, False),
+    "llmtrain+compile+fp8": ("llmtrain", True, False),
     "reference": ("reference", False, False),
     "reference+compile": ("reference", True, False),
     "reference+compile+ac": ("reference", True, True),
     "hf": ("hf", False, False),
 }
+FP8_VARIANTS = {"llmtrain+fp8": "rowwise", "llmtrain+compile+fp8": "rowwise"}  # parallel.fp8.recipe
 MICRO_BATCH = {"125m": 8, "1b": 4, "smoke": 2}
 
 
@@ -125,6 +131,7 @@ def run_variant(
     from llmtrain.train.flops import flops_per_token, recompute_fraction
 
     kind, comp, ac = VARIANTS[variant]
+    fp8 = FP8_VARIANTS.get(variant, "none")
     mbs = opts.micro_batch or MICRO_BATCH[model_name]
     cfg = compose_config(
         [
@@ -135,6 +142,8 @@ def run_variant(
             f"parallel.activation_checkpoint={'full' if ac else 'none'}",
             f"trainer.micro_batch_size={mbs}",
             f"trainer.global_batch_size={mbs}",
+            f"parallel.fp8.recipe={fp8}",
+            f"parallel.fp8.emulate={str(fp8 != 'none' and device.type != 'cuda').lower()}",
         ]
     )
     args = model_args(cfg.model)
@@ -177,6 +186,11 @@ def run_variant(
                 "mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0,
             }
         )
+        if fp8 != "none":
+            from llmtrain.train.perf import peak_tflops
+
+            fp8_peak = opts.peak_tflops_fp8 or peak_tflops(device, None, torch.float8_e4m3fn)
+            row["mfu_fp8"] = tokens / seconds * mfu_flops / fp8_peak / 1e12 if fp8_peak else None
     except torch.cuda.OutOfMemoryError:
         row["error"] = "OOM (lower --micro-batch)"
     except Exception as e:  # a variant that cannot run here is reported, not fatal for the others
@@ -205,6 +219,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--peak-tflops", type=float, default=None)
+    ap.add_argument(
+        "--peak-tflops-fp8", type=float, default=None, help="FP8 peak for mfu_fp8 (default: table)"
+    )
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny model, 1 step, no compile: a self-check")
     opts = ap.parse_args()
     from llmtrain.train.perf import peak_tflops
@@ -231,6 +248,7 @@ def main() -> None:
         "step_ms",
         "tokens_per_s",
         "mfu",
+        "mfu_fp8",
         "hfu",
         "mem_gib",
         "est_gib",

@@ -198,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     from llmtrain.testing import compose_config
 
     cfg = compose_config(overrides)
-    compute = compute_precision(cfg.trainer.precision, cfg.parallel.param_dtype, opts.tf32)
+    fp8 = cfg.parallel.fp8.recipe != "none"  # FP8 matmuls: the FP8 datasheet peak
+    compute = compute_precision(cfg.trainer.precision, cfg.parallel.param_dtype, opts.tf32, fp8)
     peak = opts.peak_tflops or (lookup_peak_tflops(opts.gpu, compute) or (None, None))[1]
     if peak is None:
         raise SystemExit(f"--gpu {opts.gpu!r} is not in the peak table; pass --peak-tflops")

@@ -2,6 +2,8 @@
 
 from dataclasses import dataclass, field
 
+from llmtrain.config.fp8 import Fp8Config
+
 BACKENDS = ("native", "deepspeed", "megatron")
 PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
 AC_MODES = ("none", "selective", "full")
@@ -47,5 +49,7 @@ class ParallelConfig:
     cpu_offload: bool = False
     """Offload sharded params/grads/optimizer state to CPU (native: FSDP2 CPUOffloadPolicy, CUDA only;
     a no-op on CPU)."""
+    fp8: Fp8Config = field(default_factory=Fp8Config)
+    """FP8 training of the linear layers (native engine): parallel.fp8.recipe, emulate, exclude."""
     engine_options: dict[str, str] = field(default_factory=dict)
     """Extra engine-specific options (e.g. DeepSpeed offload_nvme_path)."""

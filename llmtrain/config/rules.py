@@ -10,6 +10,7 @@ Each rule is written once, in one of these places.
 """
 
 from llmtrain.config.errors import ConfigError, check, check_choice
+from llmtrain.config.fp8 import FP8_RECIPES
 from llmtrain.config.objective import CHAT_TEMPLATES, OBJECTIVES, OVERLONG
 from llmtrain.config.peft import LORA_TARGETS, PEFT_METHODS
 from llmtrain.config.schema import Config
@@ -254,3 +255,35 @@ def validate_peft(cfg: Config) -> None:
             "peft.method=lora with peft.adapters_only_checkpoint=true needs the base checkpoint to fine-tune "
             "(or set peft.adapters_only_checkpoint=false)",
         )
+
+
+def validate_fp8(cfg: Config) -> None:
+    """parallel.fp8: the recipe, and the engines/devices/features it is refused with (docs/fp8.md)."""
+    f, p = cfg.parallel.fp8, cfg.parallel
+    check_choice("parallel.fp8.recipe", f.recipe, FP8_RECIPES)
+    if f.recipe == "none":
+        return
+    key = f"parallel.fp8.recipe={f.recipe}"
+    check(
+        p.backend == "native",
+        "parallel.fp8.recipe",
+        f"FP8 runs on parallel.backend=native only (torchao converts the native model's nn.Linear "
+        f"layers; {p.backend} builds its own), got parallel.backend={p.backend}",
+    )
+    check(
+        not (f.recipe == "mxfp8" and cfg.trainer.device == "cpu"),
+        "parallel.fp8.recipe",
+        "mxfp8 needs a Blackwell GPU (CUDA capability >= 10.0, e.g. B200); use tensorwise or rowwise "
+        "with parallel.fp8.emulate=true on CPU",
+    )
+    check(
+        f.emulate or cfg.trainer.device != "cpu",
+        "parallel.fp8.emulate",
+        f"{key} with trainer.device=cpu needs parallel.fp8.emulate=true (CPUs have no FP8 matmul; "
+        "emulation casts to FP8 and multiplies in high precision)",
+    )
+    check(
+        cfg.peft.method == "none",
+        "parallel.fp8.recipe",
+        f"FP8 is not supported with peft.method={cfg.peft.method} (LoRA wraps the linear layers FP8 converts)",
+    )

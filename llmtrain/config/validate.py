@@ -17,7 +17,7 @@ from llmtrain.config.launcher import LAUNCHERS
 from llmtrain.config.model import check_moe_fields
 from llmtrain.config.optim import SCHEDULES
 from llmtrain.config.parallel import AC_MODES, BACKENDS, DTYPES, PP_SCHEDULES
-from llmtrain.config.rules import check_parallel_config, validate_objective, validate_peft
+from llmtrain.config.rules import check_parallel_config, validate_fp8, validate_objective, validate_peft
 from llmtrain.config.schema import Config
 from llmtrain.config.tracking import TRACKING_BACKENDS
 from llmtrain.config.trainer import DEVICES, PRECISIONS
@@ -83,6 +83,7 @@ def validate_config(cfg: Config) -> Config:
     check(bool(cfg.run.name) and "/" not in cfg.run.name, "run.name", "must be a non-empty folder name")
     validate_objective(cfg)
     validate_peft(cfg)
+    validate_fp8(cfg)
     return cfg
 
 

@@ -1,6 +1,6 @@
 """Apply a parallel layout to a meta-device model, in the documented order (docs/architecture.md):
-pipeline split -> TP -> activation checkpointing -> compile -> FSDP/ZeRO -> materialize -> init
-weights -> DDP.
+pipeline split -> FP8 conversion -> TP -> activation checkpointing -> compile -> FSDP/ZeRO ->
+materialize -> init weights -> DDP.
 
 Each `apply_*` takes explicit arguments (a mesh, flags), never the whole config; `parallelize` is
 the one place that reads the config and calls them. DDP comes after materialization because it
@@ -28,6 +28,7 @@ from llmtrain.parallel.data_parallel import (
     zero12_accumulate,
 )
 from llmtrain.parallel.dims import ParallelDims
+from llmtrain.parallel.fp8 import apply_fp8
 from llmtrain.parallel.pipeline import local_stage_ids, split_stage
 from llmtrain.parallel.tensor_parallel import apply_grad_layout_hooks, apply_tp
 
@@ -107,6 +108,7 @@ def parallelize(
         stage_ids = local_stage_ids(mesh["pp"].get_local_rank(), dims.pp, cfg.pp_virtual_stages)
         parts = [split_stage(model, sid, counts) for sid in stage_ids]
     for part in parts:
+        apply_fp8(part, cfg.fp8.recipe, cfg.fp8.emulate, cfg.fp8.exclude, device)  # before TP/compile/FSDP
         if dims.tp_enabled:
             assert mesh is not None
             apply_tp(part, mesh["tp"], cfg.sequence_parallel)

@@ -1,6 +1,8 @@
 """One compact console line per log interval (rank 0), e.g.
 
-step   40/200 | loss 2.4311 | lr 9.71e-04 | gnorm 0.62 | 41.2k tok/s | mfu 3.1% | mem 0.9G | eta 0:01:12
+step   40/200 | loss 2.4311 | lr 9.71e-04 | gnorm 0.62 | 41.2k tok/s | mfu 3.1% of bf16 989.4 | mem 0.9G | eta 0:01:12
+
+("of bf16 989.4": the per-device peak TFLOP/s MFU divides by, and its dtype: fp8 when parallel.fp8 is on.)
 """
 
 import logging
@@ -23,8 +25,8 @@ def fmt_count(x: float) -> str:
     return f"{x:.0f}"
 
 
-def format_line(step: int, max_steps: int, m: dict[str, float]) -> str:
-    """The console line for a metrics dict (keys as logged to MLflow)."""
+def format_line(step: int, max_steps: int, m: dict[str, float], peak: str | None = None) -> str:
+    """The console line for a metrics dict (keys as logged to MLflow); `peak` names MFU's denominator."""
     parts = [
         f"step {step:>{len(str(max_steps))}}/{max_steps}",
         f"loss {m['train/loss']:.4f}",
@@ -35,7 +37,7 @@ def format_line(step: int, max_steps: int, m: dict[str, float]) -> str:
     if "train/ce" in m:  # distillation: the student's own cross-entropy and KL beside the mixed loss
         parts.append(f"ce {m['train/ce']:.4f} | kl {m['train/kl']:.4f}")
     if "perf/mfu" in m:
-        parts.append(f"mfu {100 * m['perf/mfu']:.1f}%")
+        parts.append(f"mfu {100 * m['perf/mfu']:.1f}%" + (f" of {peak}" if peak else ""))
     if "sys/mem_gb" in m:
         parts.append(f"mem {m['sys/mem_gb']:.1f}G")
     if "perf/eta_s" in m:
@@ -68,6 +70,6 @@ class ConsoleLogger:
         if self.enabled:
             log.warning(msg)
 
-    def step(self, step: int, max_steps: int, metrics: dict[str, float]) -> None:
+    def step(self, step: int, max_steps: int, metrics: dict[str, float], peak: str | None = None) -> None:
         if self.enabled:
-            log.info(format_line(step, max_steps, metrics))
+            log.info(format_line(step, max_steps, metrics, peak))

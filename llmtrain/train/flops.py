@@ -57,6 +57,22 @@ PEAK_TFLOPS: list[tuple[str, str, float]] = [
     (r"\bMI250X?\b", "MI250X", 383.0),
 ]
 
+# Dense FP8 tensor-core peak TFLOP/s (parallel.fp8 on), same matching rules. Vendor datasheets list
+# FP8 "with sparsity"; dense is half: H100 SXM 3958 -> 1979 (PCIe 3026 -> 1513, NVL 3341 -> 1671),
+# H200 SXM 3958 -> 1979 (NVL 3341 -> 1671), HGX B200 9 PFLOP/s -> 4500 (FP8 and MXFP8 alike),
+# L40S 1466 -> 733, L4 485 -> 242.5. GPUs without FP8 tensor cores (A100 and older) have no entry.
+FP8_PEAK_TFLOPS: list[tuple[str, str, float]] = [
+    (r"\bGH200\b", "GH200", 1979.0),
+    (r"\bH200\b.*\bNVL\b", "H200 NVL", 1671.0),
+    (r"\bH200\b", "H200 SXM", 1979.0),
+    (r"\bH100\b.*\bPCIe\b", "H100 PCIe", 1513.0),
+    (r"\bH100\b.*\bNVL\b", "H100 NVL", 1671.0),
+    (r"\bH100\b", "H100 SXM", 1979.0),
+    (r"\bB200\b", "B200", 4500.0),
+    (r"\bL40S\b", "L40S", 733.0),
+    (r"\bL4\b", "L4", 242.5),
+]
+
 
 def forward_flops_per_token(args: TransformerArgs, seq_len: int) -> tuple[float, float]:
     """Forward FLOPs per token as (all transformer blocks, output head)."""
@@ -133,13 +149,17 @@ FP32_TFLOPS: dict[str, tuple[float, float]] = {
     "MI300X": (653.7, 163.4),
     "MI250X": (95.7, 95.7),
 }
-COMPUTE_PRECISIONS = ("bf16", "tf32", "fp32")
+COMPUTE_PRECISIONS = ("fp8", "bf16", "tf32", "fp32")
 
 
-def compute_precision(precision: str, param_dtype: str = "fp32", tf32: bool = False) -> str:
-    """Which tensor-core rate the matmuls run at: bf16 under autocast (trainer.precision=bf16) or
-    bf16 ZeRO parameters (parallel.param_dtype=bf16), else tf32 when TF32 matmuls are allowed,
-    else plain fp32."""
+def compute_precision(
+    precision: str, param_dtype: str = "fp32", tf32: bool = False, fp8: bool = False
+) -> str:
+    """Which tensor-core rate the matmuls run at: fp8 with parallel.fp8 on, bf16 under autocast
+    (trainer.precision=bf16) or bf16 ZeRO parameters (parallel.param_dtype=bf16), else tf32 when TF32
+    matmuls are allowed, else plain fp32."""
+    if fp8:
+        return "fp8"
     if precision == "bf16" or param_dtype == "bf16":
         return "bf16"
     return "tf32" if tf32 else "fp32"
@@ -227,13 +247,14 @@ def run_flops_per_token(cfg: Any, args: TransformerArgs, seq_len: int, recompute
 
 
 def lookup_peak_tflops(device_name: str, precision: str = "bf16") -> tuple[str, float] | None:
-    """(table label, dense TFLOP/s in `precision`: bf16, tf32 or fp32) for a device name as torch
-    reports it, or None."""
+    """(table label, dense TFLOP/s in `precision`: fp8, bf16, tf32 or fp32) for a device name as torch
+    reports it, or None (also for fp8 on a GPU without FP8 tensor cores)."""
     if precision not in COMPUTE_PRECISIONS:
         raise ValueError(f"precision {precision!r}; allowed: {COMPUTE_PRECISIONS}")
-    for pattern, label, tflops in PEAK_TFLOPS:
+    table = FP8_PEAK_TFLOPS if precision == "fp8" else PEAK_TFLOPS
+    for pattern, label, tflops in table:
         if re.search(pattern, device_name, flags=re.IGNORECASE):
-            if precision == "bf16":
+            if precision in ("fp8", "bf16"):
                 return label, tflops
             return label, FP32_TFLOPS[label][precision == "fp32"]
     return None

@@ -118,18 +118,34 @@ def peak_tflops(
     device: torch.device, override: float | None, dtype: torch.dtype = torch.float32
 ) -> float | None:
     """Per-device peak used as the MFU denominator: trainer.peak_tflops, else the datasheet table for
-    GPUs, else this machine's cached, measured GEMM rate on CPU. An unknown GPU gives None (MFU is
-    then not reported rather than divided by a wrong peak) and a warning naming the key to set."""
+    GPUs (the FP8 one for an FP8 `dtype`), else this machine's cached, measured GEMM rate on CPU
+    (FP8 is emulated there: its matmuls run in fp32). An unknown GPU gives None (MFU is then not
+    reported rather than divided by a wrong peak) and a warning naming the key to set."""
     if override:
         return float(override)
+    fp8 = dtype in FP8_DTYPES
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        found = lookup_peak_tflops(name, "bf16" if dtype == torch.bfloat16 else "fp32")  # TF32 stays off
+        found = lookup_peak_tflops(name, "fp8" if fp8 else "bf16" if dtype == torch.bfloat16 else "fp32")
         if found is None:
             log.warning("no peak TFLOP/s known for %r: set trainer.peak_tflops to report MFU", name)
             return None
         return found[1]
-    return cpu_peak_tflops(dtype)
+    return cpu_peak_tflops(torch.float32 if fp8 else dtype)
+
+
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+PEAK_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float8_e4m3fn: "fp8"}
+
+
+def peak_label(dtype: torch.dtype, peak: float | None) -> str | None:
+    """What MFU divides by, for the console line: 'fp8 1979' (TFLOP/s per device)."""
+    if not peak:
+        return None
+    name = PEAK_NAMES.get(dtype, str(dtype))
+    if dtype in FP8_DTYPES and isinstance(peak, MeasuredPeak):
+        name = "cpu fp32 (fp8 emulated)"
+    return f"{name} {peak:.4g}"
 
 
 def processed_tokens(batches: list[Any], dp_size: int, fallback: int) -> int:
@@ -159,12 +175,19 @@ class Meter:
         peak_tflops_per_device: float | None,
         world_size: int,
         hw_flops_per_token: float | None = None,
+        peak_dtype: torch.dtype = torch.float32,
     ) -> None:
         self.flops_per_token = flops_per_token
+        self.peak_dtype = peak_dtype
         self.hw_flops_per_token = hw_flops_per_token or flops_per_token
         self.peak, self.world = peak_tflops_per_device, world_size
         self.warned = False
         self.reset()
+
+    @property
+    def peak_label(self) -> str | None:
+        """The peak MFU divides by, e.g. 'fp8 1979' (the console line says 'mfu 41% of fp8 1979')."""
+        return peak_label(self.peak_dtype, self.peak)
 
     def reset(self) -> None:
         self.tokens, self.seconds, self.data_seconds, self.steps = 0, 0.0, 0.0, 0

@@ -81,11 +81,13 @@ class Trainer:
         self.history: list[dict[str, float]] = []
         margs, seq = model_args(cfg.model), cfg.data.seq_len  # MFU counts model FLOPs, HFU + recompute
         peak_dtype = torch.bfloat16 if t.precision == "bf16" else torch.float32
+        peak_dtype = torch.float8_e4m3fn if p.fp8.recipe != "none" else peak_dtype  # FP8 peak table
         self.meter = Meter(  # LoRA: frozen weights compute no weight gradient (run_flops_per_token)
             run_flops_per_token(cfg, margs, seq),
             peak_tflops(self.device, t.peak_tflops, peak_dtype),
             env.world_size,
             run_flops_per_token(cfg, margs, seq, recompute_fraction(p.activation_checkpoint, margs.n_layers)),
+            peak_dtype,
         )
 
     def train(self) -> dict[str, Any]:
@@ -197,7 +199,7 @@ class Trainer:
             **self.objective.metrics("train"),  # e.g. distillation's CE and KL apart from the mixed loss
         }
         self.meter.reset()
-        self.console.step(self.step, self.cfg.trainer.max_steps, metrics)
+        self.console.step(self.step, self.cfg.trainer.max_steps, metrics, self.meter.peak_label)
         self.tracker.log_metrics(metrics, self.step)
 
     def validate(self) -> float | None:
