@@ -70,8 +70,9 @@ def tiny_overrides(words: list[str], data_dir: Path) -> list[str]:
 
 
 def run_command(cmd: str, data_dir: Path) -> str:
-    """Run one documented command in the current folder; returns what it printed."""
-    words = shlex.split(cmd)
+    """Run one documented command in the current folder; returns what it printed. `~` expands as a
+    shell would expand it."""
+    words = [os.path.expanduser(w) for w in shlex.split(cmd)]
     if words[0] == "llmtrain":
         from llmtrain.distributed.env import DistEnv
         from llmtrain.testing import compose_config
@@ -99,18 +100,22 @@ def run_command(cmd: str, data_dir: Path) -> str:
 
 @pytest.fixture
 def workdir(tmp_path: Path, shakespeare_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An empty project folder with data/ and the tokenized corpus at data_cache/shakespeare-byte."""
+    """An empty project folder with data/, and a home folder whose default data cache
+    (~/.cache/llmtrain/data, as the docs name it) holds the tokenized corpus."""
     (tmp_path / "data").mkdir()
-    (tmp_path / "data_cache").mkdir()
-    (tmp_path / "data_cache" / "shakespeare-byte").symlink_to(shakespeare_dir)
+    cache = tmp_path / "home" / ".cache" / "llmtrain" / "data"
+    cache.mkdir(parents=True)
+    (cache / "shakespeare-byte").symlink_to(shakespeare_dir)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("LLMTRAIN_DATA_CACHE", str(tmp_path / "data_cache"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for var in ("LLMTRAIN_DATA_CACHE", "LLMTRAIN_CACHE_DIR", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(var, raising=False)
     return tmp_path
 
 
 def cli_pretrain(cmd: str, data_dir: Path) -> None:
     """The first `llmtrain` command through the real CLI entry point (a subprocess)."""
-    words = shlex.split(cmd)
+    words = [os.path.expanduser(w) for w in shlex.split(cmd)]
     argv = [sys.executable, "-m", "llmtrain.cli", *tiny_overrides(words[1:], data_dir)]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     res = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
