@@ -55,6 +55,15 @@ def test_world_size_mismatch_lists_every_factor(cfg, overrides, world, expected)
         (
             [
                 "parallel.pp=2",
+                "parallel.pp_schedule=zbv",
+                "parallel.pp_virtual_stages=2",
+                "parallel.compile=true",
+            ],
+            ["parallel.compile=true", "pp_schedule=zbv", "torch.compile"],
+        ),
+        (
+            [
+                "parallel.pp=2",
                 "parallel.pp_schedule=dualpipev",
                 "parallel.pp_virtual_stages=3",
                 "model.n_layers=6",
