@@ -101,6 +101,24 @@ def machine() -> dict[str, Any]:
     return info
 
 
+def bench_model_overrides(dim: int, layers: int, seq: int, vocab: int) -> list[str]:
+    """Config overrides of the small GQA decoder the multi-rank benches train (4 heads / 2 KV heads,
+    SwiGLU width 4 x dim), without tracking or checkpoints: one definition so their numbers compare."""
+    return [
+        f"model.dim={dim}",
+        f"model.n_layers={layers}",
+        "model.n_heads=4",
+        "model.n_kv_heads=2",
+        f"model.vocab_size={vocab}",
+        f"model.ffn_dim={4 * dim}",
+        f"model.max_seq_len={seq}",
+        f"data.seq_len={seq}",
+        "optim.grad_clip=1.0",
+        "tracking=none",
+        "checkpoint.enabled=false",
+    ]
+
+
 def write_results(name: str, payload: dict[str, Any]) -> Path:
     """bench/results/<name><$LLMTRAIN_BENCH_SUFFIX>.json with the machine description added (run_all
     --quick sets the suffix so that smoke runs never replace full results)."""

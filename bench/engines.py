@@ -25,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import print_table, write_results  # noqa: E402
+from bench.common import bench_model_overrides, print_table, write_results  # noqa: E402
 from llmtrain.data.loader import Batch  # noqa: E402
 from tests.distributed import run_distributed  # noqa: E402
 
@@ -133,20 +133,10 @@ def main() -> None:
 
     cfg = compose_config(
         [
-            f"model.dim={a.dim}",
-            f"model.n_layers={a.layers}",
-            "model.n_heads=4",
-            "model.n_kv_heads=2",
-            f"model.vocab_size={a.vocab}",
-            f"model.ffn_dim={4 * a.dim}",
-            f"model.max_seq_len={a.seq}",
-            f"data.seq_len={a.seq}",
+            *bench_model_overrides(a.dim, a.layers, a.seq, a.vocab),
             f"trainer.global_batch_size={a.global_batch}",
             f"trainer.micro_batch_size={a.micro}",
-            "optim.grad_clip=1.0",
-            "tracking=none",
             "run.root=/tmp/llmtrain-bench-engines",
-            "checkpoint.enabled=false",
         ]
     )
     runnable, rows = [], []

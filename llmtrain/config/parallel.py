@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from llmtrain.config.fp8 import Fp8Config
 
 BACKENDS = ("native", "deepspeed", "megatron")
-PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
+PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "interleaved_zb", "zbv", "dualpipev")
 AC_MODES = ("none", "selective", "full")
 DTYPES = ("fp32", "bf16", "fp16")
 
@@ -30,12 +30,14 @@ class ParallelConfig:
     sequence_parallel: bool = True
     """With tp > 1, shard norm/residual activations along the sequence."""
     pp_schedule: str = "1f1b"
-    """Pipeline schedule: gpipe, 1f1b, interleaved_1f1b."""
+    """Pipeline schedule: gpipe, 1f1b, interleaved_1f1b, interleaved_zb (zero bubble, looped stages),
+    zbv, dualpipev (zero bubble, two V-placed stages per rank)."""
     pp_microbatches: int | None = None
     """Pipeline micro-batches per step (>= pp); None = the gradient-accumulation count, i.e. one
     pipeline micro-batch per trainer.micro_batch_size sequences."""
     pp_virtual_stages: int = 1
-    """Model chunks per pipeline rank (interleaved_1f1b needs >= 2)."""
+    """Model chunks per pipeline rank (interleaved_1f1b / interleaved_zb need >= 2, zbv / dualpipev
+    exactly 2)."""
     pp_layers_per_stage: list[int] | None = None
     """Explicit layer counts per (virtual) stage; None splits n_layers evenly."""
     activation_checkpoint: str = "none"

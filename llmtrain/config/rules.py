@@ -129,25 +129,59 @@ def _check_tp_divides(cfg: Config) -> None:
         )
 
 
+# schedules that run several stages per rank: looped (>= 2 chunks) or V-placed (exactly 2)
+LOOPED_MULTI_STAGE = ("interleaved_1f1b", "interleaved_zb")
+V_SHAPED = ("zbv", "dualpipev")
+ZERO_BUBBLE = ("interleaved_zb", *V_SHAPED)  # backward split into input and weight passes
+
+
+def min_pipeline_microbatches(schedule: str, pp: int) -> tuple[int, str]:
+    """Fewest micro-batches `schedule` accepts on `pp` ranks, and why. DualPipeV refuses fewer than
+    its 2*pp stages; ZBV's schedule table assumes 2*pp - 1 (it would index micro-batches that do
+    not exist below that); the others leave stages idle (1F1B refuses) below pp."""
+    if schedule == "dualpipev":
+        return 2 * pp, "DualPipeV needs at least as many micro-batches as its 2 x parallel.pp stages"
+    if schedule == "zbv":
+        return 2 * pp - 1, "ZBV's schedule fills 2 x parallel.pp - 1 micro-batches before the steady state"
+    return pp, "fewer micro-batches than stages leaves stages idle; 1F1B rejects it"
+
+
+def _check_virtual_stages(schedule: str, virtual: int) -> None:
+    """Stages per rank the schedule runs: >= 2 looped, exactly 2 in a V, else 1."""
+    key = f"parallel.pp_schedule={schedule}"
+    if schedule in LOOPED_MULTI_STAGE and virtual < 2:
+        raise ConfigError(f"{key} needs parallel.pp_virtual_stages >= 2")
+    if schedule in V_SHAPED and virtual != 2:
+        raise ConfigError(
+            f"{key} places exactly two stages per rank in a V (stages r and 2 x pp - 1 - r): "
+            f"set parallel.pp_virtual_stages=2 (got {virtual})"
+        )
+    if schedule not in LOOPED_MULTI_STAGE + V_SHAPED and virtual != 1:
+        raise ConfigError(
+            f"{key} runs one stage per rank: set parallel.pp_virtual_stages=1 (or pp_schedule="
+            f"{', '.join(LOOPED_MULTI_STAGE + V_SHAPED)})"
+        )
+
+
 def _check_pipeline(cfg: Config) -> None:
     """Schedule <-> virtual stages, stage split, explicit micro-batch count (the derived one needs the
     world size: parallel.layout)."""
     p = cfg.parallel
     if p.pp == 1:
         return
-    interleaved = p.pp_schedule == "interleaved_1f1b"
-    if interleaved and p.pp_virtual_stages < 2:
-        raise ConfigError("parallel.pp_schedule=interleaved_1f1b needs parallel.pp_virtual_stages >= 2")
-    if not interleaved and p.pp_virtual_stages != 1:
+    _check_virtual_stages(p.pp_schedule, p.pp_virtual_stages)
+    if p.compile and p.pp_schedule in ZERO_BUBBLE:
+        # torch checks for OptimizedModule wrappers only; our in-place Module.compile slips past it
         raise ConfigError(
-            f"parallel.pp_schedule={p.pp_schedule} runs one stage per rank: "
-            "set parallel.pp_virtual_stages=1 (or pp_schedule=interleaved_1f1b)"
+            f"parallel.compile=true with parallel.pp_schedule={p.pp_schedule}: torch's zero-bubble "
+            "schedules do not support the input/weight backward split under torch.compile"
         )
     stage_layer_counts(cfg.model.n_layers, p.pp * p.pp_virtual_stages, p.pp_layers_per_stage)
-    if p.pp_microbatches is not None and p.pp_microbatches < p.pp:
+    least, why = min_pipeline_microbatches(p.pp_schedule, p.pp)
+    if p.pp_microbatches is not None and p.pp_microbatches < least:
         raise ConfigError(
-            f"parallel.pp_microbatches={p.pp_microbatches} must be >= parallel.pp={p.pp} "
-            "(fewer micro-batches than stages leaves stages idle; 1F1B rejects it)"
+            f"parallel.pp_microbatches={p.pp_microbatches} must be >= {least} with parallel.pp={p.pp} "
+            f"and parallel.pp_schedule={p.pp_schedule} ({why})"
         )
 
 

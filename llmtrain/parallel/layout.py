@@ -6,7 +6,7 @@ whether a config can run on a given number of ranks; the native engine calls `ch
 """
 
 from llmtrain.config import Config, ConfigError, batch_geometry
-from llmtrain.config.rules import check_zero_shards
+from llmtrain.config.rules import LOOPED_MULTI_STAGE, check_zero_shards, min_pipeline_microbatches
 from llmtrain.parallel.dims import ParallelDims
 
 
@@ -43,10 +43,12 @@ def check_layout(cfg: Config, dims: ParallelDims) -> None:
         if p.pp_microbatches
         else "the accumulation count (parallel.pp_microbatches unset)"
     )
-    if p.pp_microbatches is None and n_mb < dims.pp:  # an explicit count was checked with the config
+    least, why = min_pipeline_microbatches(p.pp_schedule, dims.pp)
+    if p.pp_microbatches is None and n_mb < least:  # an explicit count was checked with the config
         raise ConfigError(
-            f"{key} = {n_mb} pipeline micro-batches is fewer than parallel.pp={dims.pp} stages; raise "
-            "trainer.global_batch_size or set parallel.pp_microbatches"
+            f"{key} = {n_mb} pipeline micro-batches is fewer than {least} with parallel.pp={dims.pp} and "
+            f"parallel.pp_schedule={p.pp_schedule} ({why}); raise trainer.global_batch_size or set "
+            "parallel.pp_microbatches"
         )
     if rows % n_mb:
         raise ConfigError(
@@ -59,10 +61,10 @@ def check_layout(cfg: Config, dims: ParallelDims) -> None:
             f"validation runs trainer.val_batches x trainer.micro_batch_size = {val_rows} sequences per "
             f"rank through the pipeline, not divisible into {key} = {n_mb} micro-batches; change trainer.val_batches"
         )
-    if p.pp_schedule == "interleaved_1f1b":
+    if p.pp_schedule in LOOPED_MULTI_STAGE:
         rounds = max(1, n_mb // dims.pp)
         if n_mb % rounds:
             raise ConfigError(
-                f"parallel.pp_schedule=interleaved_1f1b needs the {n_mb} micro-batches to be a multiple of "
+                f"parallel.pp_schedule={p.pp_schedule} needs the {n_mb} micro-batches to be a multiple of "
                 f"{rounds} rounds (micro-batches // parallel.pp); use a multiple of parallel.pp={dims.pp}"
             )

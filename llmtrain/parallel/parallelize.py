@@ -105,7 +105,9 @@ def parallelize(
         assert mesh is not None
         num_stages = dims.pp * cfg.pp_virtual_stages
         counts = stage_layer_counts(model.args.n_layers, num_stages, cfg.pp_layers_per_stage)
-        stage_ids = local_stage_ids(mesh["pp"].get_local_rank(), dims.pp, cfg.pp_virtual_stages)
+        stage_ids = local_stage_ids(
+            mesh["pp"].get_local_rank(), dims.pp, cfg.pp_virtual_stages, cfg.pp_schedule
+        )
         parts = [split_stage(model, sid, counts) for sid in stage_ids]
     for part in parts:
         apply_fp8(part, cfg.fp8.recipe, cfg.fp8.emulate, cfg.fp8.exclude, device)  # before TP/compile/FSDP

@@ -1,10 +1,15 @@
 """Pipeline parallelism with `torch.distributed.pipelining`: stage split and schedules.
 
-The model is split by layer count into `pp * virtual` stages (virtual > 1 only for interleaved 1F1B).
-Pipeline rank r holds the stages r, r + pp, r + 2*pp, ... ("looped" placement, what the
-interleaved schedule expects). The first stage keeps the embedding, the last the final norm and
-output projection; give `pp_layers_per_stage` explicitly to put fewer blocks on those two stages
-when the vocabulary is large (their extra cost is about one block each at vocab ~ 4 x dim^2/dim).
+The model is split by layer count into `pp * virtual` stages (virtual > 1 for the interleaved and
+V-shaped schedules). Pipeline rank r holds the stages r, r + pp, r + 2*pp, ... ("looped" placement,
+what interleaved 1F1B and interleaved zero bubble expect), or, under ZBV and DualPipeV, the stages r
+and 2*pp - 1 - r ("V" placement: rank 0 holds the first and the last stage, the turn of the V on
+rank pp - 1 (stages pp - 1 and pp) needs no send, and each rank's two chunks even out its
+activation memory). The zero-bubble schedules split each backward into an input-gradient pass (on
+the critical path) and a weight-gradient pass that fills the bubble; PipelineStage does the split.
+The first stage keeps the embedding, the last the final norm and output projection; give
+`pp_layers_per_stage` explicitly to put fewer blocks on those two stages when the vocabulary is large
+(their extra cost is about one block each at vocab ~ 4 x dim^2/dim).
 
 Loss: the schedule calls `loss_fn(output, target)` on the last stage once per micro-batch and backs
 each result up separately; the engine passes a loss that is already divided by the *global* token
@@ -18,16 +23,48 @@ from collections.abc import Callable
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+from torch.distributed.pipelining import (
+    PipelineStage,
+    Schedule1F1B,
+    ScheduleDualPipeV,
+    ScheduleGPipe,
+    ScheduleInterleaved1F1B,
+    ScheduleInterleavedZeroBubble,
+    ScheduleZBVZeroBubble,
+)
+from torch.distributed.pipelining.schedules import (
+    BACKWARD_INPUT,
+    BACKWARD_WEIGHT,
+    FULL_BACKWARD,
+    OVERLAP_F_B,
+    RECV_B,
+    REDUCE_GRAD,
+    SEND_B,
+    PipelineScheduleMulti,
+    PipelineScheduleSingle,
+    _PipelineScheduleRuntime,
+)
 
 from llmtrain.config.errors import ConfigError
 from llmtrain.models.llama import Transformer
 
-SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B}
+SCHEDULES = {
+    "gpipe": ScheduleGPipe,
+    "1f1b": Schedule1F1B,
+    "interleaved_1f1b": ScheduleInterleaved1F1B,
+    "interleaved_zb": ScheduleInterleavedZeroBubble,
+    "zbv": ScheduleZBVZeroBubble,
+    "dualpipev": ScheduleDualPipeV,
+}
+V_SCHEDULES = ("zbv", "dualpipev")  # exactly two stages per rank, V placement
+BACKWARD_ACTIONS = (FULL_BACKWARD, BACKWARD_INPUT, BACKWARD_WEIGHT, SEND_B, RECV_B, REDUCE_GRAD)
 
 
-def local_stage_ids(pp_rank: int, pp: int, virtual: int) -> list[int]:
-    """Global stage indices held by pipeline rank `pp_rank` (looped placement)."""
+def local_stage_ids(pp_rank: int, pp: int, virtual: int, schedule: str = "1f1b") -> list[int]:
+    """Global stage indices held by pipeline rank `pp_rank`: V placement (r, 2*pp - 1 - r) for the
+    V schedules, looped placement (r, r + pp, ...) otherwise."""
+    if schedule in V_SCHEDULES:
+        return [pp_rank, 2 * pp - 1 - pp_rank]
     return [pp_rank + v * pp for v in range(virtual)]
 
 
@@ -57,13 +94,32 @@ def build_stages(
 
 def build_schedule(
     name: str, stages: list[PipelineStage], n_microbatches: int, loss_fn: Callable
-) -> ScheduleGPipe | Schedule1F1B | ScheduleInterleaved1F1B:
+) -> PipelineScheduleSingle | PipelineScheduleMulti:
     """The pipelining schedule `name` over this rank's stages (loss summed, never rescaled)."""
     cls = SCHEDULES[name]
-    if cls is ScheduleInterleaved1F1B:
+    if issubclass(cls, PipelineScheduleMulti):
         return cls(stages, n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False)
-    assert len(stages) == 1, "config/rules.py refuses virtual stages without interleaved_1f1b"
+    assert len(stages) == 1, "config/rules.py refuses virtual stages for single-stage schedules"
     return cls(stages[0], n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False)
+
+
+def forward_only_actions(schedule: _PipelineScheduleRuntime) -> dict[int, list]:
+    """The schedule's lowered action list (compute + comms) without its backward work, for evaluation.
+
+    torch's `eval()` of the V schedules runs the backward actions as no-ops, and the one between the
+    two stages of the middle rank (no send: the V turns there) then fails
+    ("can't steal_bwd_input if this stage doesn't have backward"). Dropping the backward compute and
+    comms on every rank keeps the forward sends and receives paired in the same order; DualPipeV's
+    overlapped forward+backward actions keep their forward half."""
+    out: dict[int, list] = {}
+    for rank, actions in schedule.pipeline_order_with_comms.items():
+        flat = [
+            sub
+            for a in actions
+            for sub in (a.sub_actions or () if a.computation_type == OVERLAP_F_B else (a,))
+        ]
+        out[rank] = [a for a in flat if a.computation_type not in BACKWARD_ACTIONS]
+    return out
 
 
 class PipelineRunner:
@@ -82,6 +138,7 @@ class PipelineRunner:
         self.scale = 1.0
         self.losses: list[torch.Tensor] = []
         self.schedule = build_schedule(name, stages, n_microbatches, self._microbatch_loss)
+        self.eval_order = forward_only_actions(self.schedule) if name in V_SCHEDULES else None
 
     def _microbatch_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         loss = self.loss_fn(output, target)
@@ -99,7 +156,19 @@ class PipelineRunner:
                 "trainer.val_batches x trainer.micro_batch_size a multiple of it"
             )
         self.scale, self.losses = scale, []
-        run = self.schedule.step if train else self.schedule.eval
-        run(inputs, target=targets, **kwargs)
+        if train or self.eval_order is None:
+            run = self.schedule.step if train else self.schedule.eval
+            run(inputs, target=targets, **kwargs)
+        else:
+            self._eval_forward_only(inputs, targets, kwargs)
         real = self.losses[-self.n_microbatches :] if self.losses else []
         return torch.stack(real).double().sum().cpu() if real else torch.zeros((), dtype=torch.float64)
+
+    def _eval_forward_only(self, inputs: torch.Tensor, targets: torch.Tensor, kwargs: dict) -> None:
+        """`schedule.eval` on the forward-only action list (see `forward_only_actions`)."""
+        sched = self.schedule
+        train_order, sched.pipeline_order_with_comms = sched.pipeline_order_with_comms, self.eval_order
+        try:
+            sched.eval(inputs, target=targets, **kwargs)
+        finally:
+            sched.pipeline_order_with_comms = train_order

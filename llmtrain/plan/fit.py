@@ -1,10 +1,11 @@
 """Fit planner: params, per-GPU memory, FLOPs and time for a config on a cluster, and layouts that fit.
 
 Time model: a step does `flops_per_token(recompute) x global tokens` hardware FLOPs at an assumed
-`mfu` of the cluster's peak, stretched by the pipeline bubble (pp - 1) / (microbatches x virtual
-stages), plus the communication that compute does not hide (llmtrain/plan/comm.py: bytes per rank at
-the intra- or inter-node bus bandwidth; data-parallel/ZeRO traffic overlaps with the backward, 2/3 of
-compute; tp and pp traffic is on the critical path). The search keeps tp inside a node.
+`mfu` of the cluster's peak, stretched by 1 / (1 - pipeline bubble) (llmtrain/plan/pipeline.py, per
+schedule: 1F1B's is (pp - 1) / (microbatches + pp - 1)), plus the communication that compute does not
+hide (llmtrain/plan/comm.py: bytes per rank at the intra- or inter-node bus bandwidth;
+data-parallel/ZeRO traffic overlaps with the backward, 2/3 of compute; tp and pp traffic is on the
+critical path). The search keeps tp inside a node.
 """
 
 import dataclasses
@@ -15,6 +16,7 @@ from typing import Any
 from llmtrain.models.llama import TransformerArgs
 from llmtrain.plan.comm import comm_time_s, comm_volume
 from llmtrain.plan.memory import GIB, Layout, MemoryEstimate, estimate_memory, total_params
+from llmtrain.plan.pipeline import bubble_fraction
 from llmtrain.train.flops import flops_per_token, recompute_fraction
 
 AC_CHOICES = ("none", "selective", "full")
@@ -128,10 +130,10 @@ def plan_layout(
         flops_per_token(args, seq_len, recompute_fraction(layout.activation_checkpoint, args.n_layers))
         * tokens
     )
-    bubble = 1.0
-    if layout.pp > 1:
-        bubble += (layout.pp - 1) / (layout.pp_microbatches * max(layout.pp_virtual_stages, 1))
-    compute = hw * bubble / (layout.world * cluster.peak_tflops * 1e12 * cluster.mfu)
+    idle = bubble_fraction(
+        layout.pp_schedule, layout.pp, layout.pp_microbatches or 1, layout.pp_virtual_stages
+    )
+    compute = hw / (1 - idle) / (layout.world * cluster.peak_tflops * 1e12 * cluster.mfu)
     parts = comm_volume(args, seq_len, layout, accum, cluster.gpus_per_node, precision)
     comm, exposed = comm_time_s(parts, compute, cluster.intra_node_gbps, cluster.inter_node_gbps)
     t = compute + exposed

@@ -166,6 +166,11 @@ def megatron_checks():
         (["parallel.sequence_parallel=true"], (1, 2, 1, 1), "sequence_parallel=true .* needs CUDA"),
         (["parallel.sequence_parallel=false"], (1, 1, 2, 1), "needs a GPU"),  # no shim in this process
         (["data.document_mask=true"], (1, 1, 1, 1), "document_mask"),
+        (
+            ["model.n_layers=4", "parallel.pp=2", "parallel.pp_schedule=zbv", "parallel.pp_virtual_stages=2"],
+            (1, 1, 2, 1),
+            "pp_schedule=zbv: megatron runs 1f1b and interleaved_1f1b",
+        ),
     ],
 )
 def test_cpu_refusals_name_the_key(make_config, megatron_checks, overrides, dims, match) -> None:

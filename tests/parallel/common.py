@@ -43,6 +43,14 @@ LAYOUTS_2 = {
         "parallel.pp_schedule=interleaved_1f1b",
         "parallel.pp_virtual_stages=2",
     ],
+    # zero bubble (backward split into input and weight passes): looped, then V placement
+    "pp2_interleaved_zb": [
+        "parallel=pp2",
+        "parallel.pp_schedule=interleaved_zb",
+        "parallel.pp_virtual_stages=2",
+    ],
+    "pp2_zbv": ["parallel=pp2", "parallel.pp_schedule=zbv", "parallel.pp_virtual_stages=2"],
+    "pp2_dualpipev": ["parallel=pp2", "parallel.pp_schedule=dualpipev", "parallel.pp_virtual_stages=2"],
     "pp2_uneven_1_3": ["parallel=pp2", "parallel.pp_layers_per_stage=[1,3]"],
     "zero3_dp2_ac_full": ["parallel=zero3", "parallel.activation_checkpoint=full"],
     "tp2_ac_selective": ["parallel=tp2", "parallel.activation_checkpoint=selective"],

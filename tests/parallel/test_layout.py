@@ -47,6 +47,47 @@ def test_world_size_mismatch_lists_every_factor(cfg, overrides, world, expected)
         (["parallel.pp=2", "parallel.pp_microbatches=1"], ["parallel.pp_microbatches=1", "parallel.pp=2"]),
         (["parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b"], ["pp_virtual_stages >= 2"]),
         (["parallel.pp=2", "parallel.pp_virtual_stages=2"], ["pp_schedule=1f1b", "pp_virtual_stages=1"]),
+        (
+            ["parallel.pp=2", "parallel.pp_schedule=interleaved_zb"],
+            ["interleaved_zb", "pp_virtual_stages >= 2"],
+        ),
+        (["parallel.pp=2", "parallel.pp_schedule=zbv"], ["pp_schedule=zbv", "pp_virtual_stages=2", "got 1"]),
+        (
+            [
+                "parallel.pp=2",
+                "parallel.pp_schedule=zbv",
+                "parallel.pp_virtual_stages=2",
+                "parallel.compile=true",
+            ],
+            ["parallel.compile=true", "pp_schedule=zbv", "torch.compile"],
+        ),
+        (
+            [
+                "parallel.pp=2",
+                "parallel.pp_schedule=dualpipev",
+                "parallel.pp_virtual_stages=3",
+                "model.n_layers=6",
+            ],
+            ["pp_schedule=dualpipev", "pp_virtual_stages=2", "got 3"],
+        ),
+        (
+            [
+                "parallel.pp=2",
+                "parallel.pp_schedule=dualpipev",
+                "parallel.pp_virtual_stages=2",
+                "parallel.pp_microbatches=3",
+            ],
+            ["parallel.pp_microbatches=3", ">= 4", "pp_schedule=dualpipev", "2 x parallel.pp stages"],
+        ),
+        (
+            [
+                "parallel.pp=2",
+                "parallel.pp_schedule=zbv",
+                "parallel.pp_virtual_stages=2",
+                "parallel.pp_microbatches=2",
+            ],
+            ["parallel.pp_microbatches=2", ">= 3", "pp_schedule=zbv"],
+        ),
         (["parallel.dp_shard=2", "parallel.zero_stage=0"], ["parallel.dp_shard=2", "zero_stage"]),
         (["parallel.param_dtype=bf16"], ["parallel.param_dtype=bf16", "zero_stage=0"]),
         (["parallel.tp=2", "data.seq_len=15"], ["data.seq_len=15", "sequence_parallel"]),
@@ -63,7 +104,19 @@ def test_microbatches_fewer_than_stages_fail_for_the_world_size(cfg) -> None:
     # global 4 = micro 2 x accumulation 2 on one pipeline replica: fine; on 2 replicas only 1 micro-batch
     c = cfg("parallel=pp2", "trainer.global_batch_size=4")
     assert build_dims(c, 2).pp == 2
-    with pytest.raises(ConfigError, match=re.escape("fewer than parallel.pp=2")):
+    with pytest.raises(ConfigError, match=re.escape("fewer than 2 with parallel.pp=2")):
+        build_dims(c, 4)
+
+
+def test_dualpipev_needs_two_microbatches_per_rank_for_the_world_size(cfg) -> None:
+    # global 8 = micro 2 x accumulation 4: 4 micro-batches fill DualPipeV's 4 stages on 2 ranks; on 2
+    # replicas (world 4) each pipeline gets 2, which 1F1B accepts and DualPipeV refuses
+    c = cfg("parallel=pp2", "parallel.pp_schedule=dualpipev", "parallel.pp_virtual_stages=2")
+    assert build_dims(c, 2).pp == 2
+    assert build_dims(cfg("parallel=pp2"), 4).dp == 2
+    with pytest.raises(
+        ConfigError, match=re.escape("= 2 pipeline micro-batches is fewer than 4 with parallel.pp=2")
+    ):
         build_dims(c, 4)
 
 
@@ -101,6 +154,10 @@ def test_stage_split_and_placement() -> None:
     assert stage_layer_counts(8, 4, None) == [2, 2, 2, 2]
     assert stage_layer_counts(8, 2, [3, 5]) == [3, 5]
     assert local_stage_ids(1, 2, 2) == [1, 3]  # looped placement for interleaved 1F1B
+    assert local_stage_ids(1, 2, 2, "interleaved_zb") == [1, 3]
+    # V placement: rank r holds r and 2 pp - 1 - r (rank 0 the first and the last stage)
+    assert [local_stage_ids(r, 2, 2, "zbv") for r in range(2)] == [[0, 3], [1, 2]]
+    assert [local_stage_ids(r, 4, 2, "dualpipev") for r in range(4)] == [[0, 7], [1, 6], [2, 5], [3, 4]]
     dims = ParallelDims(1, 2, 2, 2, 8)
     # mesh order pp, dp_replicate, dp_shard, tp: tp peers are neighbours
     assert dims.coords(5) == {"tp": 1, "dp_shard": 0, "dp_replicate": 0, "pp": 1, "dp": 0}

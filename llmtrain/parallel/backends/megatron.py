@@ -77,8 +77,8 @@ def check_supported(cfg: Config, dims: ParallelDims, device: torch.device) -> No
             "is not wired into llmtrain yet (it needs CUDA tensors in its buffers and clipping, "
             "so it cannot be tested on CPU); use zero_stage=0, or backend=deepspeed/native for ZeRO"
         )
-    if p.pp_schedule == "gpipe" and dims.pp_enabled:
-        raise ConfigError("parallel.pp_schedule=gpipe: megatron runs 1f1b and interleaved_1f1b")
+    if p.pp_schedule not in ("1f1b", "interleaved_1f1b") and dims.pp_enabled:
+        raise ConfigError(f"parallel.pp_schedule={p.pp_schedule}: megatron runs 1f1b and interleaved_1f1b")
     if p.pp_layers_per_stage is not None:
         raise ConfigError("parallel.pp_layers_per_stage: megatron splits layers evenly; leave it null")
     # even layer split and tp | vocab: config/rules.py (pp_layers_per_stage=null splits evenly)
