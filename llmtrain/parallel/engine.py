@@ -16,7 +16,7 @@ from torch import nn
 
 from llmtrain.config.errors import ConfigError
 from llmtrain.data.loader import Batch
-from llmtrain.parallel.step import LossFn, StepResult
+from llmtrain.parallel.step import LossFn, SkipWhen, StepResult
 
 
 class ModelTransform:
@@ -72,6 +72,16 @@ class Engine(ABC):
             f"this objective needs a pluggable loss on one model part, which parallel.backend={self.kind} "
             "does not offer"
         )
+
+    def set_skip_when(self, skip_when: SkipWhen | None) -> None:
+        """Let `skip_when(loss, grad_norm)` skip optimizer steps (llmtrain.resilience). Engines whose
+        step cannot be skipped refuse, naming the setting."""
+        if skip_when is not None:
+            raise ConfigError(
+                f"resilience actions skip/rollback/stop need a skippable optimizer step, which "
+                f"parallel.backend={self.kind} does not offer: set resilience.nonfinite and resilience.spike "
+                "to warn"
+            )
 
     @abstractmethod
     def train_step(self, batches: list[Batch], lr: float) -> StepResult:
