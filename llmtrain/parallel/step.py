@@ -29,7 +29,7 @@ from torch import nn
 
 from llmtrain.data.loader import IGNORE_INDEX, Batch
 from llmtrain.distributed.collectives import all_reduce_
-from llmtrain.models.moe import collect_moe_losses, moe_step_end
+from llmtrain.models.moe import collect_moe_losses, moe_step_discard, moe_step_end
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """(logits, targets) -> summed cross-entropy over the target tokens."""
@@ -145,6 +145,7 @@ def train_step(
     grad_norm = clip_grad_norm(model, ctx.grad_clip)
     loss = float(loss_sum) / max(n_global, 1)
     if skip_optimizer_step(optimizer, ctx, loss, grad_norm):
+        moe_step_discard(model)
         return StepResult(loss, grad_norm, n_global, skipped=True)
     optimizer.step()
     moe_step_end(model, ctx.dp_group)

@@ -136,3 +136,26 @@ def test_config_names_the_key(make_config):
         make_config("resilience.spike=sometimes")
     with pytest.raises(ConfigError, match=r"resilience.nonfinite: rollback .* checkpoint.enabled=true"):
         make_config("resilience.nonfinite=rollback", "checkpoint.enabled=false")
+
+
+def test_skipped_moe_step_leaves_router_bias_and_statistics_alone():
+    """The skipped step's expert loads reach neither the next bias update nor the interval statistics."""
+    from llmtrain.models.moe import moe_stats
+    from tests.models.test_moe import _batches as moe_batches
+    from tests.models.test_moe import tiny_model
+
+    ctx = StepContext(dp_size=1, dp_group=None, grad_clip=0.0, skip_when=lambda loss, _n: math.isnan(loss))
+    runs = []
+    for skip in (False, True):
+        model = tiny_model(moe_bias_update_rate=0.01)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        train_step(model, opt, moe_batches([4]), ctx)
+        if skip:
+            with scaled_outputs([model], math.nan):
+                assert train_step(model, opt, moe_batches([1, 3]), ctx).skipped
+        train_step(model, opt, moe_batches([2, 2])[::-1], ctx)
+        runs.append(({k: v.clone() for k, v in model.state_dict().items()}, moe_stats(model)))
+    (ref_state, ref_stats), (state, stats) = runs
+    assert stats == ref_stats
+    for k in ref_state:
+        assert torch.equal(state[k], ref_state[k]), k
