@@ -73,15 +73,10 @@ class Engine(ABC):
             "does not offer"
         )
 
-    def set_skip_when(self, skip_when: SkipWhen | None) -> None:
-        """Let `skip_when(loss, grad_norm)` skip optimizer steps (llmtrain.resilience). Engines whose
-        step cannot be skipped refuse, naming the setting."""
-        if skip_when is not None:
-            raise ConfigError(
-                f"resilience actions skip/rollback/stop need a skippable optimizer step, which "
-                f"parallel.backend={self.kind} does not offer: set resilience.nonfinite and resilience.spike "
-                "to warn"
-            )
+    def set_skip_when(self, skip_when: SkipWhen | None) -> bool:
+        """Let `skip_when(loss, grad_norm)` skip optimizer steps (llmtrain.resilience); False: this
+        engine's step cannot be skipped (its caller then acts after the step)."""
+        return False
 
     @abstractmethod
     def train_step(self, batches: list[Batch], lr: float) -> StepResult:

@@ -140,8 +140,9 @@ class NativeEngine(Engine):
             super().replace_loss(loss_fn)  # refuses: the loss needs whole logits on one model part
         self.ctx = dataclasses.replace(self.ctx, loss_fn=loss_fn)
 
-    def set_skip_when(self, skip_when: SkipWhen | None) -> None:
+    def set_skip_when(self, skip_when: SkipWhen | None) -> bool:
         self.ctx = dataclasses.replace(self.ctx, skip_when=skip_when)
+        return True
 
     def train_step(self, batches: list[Batch], lr: float) -> StepResult:
         for g in self.optimizer.param_groups:

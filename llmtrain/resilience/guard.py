@@ -45,8 +45,14 @@ class Resilience:
         self.events = EventLog(run_dir, rank == 0, console)
         self.pending: Pending | None = None
         self.consecutive, self.data_step = 0, 0
-        self.in_step = any(a != "warn" for a in (cfg.nonfinite, cfg.spike))
-        engine.set_skip_when(self.guard if self.in_step else None)  # engines that cannot skip refuse
+        wanted = any(a != "warn" for a in (cfg.nonfinite, cfg.spike))
+        self.in_step = wanted and engine.set_skip_when(self.guard)
+        if wanted and not self.in_step:
+            console.warning(
+                f"parallel.backend={engine.kind} cannot skip an optimizer step: resilience.nonfinite="
+                f"{cfg.nonfinite} and resilience.spike={cfg.spike} act after the step (skip = warn; "
+                "rollback and stop still apply)"
+            )
 
     def guard(self, loss: float, grad_norm: float) -> bool:
         """Classify the step (non-finite, spike, fine); True = skip its optimizer step."""
@@ -84,7 +90,7 @@ class Resilience:
         if event is None:
             self.consecutive = 0
             return False
-        self.consecutive = self.consecutive + 1 if res.skipped else 0
+        self.consecutive = self.consecutive + 1 if event.action != "warn" else 0
         self.events.counts["skipped_steps"] += int(res.skipped)
         details = event.details | {"data_step": self.data_step, "consecutive_skips": self.consecutive}
         self.events.emit(trainer.step, event.kind, event.action, details, trainer.tracker)
