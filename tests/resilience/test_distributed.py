@@ -49,3 +49,22 @@ def test_nan_on_rank0_is_skipped_on_every_rank(layout, make_config, shakespeare_
         assert ranks[0]["losses"] == ranks[1]["losses"]
         assert ranks[0]["losses"] == pytest.approx(want, rel=1e-5)
     assert all(torch.isfinite(torch.tensor(r["losses"])).all() for r in ranks)
+
+
+def test_rollback_on_two_ranks_agrees_and_equals_one_process_without_the_window(
+    make_config, shakespeare_dir, tmp_path
+):
+    """Data steps 3 and 4 NaN on rank 0, rollback_after=2: both ranks reload the step-2 checkpoint (the
+    path comes from rank 0) and continue at data step 5, like one process that never saw data 2-4."""
+    base = [*SMALL, *ADAM, "trainer.max_steps=5", f"data.sources.0.path={shakespeare_dir}", "tracking=none"]
+    base += ["checkpoint.enabled=true", "checkpoint.every_steps=2", "resilience.nonfinite=rollback"]
+    base += ["resilience.rollback_after=2"]
+    run = [*base, f"run.root={tmp_path}", "run.name=d", "resilience.inject_nan_steps=[3,4]"]
+    ranks = run_distributed(_body, 2, args=(run,))
+    ref = Trainer(make_config(*base, "run.name=ref"), DistEnv(0, 0, 1, 1))
+    _drop_windows(ref, 2, 3)
+    want = [h["loss"] for h in ref.train()["history"]]
+    assert ranks[0]["losses"] == ranks[1]["losses"]
+    assert ranks[0]["losses"] == pytest.approx(want, rel=1e-5)
+    assert ranks[0]["skipped"] == ranks[1]["skipped"] == 2
+    assert ranks[0]["adam_steps"] == ranks[1]["adam_steps"] == [5.0]
