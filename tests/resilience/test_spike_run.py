@@ -9,7 +9,7 @@ from mlflow.tracking import MlflowClient
 
 from tests.resilience.test_nonfinite import _assert_bitwise, _run, _state
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 SPIKE = [
     "trainer.max_steps=30",
     "resilience.spike=skip",
