@@ -21,6 +21,7 @@ LAYERS: list[list[str]] = [
     ["peft"],
     ["objectives"],
     ["tracking"],
+    ["resilience"],
     ["train"],
     ["plan"],
     ["launch"],

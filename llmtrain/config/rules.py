@@ -13,6 +13,7 @@ from llmtrain.config.errors import ConfigError, check, check_choice
 from llmtrain.config.fp8 import FP8_RECIPES
 from llmtrain.config.objective import CHAT_TEMPLATES, OBJECTIVES, OVERLONG
 from llmtrain.config.peft import LORA_TARGETS, PEFT_METHODS
+from llmtrain.config.resilience import ACTIONS
 from llmtrain.config.schema import Config
 
 
@@ -321,3 +322,20 @@ def validate_fp8(cfg: Config) -> None:
         "parallel.fp8.recipe",
         f"FP8 is not supported with peft.method={cfg.peft.method} (LoRA wraps the linear layers FP8 converts)",
     )
+
+
+def validate_resilience(cfg: Config) -> None:
+    """Choices of the resilience actions, detector ranges, and the checkpoint a rollback reloads."""
+    r = cfg.resilience
+    check_choice("resilience.nonfinite", r.nonfinite, ACTIONS)
+    check_choice("resilience.spike", r.spike, ACTIONS)
+    check(r.rollback_after >= 1, "resilience.rollback_after", f"must be >= 1, got {r.rollback_after}")
+    check(r.spike_window >= 3, "resilience.spike_window", f"must be >= 3, got {r.spike_window}")
+    check(r.spike_threshold > 0, "resilience.spike_threshold", f"must be > 0, got {r.spike_threshold}")
+    check(r.spike_warmup >= 0, "resilience.spike_warmup", f"must be >= 0, got {r.spike_warmup}")
+    for key in ("nonfinite", "spike"):
+        check(
+            getattr(r, key) != "rollback" or cfg.checkpoint.enabled,
+            f"resilience.{key}",
+            "rollback reloads the last checkpoint: it needs checkpoint.enabled=true",
+        )

@@ -12,6 +12,7 @@ from llmtrain.config.objective import ObjectiveConfig
 from llmtrain.config.optim import OptimConfig
 from llmtrain.config.parallel import ParallelConfig
 from llmtrain.config.peft import PeftConfig
+from llmtrain.config.resilience import ResilienceConfig
 from llmtrain.config.tracking import TrackingConfig
 from llmtrain.config.trainer import TrainerConfig
 
@@ -41,6 +42,7 @@ class Config:
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
+    resilience: ResilienceConfig = field(default_factory=ResilienceConfig)
 
 
 GROUP_SCHEMAS = {
@@ -54,6 +56,7 @@ GROUP_SCHEMAS = {
     "launcher": LauncherConfig,
     "objective": ObjectiveConfig,
     "peft": PeftConfig,
+    "resilience": ResilienceConfig,
 }
 
 

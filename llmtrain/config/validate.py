@@ -17,7 +17,13 @@ from llmtrain.config.launcher import LAUNCHERS
 from llmtrain.config.model import check_moe_fields
 from llmtrain.config.optim import SCHEDULES
 from llmtrain.config.parallel import AC_MODES, BACKENDS, DTYPES, PP_SCHEDULES
-from llmtrain.config.rules import check_parallel_config, validate_fp8, validate_objective, validate_peft
+from llmtrain.config.rules import (
+    check_parallel_config,
+    validate_fp8,
+    validate_objective,
+    validate_peft,
+    validate_resilience,
+)
 from llmtrain.config.schema import Config
 from llmtrain.config.tracking import TRACKING_BACKENDS
 from llmtrain.config.trainer import DEVICES, PRECISIONS
@@ -84,6 +90,7 @@ def validate_config(cfg: Config) -> Config:
     validate_objective(cfg)
     validate_peft(cfg)
     validate_fp8(cfg)
+    validate_resilience(cfg)
     return cfg
 
 

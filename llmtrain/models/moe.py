@@ -266,6 +266,13 @@ def moe_step_end(model: nn.Module, dp_group: torch.distributed.ProcessGroup | No
         layer.finish_step(row)
 
 
+def moe_step_discard(model: nn.Module) -> None:
+    """A skipped optimizer step (llmtrain.resilience): drop its router totals, so that neither the next
+    bias update nor the interval statistics count it. Every rank skips together: no collective."""
+    for _, layer in moe_layers(model):
+        layer.step_totals()
+
+
 def moe_stats(model: nn.Module | None) -> dict[str, float]:
     """Router statistics since the last call, for the interval metrics (empty for a dense model):
     moe/imbalance/layer<i> (max/mean tokens per expert), moe/imbalance_max, moe/aux_loss and

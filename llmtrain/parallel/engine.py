@@ -16,7 +16,7 @@ from torch import nn
 
 from llmtrain.config.errors import ConfigError
 from llmtrain.data.loader import Batch
-from llmtrain.parallel.step import LossFn, StepResult
+from llmtrain.parallel.step import LossFn, SkipWhen, StepResult
 
 
 class ModelTransform:
@@ -72,6 +72,11 @@ class Engine(ABC):
             f"this objective needs a pluggable loss on one model part, which parallel.backend={self.kind} "
             "does not offer"
         )
+
+    def set_skip_when(self, skip_when: SkipWhen | None) -> bool:
+        """Let `skip_when(loss, grad_norm)` skip optimizer steps (llmtrain.resilience); False: this
+        engine's step cannot be skipped (its caller then acts after the step)."""
+        return False
 
     @abstractmethod
     def train_step(self, batches: list[Batch], lr: float) -> StepResult:

@@ -39,12 +39,14 @@ from llmtrain.parallel.parallelize import parallelize
 from llmtrain.parallel.pipeline import PipelineRunner, build_stages
 from llmtrain.parallel.step import (
     LossFn,
+    SkipWhen,
     StepContext,
     StepResult,
     clip_grad_norm,
     evaluate,
     global_tokens,
     model_kwargs,
+    skip_optimizer_step,
     token_loss_sum,
     train_step,
 )
@@ -138,6 +140,10 @@ class NativeEngine(Engine):
             super().replace_loss(loss_fn)  # refuses: the loss needs whole logits on one model part
         self.ctx = dataclasses.replace(self.ctx, loss_fn=loss_fn)
 
+    def set_skip_when(self, skip_when: SkipWhen | None) -> bool:
+        self.ctx = dataclasses.replace(self.ctx, skip_when=skip_when)
+        return True
+
     def train_step(self, batches: list[Batch], lr: float) -> StepResult:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
@@ -169,9 +175,12 @@ class NativeEngine(Engine):
         if self.ctx.reduce_grads is not None:
             self.ctx.reduce_grads()
         grad_norm = clip_grad_norm(self.modules, self.cfg.optim.grad_clip, self.pp_group)
+        loss = float(loss_sum) / max(n_global, 1)
+        if skip_optimizer_step(self.optimizer, self.ctx, loss, grad_norm):
+            return StepResult(loss, grad_norm, n_global, skipped=True)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(float(loss_sum) / max(n_global, 1), grad_norm, n_global)
+        return StepResult(loss, grad_norm, n_global)
 
     def evaluate(self, batches: list[Batch]) -> float:
         if self.pipeline is None:

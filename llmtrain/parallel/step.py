@@ -29,7 +29,7 @@ from torch import nn
 
 from llmtrain.data.loader import IGNORE_INDEX, Batch
 from llmtrain.distributed.collectives import all_reduce_
-from llmtrain.models.moe import collect_moe_losses, moe_step_end
+from llmtrain.models.moe import collect_moe_losses, moe_step_discard, moe_step_end
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """(logits, targets) -> summed cross-entropy over the target tokens."""
@@ -42,6 +42,14 @@ class StepResult:
     loss: float
     grad_norm: float
     num_tokens: int
+    skipped: bool = False
+    """The optimizer step was skipped (StepContext.skip_when): parameters, optimizer state and LR
+    position are those before the step, the gradients zeroed."""
+
+
+SkipWhen = Callable[[float, float], bool]
+"""(global loss, global grad norm) -> skip this optimizer step. Both values are already identical on
+every rank (the all-reduced loss sum, the global norm), so every rank decides the same without a sync."""
 
 
 def global_tokens(batches: list[Batch], group: dist.ProcessGroup | None) -> int:
@@ -103,6 +111,18 @@ class StepContext:
     """Wraps forward and backward (loss_parallel under TP)."""
     explicit_positions: bool = False
     """Pass RoPE positions even for plain causal batches (sequence-sharded residual stream)."""
+    skip_when: SkipWhen | None = None
+    """Decides, before the optimizer step, whether to skip it (llmtrain.resilience: NaN/inf, spikes)."""
+
+
+def skip_optimizer_step(
+    optimizer: torch.optim.Optimizer, ctx: StepContext, loss: float, grad_norm: float
+) -> bool:
+    """True (and the gradients zeroed, nothing else touched) when ctx.skip_when refuses this step."""
+    if ctx.skip_when is None or not ctx.skip_when(loss, grad_norm):
+        return False
+    optimizer.zero_grad(set_to_none=True)
+    return True
 
 
 def train_step(
@@ -123,10 +143,14 @@ def train_step(
         ctx.reduce_grads()
     all_reduce_(loss_sum, ctx.dp_group)
     grad_norm = clip_grad_norm(model, ctx.grad_clip)
+    loss = float(loss_sum) / max(n_global, 1)
+    if skip_optimizer_step(optimizer, ctx, loss, grad_norm):
+        moe_step_discard(model)
+        return StepResult(loss, grad_norm, n_global, skipped=True)
     optimizer.step()
     moe_step_end(model, ctx.dp_group)
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(float(loss_sum) / max(n_global, 1), grad_norm, n_global)
+    return StepResult(loss, grad_norm, n_global)
 
 
 def clip_grad_norm(

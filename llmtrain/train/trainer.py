@@ -26,6 +26,7 @@ from llmtrain.parallel import ParallelDims
 from llmtrain.parallel.build import build_engine
 from llmtrain.peft import base_checkpoint, build_peft
 from llmtrain.peft.summary import describe_trainable, trainable_params
+from llmtrain.resilience import Resilience
 from llmtrain.tracking import ConsoleLogger
 from llmtrain.tracking.commands import mlflow_ui_command
 from llmtrain.tracking.console import format_metrics
@@ -73,6 +74,7 @@ class Trainer:
         )
         self.save_schedule, self.saving = SaveSchedule(ck.every_steps, ck.every_minutes), None
         self.console = ConsoleLogger(env.is_main)
+        self.resilience = Resilience(cfg.resilience, self.engine, self.console, self.run_dir, env.rank)
         self.stop = StopFlag()
         self.stop.install()
         self.step, self.tokens_seen, self.last_saved = 0, 0, -1
@@ -125,7 +127,9 @@ class Trainer:
             )
             t_data = time.perf_counter() - t0
             lr = self.cfg.optim.lr * lr_factor(self.step, self.cfg.optim, max_steps)
-            res = self.engine.train_step(batches, lr)
+            res = self.resilience.train_step(batches, lr, self.train_loader)
+            if self.resilience.handle(self, res):  # skipped (non-finite loss/grad, spike): no step
+                continue
             self.step += 1
             self.tokens_seen += res.num_tokens
             self.meter.update(

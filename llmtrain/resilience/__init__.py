@@ -1,0 +1,7 @@
+"""Non-finite losses/gradients and loss spikes: detect on every rank alike, skip, roll back or stop
+(docs/resilience.md). The trainer owns one `Resilience` and calls it around each step."""
+
+from llmtrain.resilience.guard import Resilience, ResilienceStop
+from llmtrain.resilience.spikes import SpikeDetector
+
+__all__ = ["Resilience", "ResilienceStop", "SpikeDetector"]
