@@ -1,10 +1,13 @@
 """Rank/world discovery from torchrun or SLURM environment variables, and process-group setup."""
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from llmtrain.config.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -36,9 +39,38 @@ def detect_env() -> DistEnv:
             int(env["SLURM_PROCID"]),
             int(env.get("SLURM_LOCALID", 0)),
             int(env["SLURM_NTASKS"]),
-            int(env.get("SLURM_NTASKS_PER_NODE", env["SLURM_NTASKS"]).split("(")[0]),
+            slurm_local_world_size(env),
         )
     return DistEnv(0, 0, 1, 1)
+
+
+def parse_tasks_per_node(value: str) -> list[int]:
+    """SLURM_TASKS_PER_NODE as tasks of each node: `2(x3),1` -> [2, 2, 2, 1], `4` -> [4]."""
+    out: list[int] = []
+    for part in value.split(","):
+        count, _, times = part.strip().partition("(x")
+        try:
+            out += [int(count)] * (int(times.rstrip(")")) if times else 1)
+        except ValueError:
+            raise ValueError(f"SLURM_TASKS_PER_NODE={value!r}: not SLURM's 'N(xK),M' form") from None
+    return out
+
+
+def slurm_local_world_size(env: Mapping[str, str]) -> int:
+    """Tasks per node of a SLURM job, from SLURM_TASKS_PER_NODE (always set in a job; the
+    `--ntasks-per-node` variable SLURM_NTASKS_PER_NODE may be absent). The mesh puts tensor-parallel
+    peers inside a node, so nodes with different task counts are refused, naming what SLURM gave."""
+    raw = env.get("SLURM_TASKS_PER_NODE") or env.get("SLURM_NTASKS_PER_NODE")
+    if not raw:  # neither set (not inside a job step): the job's tasks spread evenly over its nodes
+        nodes = int(env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES") or 1)
+        return max(int(env.get("SLURM_NTASKS", "1")) // nodes, 1)
+    counts = parse_tasks_per_node(raw)
+    if len(set(counts)) > 1:
+        raise ConfigError(
+            f"SLURM_TASKS_PER_NODE={raw}: nodes with different task counts ({counts}); llmtrain's layout "
+            "needs the same number of tasks on every node: submit with --ntasks-per-node (launcher.nproc)"
+        )
+    return counts[0]
 
 
 def pick_device(choice: str, local_rank: int) -> torch.device:

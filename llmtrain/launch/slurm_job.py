@@ -46,13 +46,15 @@ def first_host(nodelist: str) -> str:
 
 def set_dist_env(environ: dict[str, str] | None = None) -> dict[str, str]:
     """Fill RANK/LOCAL_RANK/WORLD_SIZE/LOCAL_WORLD_SIZE/MASTER_ADDR/MASTER_PORT from SLURM_*."""
+    from llmtrain.distributed.env import slurm_local_world_size
+
     env = os.environ if environ is None else environ
-    ntasks, nnodes = int(env["SLURM_NTASKS"]), int(env.get("SLURM_JOB_NUM_NODES", "1"))
+    ntasks = int(env["SLURM_NTASKS"])
     values = {
         "RANK": env["SLURM_PROCID"],
         "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
         "WORLD_SIZE": str(ntasks),
-        "LOCAL_WORLD_SIZE": str(ntasks // nnodes),
+        "LOCAL_WORLD_SIZE": str(slurm_local_world_size(env)),
         "MASTER_ADDR": first_host(env.get("SLURM_JOB_NODELIST", "")),
         "MASTER_PORT": str(rendezvous_port(env["SLURM_JOB_ID"])),
     }
