@@ -91,12 +91,17 @@ def test_slurm_parameters_mapping(make_config) -> None:
     assert cpu["ntasks_per_node"] == 2 and "gpus_per_node" not in cpu and "mem" not in cpu
 
 
-def test_rendezvous_from_slurm_env() -> None:
+@pytest.mark.parametrize(
+    "per_node",
+    [{"SLURM_JOB_NUM_NODES": "2"}, {"SLURM_TASKS_PER_NODE": "8(x2)"}],
+    ids=["nodes-only", "tasks-per-node"],  # the second is what a job step sets (SLURM_NTASKS_PER_NODE absent)
+)
+def test_rendezvous_from_slurm_env(per_node: dict[str, str]) -> None:
     env = {
         "SLURM_PROCID": "9",
         "SLURM_LOCALID": "1",
         "SLURM_NTASKS": "16",
-        "SLURM_JOB_NUM_NODES": "2",
+        **per_node,
         "SLURM_JOB_NODELIST": "gpu[003-004]",
         "SLURM_JOB_ID": "123456",
     }

@@ -6,7 +6,7 @@ import pytest
 
 from llmtrain.config import ConfigError
 from llmtrain.distributed.env import detect_env, parse_tasks_per_node, slurm_local_world_size
-from llmtrain.launch.slurm_job import first_host, set_dist_env
+from llmtrain.launch.slurm_job import first_host
 
 
 @pytest.mark.parametrize(
@@ -40,26 +40,6 @@ def test_unequal_nodes_are_refused_naming_what_slurm_gave():
 def test_first_host_of_bracketed_node_lists():
     assert first_host("gpu[001-004,010],cpu7") == "gpu001"
     assert first_host("n[1-2]") == "n1" and first_host("") == "127.0.0.1"
-
-
-def test_dist_env_of_a_task_on_the_second_node():
-    env = {
-        "SLURM_NTASKS": "4",
-        "SLURM_TASKS_PER_NODE": "2(x2)",
-        "SLURM_PROCID": "3",
-        "SLURM_LOCALID": "1",
-        "SLURM_JOB_NODELIST": "gpu[007-008]",
-        "SLURM_JOB_ID": "12345",
-    }
-    got = set_dist_env(env)
-    assert got == {
-        "RANK": "3",
-        "LOCAL_RANK": "1",
-        "WORLD_SIZE": "4",
-        "LOCAL_WORLD_SIZE": "2",
-        "MASTER_ADDR": "gpu007",
-        "MASTER_PORT": str(15000 + 12345 % 10000),
-    }
 
 
 def detect_env_from(env: dict[str, str]) -> tuple[int, int, int, int]:
