@@ -198,6 +198,9 @@ def estimate_stage(
     grad_div = 1 if full_grads else shard
     grad_layer = 4 * layer_local / grad_div
     grad_head = 4 * vocab * args.dim / grad_div if has_loss else 0.0  # allocated first in backward
+    # ZeRO-2/3 on FSDP2: the block being back-propagated holds its gradients unsharded until its
+    # post-backward reduce-scatter (next to the previous block's reduce-scatter input in `buffers`)
+    unsharded_grad = 4 * layer_local if fsdp and z >= 2 else grad_layer
     dynamic = backward_sweep(
         kept,
         ckpt,
@@ -208,6 +211,7 @@ def estimate_stage(
         grads,
         accumulating=grad_accum > 1 or layout.pp > 1,
         flow=2 * 4 * args.dim * tokens,  # gradient of the residual stream in and out of a block
+        current_grad=unsharded_grad,
     )
     return MemoryEstimate(
         weights=weights,
@@ -238,6 +242,7 @@ def backward_sweep(
     *,
     accumulating: bool,
     flow: float = 0.0,
+    current_grad: float | None = None,
 ) -> float:
     """Peak of activations + gradients over one micro-batch's backward, block by block.
 
@@ -245,12 +250,13 @@ def backward_sweep(
     first) rebuilds its activations (`rebuilt` bytes) if checkpointed, and frees them once its
     gradients exist, so gradients grow while activations shrink. When accumulating (or pipelining)
     the gradients of earlier micro-batches are all alive already; the optimizer step sees the
-    gradients alone. `flow` is the residual-stream gradient passed between blocks.
+    gradients alone. `flow` is the residual-stream gradient passed between blocks; `current_grad`
+    the gradient of the block in progress (default `grad_layer`; larger when it is still unsharded).
     """
     base = grads if accumulating else 0.0
     peak = max(grads, sum(kept) + loss + base)
     for i in range(len(kept) - 1, -1, -1):
         grown = base if accumulating else grad_head + (len(kept) - 1 - i) * grad_layer
         alive = sum(kept[: i + 1]) + (rebuilt if ckpt[i] else 0.0) + flow
-        peak = max(peak, alive + grown + grad_layer)
+        peak = max(peak, alive + grown + (grad_layer if current_grad is None else current_grad))
     return peak
