@@ -92,6 +92,11 @@ SMALL_CASES = {
         64,
     ),
     "tp8 @8": (["parallel=tp2", "parallel.tp=8", "trainer.global_batch_size=2"], 8),
+    "pp2 x zero3 dp4 @8": (
+        ["parallel=3d", "parallel.tp=1", "parallel.pp=2", "trainer.global_batch_size=64"],
+        8,
+    ),
+    "pp2 x tp2 x zero3 dp2 @8": (["parallel=3d", "trainer.global_batch_size=32"], 8),
 }
 """A model small enough to step on this CPU: the measured memory and traffic vs the planner."""
 

@@ -127,6 +127,7 @@ def parallelize(
                 DTYPE[cfg.param_dtype],
                 DTYPE[cfg.reduce_dtype],
                 cfg.cpu_offload and device.type == "cuda",
+                pipelined=dims.pp_enabled,
             )
         materialize(part, device, seed)
         if dims.tp_enabled and not use_fsdp:

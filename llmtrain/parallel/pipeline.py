@@ -156,9 +156,13 @@ class PipelineRunner:
                 "trainer.val_batches x trainer.micro_batch_size a multiple of it"
             )
         self.scale, self.losses = scale, []
-        if train or self.eval_order is None:
-            run = self.schedule.step if train else self.schedule.eval
-            run(inputs, target=targets, **kwargs)
+        if train:
+            # return_outputs=False: otherwise the last stage keeps every micro-batch's logits alive
+            # to the end of the step to return them merged (m x micro-batch x seq x vocab; the dry
+            # run measured it), and the step only needs the losses
+            self.schedule.step(inputs, target=targets, return_outputs=False, **kwargs)
+        elif self.eval_order is None:
+            self.schedule.eval(inputs, target=targets, **kwargs)
         else:
             self._eval_forward_only(inputs, targets, kwargs)
         real = self.losses[-self.n_microbatches :] if self.losses else []

@@ -11,6 +11,8 @@ Per step, with P parameters per (tp, pp) shard, m micro-batches, n = dp_shard, r
   ZeRO-0/1 (DDP)   all-reduce of the gradients once:          2 (dp-1)/dp P g
   ZeRO-2           reduce-scatter per micro-batch + gather:   m (n-1)/n P g + (n-1)/n P a
   ZeRO-3 (FSDP)    gather fwd + gather bwd + reduce-scatter:  m (n-1)/n P (2a + g)
+  ZeRO-2/3 with pp one gather + one reduce-scatter per step:  (n-1)/n P (a + g) (a stage stays
+                   unsharded from its first backward to its last; see parallel/data_parallel.py)
   HSDP             ZeRO-3 in the shard group + all-reduce of the shard across replicas: 2 (r-1)/r P/n g
   tp               4 collectives per layer per micro-batch (2 fwd, 2 bwd; all-reduce, or all-gather +
                    reduce-scatter under sequence parallel: the same bytes), 2 more with full recompute,
@@ -72,6 +74,8 @@ def comm_volume(
             )
         else:
             per = (m * g + a) if lo.zero_stage == 2 else m * (2 * a + g)
+            if lo.pp > 1:  # a pipeline stage gathers once and reduce-scatters once per step
+                per = a + g
             if n > 1:
                 parts["dp"] = CommPart(
                     bytes=per * (n - 1) / n * shard_params,

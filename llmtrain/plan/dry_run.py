@@ -30,6 +30,7 @@ from llmtrain.parallel.dims import MESH_ORDER, ParallelDims
 from llmtrain.parallel.layout import build_dims
 from llmtrain.plan.comm import comm_volume
 from llmtrain.plan.dry_run_record import Progress, StepRecorder, ddp_counting_hook, timed_phases
+from llmtrain.plan.fake_pipeline import make_static
 from llmtrain.plan.fit import layout_from_config
 from llmtrain.plan.measure import PeakTensorMemory
 from llmtrain.plan.memory import GIB, MemoryEstimate, estimate_stage, total_params
@@ -173,11 +174,6 @@ def _step_skip_reason(
         return "steps not requested (--steps 0)"
     if meta:
         return "parameters on meta (--meta, or the shard would not fit this machine): no steps"
-    if dims.pp_enabled:
-        return (
-            "pp > 1: torch.distributed.pipelining infers stage shapes by exchanging Python objects, "
-            "which the fake group cannot carry; set-up, memory plan and checkpoint plan only"
-        )
     if est.total > 0.5 * psutil.virtual_memory().available:
         return f"a step's planned peak {est.total / GIB:.1f} GiB exceeds half of this machine's free memory"
     args = model_args(cfg.model)
@@ -226,6 +222,8 @@ def dry_run_rank(cfg: Config, world: int, rank: int, opts: DryRunOptions) -> Ran
         skip = _step_skip_reason(cfg, dims, opts, meta, est)
         recorder = None
         if skip is None:
+            if dims.pp_enabled:
+                make_static(engine, cfg, dims)
             recorder, steps_run = _run_steps(engine, cfg, dims, mesh, opts, memory, say, rank)
         else:
             steps_run = 0

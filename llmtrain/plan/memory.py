@@ -6,7 +6,9 @@ dp_shard group (llmtrain/parallel/data_parallel.py): the fp32 master weights and
 sharded at every stage; stage 3 also keeps gradients sharded and holds about two unsharded blocks
 at a time (in parallel.param_dtype); stages 1 and 2 keep the unsharded parameters from the first
 forward to the last backward of a step, stage 2 reduce-scatters gradients per micro-batch and stage
-1 accumulates full gradients until the last one. Plain DDP (zero_stage 0, dp > 1, no tp/pp) keeps
+1 accumulates full gradients until the last one. Under pipeline parallelism every stage behaves like
+stage 1 with unsharded parameters (torch's schedules defer the reduce-scatter and the resharding to
+the last micro-batch; `apply_fsdp(pipelined=True)`). Plain DDP (zero_stage 0, dp > 1, no tp/pp) keeps
 gradient buckets as big as the gradients (`gradient_as_bucket_view` is off).
 
 Saved activations per token and block, read off the autograd graph of `llmtrain.models.llama`
@@ -167,8 +169,10 @@ def estimate_stage(
     shard, z = layout.dp_shard, layout.zero_stage
     fsdp = z >= 1 and shard > 1  # the native engine runs every ZeRO stage on FSDP2
     weights = 4 * p_local / (shard if fsdp else 1)  # fp32 master weights rest sharded under FSDP2
-    # ZeRO-1 accumulates full local gradients until the step's last micro-batch (data_parallel.py)
-    full_grads = z == 0 or not fsdp or (z == 1 and grad_accum > 1)
+    # ZeRO-1 accumulates full local gradients until the step's last micro-batch (data_parallel.py);
+    # so does every stage under a pipeline schedule, which also keeps the parameters unsharded
+    pipelined = fsdp and layout.pp > 1
+    full_grads = z == 0 or not fsdp or (z == 1 and grad_accum > 1) or pipelined
     grads = 4 * p_local / (1 if full_grads else shard)
     # (the vocab-parallel embedding's gradient, which DTensor returns Replicate, is sliced back to
     # the rank's rows by llmtrain.parallel.tensor_parallel.apply_grad_layout_hooks)
@@ -176,13 +180,16 @@ def estimate_stage(
     mats, norms = block_params(args)
     layer_local = mats / layout.tp + norms
     buffers = args.max_seq_len * args.head_dim * 4  # RoPE table
-    if fsdp and z == 3:  # two unsharded blocks (current + prefetch) and a gradient reduce buffer
+    if (
+        fsdp and z == 3 and not pipelined
+    ):  # two unsharded blocks (current + prefetch) and a gradient reduce buffer
         buffers += 2 * layer_local * DTYPE_BYTES[layout.param_dtype] + 4 * layer_local
     elif fsdp:  # ZeRO-1/2: parameters stay unsharded from the first forward to the last backward
         buffers += p_local * DTYPE_BYTES[layout.param_dtype] + 4 * layer_local
     if z == 0 and layout.dp > 1 and layout.tp == 1 and layout.pp == 1:
         buffers += 4 * p_local  # DDP gradient buckets (tp/pp all-reduce the gradients in place)
 
+    buffers += pipeline_recv_buffers(args, seq_len, layout, grad_accum)
     tokens = layout.micro_batch_size * seq_len
     in_flight = in_flight_microbatches(layout, stage)
     per_block = act_bytes_per_token(args, precision, layout.tp, layout.sequence_parallel) * tokens
@@ -200,7 +207,7 @@ def estimate_stage(
     grad_head = 4 * vocab * args.dim / grad_div if has_loss else 0.0  # allocated first in backward
     # ZeRO-2/3 on FSDP2: the block being back-propagated holds its gradients unsharded until its
     # post-backward reduce-scatter (next to the previous block's reduce-scatter input in `buffers`)
-    unsharded_grad = 4 * layer_local if fsdp and z >= 2 else grad_layer
+    unsharded_grad = 4 * layer_local if fsdp and z >= 2 and not pipelined else grad_layer
     dynamic = backward_sweep(
         kept,
         ckpt,
@@ -223,6 +230,19 @@ def estimate_stage(
         dynamic=dynamic,
         params_local=p_local,
     )
+
+
+def pipeline_recv_buffers(args: TransformerArgs, seq_len: int, layout: Layout, grad_accum: int) -> float:
+    """Receive buffers a pipeline end stage allocates up front, one per micro-batch: the activations
+    it receives (last stage) or the gradients of its outputs (first stage), in the residual stream's
+    dtype (fp32, bf16 when FSDP casts the parameters), sequence-sharded under sequence parallelism."""
+    if layout.pp == 1:
+        return 0.0
+    n_mb = layout.pp_microbatches or grad_accum
+    rows = layout.micro_batch_size * grad_accum / n_mb
+    fsdp_bf16 = layout.zero_stage >= 1 and layout.dp_shard > 1 and layout.param_dtype == "bf16"
+    sp_div = layout.tp if layout.sequence_parallel and layout.tp > 1 else 1
+    return n_mb * rows * seq_len * args.dim * (2 if fsdp_bf16 else 4) / sp_div
 
 
 def checkpointed_blocks(mode: str, layers: int) -> list[bool]:
