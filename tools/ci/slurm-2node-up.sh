@@ -10,14 +10,9 @@
 # Idempotent; every wait is bounded and the log says which step failed.
 set -euo pipefail
 BASE=${BASE:-/tmp/slurm-2node}
-SECONDS=0; ts() { echo "[${SECONDS}s] $*"; }
-wait_for() { # wait_for <tries of 0.25 s> <what> <command...>
-  local n=$1 what=$2; shift 2
-  for _ in $(seq 1 "$n"); do "$@" >/dev/null 2>&1 && return 0; sleep 0.25; done
-  echo "timed out waiting for $what (logs: $BASE/log)" >&2; return 1
-}
+source "$(dirname "$0")/slurm-common.sh"  # ts, wait_for, node_cpus, node_mem_mb, slurm_conf_common
 export SLURM_CONF="$BASE/slurm.conf"
-if [ -f "$SLURM_CONF" ] && [ "$(timeout 10 sinfo -h -p two -o %T 2>/dev/null | grep -cE 'idle|mix|alloc')" = 2 ]; then
+if [ -f "$SLURM_CONF" ] && [ "$(timeout 10 sinfo -h -N -p two -o %T 2>/dev/null | grep -cE 'idle|mix|alloc')" = 2 ]; then
   ts "cluster at $SLURM_CONF already up: $(sinfo -h -o '%P %D %T %N')"; exit 0
 fi
 for tool in /usr/sbin/slurmctld /usr/sbin/slurmd; do
@@ -28,37 +23,18 @@ for n in n1 n2; do
 done
 wait_for 40 "munged (started by slurm-local-up.sh)" sh -c 'munge -n | unmunge'
 mkdir -p "$BASE"/{state,log} "$BASE"/spool/{n1,n2}
-NCPU=$(getconf _NPROCESSORS_ONLN); [ "$NCPU" -ge 2 ] || NCPU=2  # per node: tests run 2 tasks on each
-MEM=$(( ($(awk '/MemTotal/{print $2}' /proc/meminfo) / 1024 - 1024) / 2 ))
+NCPU=$(node_cpus); MEM=$(node_mem_mb 2)  # per node: the tests run up to 2 tasks on each
 cat > "$SLURM_CONF" <<EOC
 ClusterName=ci2node
 SlurmctldHost=localhost(127.0.0.1)
 SlurmctldPort=17000
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
-CredType=cred/munge
-AuthInfo=cred_expire=10
-StateSaveLocation=$BASE/state
+$(slurm_conf_common "$BASE")
 SlurmdSpoolDir=$BASE/spool/%n
-SlurmctldPidFile=$BASE/slurmctld.pid
 SlurmdPidFile=$BASE/slurmd-%n.pid
-SlurmctldLogFile=$BASE/log/slurmctld.log
 SlurmdLogFile=$BASE/log/slurmd-%n.log
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
-SchedulerType=sched/backfill
-SchedulerParameters=bf_interval=2,sched_interval=5
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-MpiDefault=none
-SlurmdParameters=config_overrides
-ReturnToService=2
-KillWait=5
-MinJobAge=300
 NodeName=n1 NodeAddr=127.0.0.1 Port=17001 CPUs=$NCPU RealMemory=$MEM State=UNKNOWN
 NodeName=n2 NodeAddr=127.0.0.1 Port=17002 CPUs=$NCPU RealMemory=$MEM State=UNKNOWN
 PartitionName=two Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP
