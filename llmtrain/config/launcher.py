@@ -51,5 +51,7 @@ class LauncherConfig:
     """How many times a timed-out or preempted job may requeue itself."""
     signal_delay_s: int = 120
     """Seconds before the time limit at which SLURM signals the job to checkpoint."""
+    rdzv_timeout_s: int = 300
+    """SLURM: seconds the tasks have to meet at the first node's NodeAddr:port; then the job ends naming it."""
     logs_dir: str | None = None
     """submitit log folder; None = <run_dir>/slurm."""

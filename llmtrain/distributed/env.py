@@ -90,8 +90,9 @@ def process_group_backend(device: torch.device) -> str:
     return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
 
 
-def init_distributed(env: DistEnv, device: torch.device) -> None:
-    """Create the default process group (`process_group_backend`) when running multi-process."""
+def init_distributed(env: DistEnv, device: torch.device, store: dist.Store | None = None) -> None:
+    """Create the default process group (`process_group_backend`) when running multi-process; on
+    `store` when given (a rendezvous already made, e.g. the SLURM job's bounded one), else env://."""
     if env.world_size > 1 and not dist.is_initialized():
         backend = process_group_backend(device)
         dist.init_process_group(
@@ -99,6 +100,7 @@ def init_distributed(env: DistEnv, device: torch.device) -> None:
             rank=env.rank,
             world_size=env.world_size,
             device_id=device if device.type == "cuda" else None,
+            store=store,
         )
 
 

@@ -39,7 +39,7 @@ def world_size(cfg: Config) -> int:
 def check_static(cfg: Config) -> None:
     """Rules that need no cluster: raise ConfigError naming the key and the allowed range."""
     lc, ck = cfg.launcher, cfg.checkpoint
-    for key in ("nodes", "nproc", "cpus_per_task", "time_min"):
+    for key in ("nodes", "nproc", "cpus_per_task", "time_min", "rdzv_timeout_s"):
         if getattr(lc, key) < 1:
             raise ConfigError(f"launcher.{key}={getattr(lc, key)} must be >= 1")
     if lc.gpus_per_node < 0 or lc.max_requeues < 0 or lc.signal_delay_s < 0:

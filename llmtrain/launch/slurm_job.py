@@ -1,9 +1,10 @@
 """The submitit callable that every SLURM task runs (docs/architecture.md), and its requeue logic.
 
 One task per GPU (or per CPU rank). Each task derives torch.distributed's env:// variables from
-SLURM: RANK=SLURM_PROCID, LOCAL_RANK=SLURM_LOCALID, WORLD_SIZE=SLURM_NTASKS, MASTER_ADDR = first
-host of SLURM_JOB_NODELIST, MASTER_PORT = a port derived from the job id (a requeued job keeps its
-id, so it keeps its port; two jobs on one node get different ports).
+SLURM: RANK=SLURM_PROCID, LOCAL_RANK=SLURM_LOCALID, WORLD_SIZE=SLURM_NTASKS, MASTER_ADDR = the NodeAddr
+of the first host of SLURM_JOB_NODELIST, MASTER_PORT = a port derived from the job id (a requeued job
+keeps its id, so it keeps its port; two jobs on one node get different ports); the tasks meet there
+within launcher.rdzv_timeout_s or the job ends naming host:port (llmtrain.launch.rendezvous).
 
 Stopping and requeueing. sbatch asks for `--signal=USR2@<launcher.signal_delay_s>`; SLURM delivers it
 to every task. submitit would only let the rank-0 task act (its handler calls `checkpoint()` there and
@@ -24,28 +25,18 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+from llmtrain.launch.rendezvous import rendezvous_host, rendezvous_port
+
 log = logging.getLogger("llmtrain")
 
 WARNING_SIGNALS = frozenset({"SIGUSR1", "SIGUSR2"})
 STOP_SIGNALS = frozenset({"SIGTERM", "SIGINT", "SIGHUP"})  # scancel, preemption, an operator
-PORT_BASE, PORT_SPAN = 15000, 10000  # below the Linux ephemeral range (32768+)
 _exit_code = 0
 
 
-def rendezvous_port(job_id: str) -> int:
-    """Deterministic port for a job: the same on every task and after every requeue."""
-    return PORT_BASE + int(job_id.split("_")[0]) % PORT_SPAN
-
-
-def first_host(nodelist: str) -> str:
-    """First host of a SLURM node list (`gpu[003-004,010],cpu1` -> `gpu003`)."""
-    from submitit.slurm.slurm import _parse_node_list
-
-    return _parse_node_list(nodelist)[0] if nodelist else "127.0.0.1"
-
-
 def set_dist_env(environ: dict[str, str] | None = None) -> dict[str, str]:
-    """Fill RANK/LOCAL_RANK/WORLD_SIZE/LOCAL_WORLD_SIZE/MASTER_ADDR/MASTER_PORT from SLURM_*."""
+    """Fill RANK/LOCAL_RANK/WORLD_SIZE/LOCAL_WORLD_SIZE/MASTER_ADDR/MASTER_PORT from SLURM_*
+    (MASTER_ADDR: the first node's NodeAddr, see llmtrain.launch.rendezvous)."""
     from llmtrain.distributed.env import slurm_local_world_size
 
     env = os.environ if environ is None else environ
@@ -55,7 +46,7 @@ def set_dist_env(environ: dict[str, str] | None = None) -> dict[str, str]:
         "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
         "WORLD_SIZE": str(ntasks),
         "LOCAL_WORLD_SIZE": str(slurm_local_world_size(env)),
-        "MASTER_ADDR": first_host(env.get("SLURM_JOB_NODELIST", "")),
+        "MASTER_ADDR": rendezvous_host(env.get("SLURM_JOB_NODELIST", "")),
         "MASTER_PORT": str(rendezvous_port(env["SLURM_JOB_ID"])),
     }
     env.update(values)
@@ -68,6 +59,24 @@ def _hard_exit() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(_exit_code)
+
+
+def _meet(env: Any, cfg: Any) -> None:
+    """Create the default process group on a store that every task reaches within
+    launcher.rdzv_timeout_s, or end this task with one line naming host:port (its siblings are
+    ended by srun --kill-on-bad-exit)."""
+    from llmtrain.distributed.env import init_distributed, pick_device
+    from llmtrain.launch.rendezvous import RendezvousError, meet
+
+    if env.world_size < 2:
+        return
+    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    try:
+        store = meet(host, port, env.rank, env.world_size, cfg.launcher.rdzv_timeout_s)
+    except RendezvousError as e:
+        print(f"llmtrain: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+    init_distributed(env, pick_device(cfg.trainer.device, env.local_rank), store=store)
 
 
 @dataclass
@@ -119,14 +128,22 @@ class TrainJob:
         from llmtrain.launch.worker import setup_logging
         from llmtrain.train.trainer import Trainer
 
-        set_dist_env()
+        dist_env = set_dist_env()
         env = detect_env()
         setup_logging(env.rank, env.world_size)
         cfg = load_config(self.config_path)
         if not cfg.trainer.num_threads:  # os.cpu_count() sees the whole node, not the allocation
             cfg.trainer.num_threads = int(os.environ.get("SLURM_CPUS_PER_TASK", "1"))
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
-        log.info("SLURM job %s, allocation %d, %s", os.environ.get("SLURM_JOB_ID"), restarts + 1, env)
+        # every rank (its own log file): where it runs and where it meets the others
+        print(
+            f"llmtrain: SLURM job {os.environ.get('SLURM_JOB_ID')}, allocation {restarts + 1}, node "
+            f"{os.environ.get('SLURMD_NODENAME', '?')}, {env}, rendezvous {dist_env['MASTER_ADDR']}:"
+            f"{dist_env['MASTER_PORT']}",
+            file=sys.stderr,
+            flush=True,
+        )
+        _meet(env, cfg)
         trainer = Trainer(cfg, env)
         if early.local():  # signalled while building: hand the flag over to the trainer's
             trainer.stop.received |= early.received

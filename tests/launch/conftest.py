@@ -4,12 +4,15 @@ and a tiny, fast training config shared by the SLURM, torchrun and local runs co
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 # .ci/setup.d/slurm.sh (tools/ci/slurm-local-up.sh) writes the cluster's config here.
 LOCAL_SLURM_CONF = Path("/tmp/slurm-local/slurm.conf")
+# ... and tools/ci/slurm-2node-up.sh that of the two-node cluster (nodes n1, n2 on 127.0.0.1).
+TWO_NODE_SLURM_CONF = Path("/tmp/slurm-2node/slurm.conf")
 
 # 2 layers, dim 32, seq 32: a step costs milliseconds, so jobs are dominated by process start-up.
 TINY = [
@@ -26,19 +29,21 @@ TINY = [
 ]
 
 
-def _cluster_problem() -> str | None:
+def _cluster_problem(min_nodes: int = 1) -> str | None:
+    """Why the cluster of SLURM_CONF cannot run the tests (fewer than `min_nodes` usable nodes), or None."""
     if "SLURM_CONF" not in os.environ and LOCAL_SLURM_CONF.is_file():
         os.environ["SLURM_CONF"] = str(LOCAL_SLURM_CONF)
     if shutil.which("sinfo") is None:
         return "sinfo not found (run .ci/setup.d/slurm.sh as root to start a local cluster)"
     try:
-        out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=15)
+        out = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True, timeout=15)
     except subprocess.TimeoutExpired:
         return "sinfo did not answer within 15 s (slurmctld down?)"
     if out.returncode != 0:
         return f"sinfo failed: {out.stderr.strip()}"
-    if not {"idle", "mixed", "allocated"} & set(out.stdout.split()):
-        return f"no usable SLURM node (states: {out.stdout.split()})"
+    usable = [s for s in out.stdout.split() if s in {"idle", "mixed", "allocated"}]
+    if len(usable) < min_nodes:
+        return f"fewer than {min_nodes} usable SLURM node(s) (states: {out.stdout.split()})"
     return None
 
 
@@ -49,6 +54,20 @@ def slurm_cluster() -> str:
     if problem:
         pytest.skip(f"SLURM cluster unavailable: {problem}")
     return os.environ.get("SLURM_CONF", "")
+
+
+@pytest.fixture(scope="module")
+def slurm_two_nodes() -> Iterator[str]:
+    """SLURM_CONF of the two-node cluster (tools/ci/slurm-2node-up.sh), set for the module's tests
+    (submitit, sbatch and scontrol read it), or skip naming what is missing."""
+    if not TWO_NODE_SLURM_CONF.is_file():
+        pytest.skip(f"two-node SLURM cluster unavailable: no {TWO_NODE_SLURM_CONF} (.ci/setup.d/slurm.sh)")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SLURM_CONF", str(TWO_NODE_SLURM_CONF))
+        problem = _cluster_problem(min_nodes=2)
+        if problem:
+            pytest.skip(f"two-node SLURM cluster unavailable: {problem}")
+        yield str(TWO_NODE_SLURM_CONF)
 
 
 def read_losses(run_dir: Path) -> dict[int, float]:

@@ -3,9 +3,10 @@
 import pytest
 
 from llmtrain.config import ConfigError
+from llmtrain.launch.rendezvous import first_host, rendezvous_port
 from llmtrain.launch.slurm import slurm_parameters
 from llmtrain.launch.slurm_checks import check_cluster, check_static, parse_sinfo
-from llmtrain.launch.slurm_job import first_host, rendezvous_port, set_dist_env
+from llmtrain.launch.slurm_job import set_dist_env
 
 # `sinfo -h -N -o '%P|%a|%N|%c|%G'` as printed by a two-partition GPU cluster (one line per node).
 SINFO = """gpu*|up|g001|64|gpu:a100:8(S:0-1)
@@ -57,6 +58,7 @@ def test_check_cluster_picks_default_and_rejects_bad_requests(make_config) -> No
         (["launcher.gpus_per_node=4", "launcher.nproc=2"], "conflicts with launcher.gpus_per_node=4"),
         (["launcher.nproc=3", "parallel.dp_replicate=1", "parallel.tp=2"], "does not fit the world size 3"),
         (["launcher.nproc=3"], "global_batch_size=.* must be divisible"),
+        (["launcher.rdzv_timeout_s=0"], r"launcher.rdzv_timeout_s=0 must be >= 1"),
     ],
 )
 def test_check_static_names_the_keys(make_config, overrides: list[str], message: str) -> None:

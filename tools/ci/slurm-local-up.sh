@@ -10,12 +10,7 @@
 set -euo pipefail
 BASE=${BASE:-/tmp/slurm-local}
 WITH_DBD=${WITH_DBD:-0}
-SECONDS=0; ts() { echo "[${SECONDS}s] $*"; }
-wait_for() { # wait_for <tries of 0.25 s> <what> <command...>
-  local n=$1 what=$2; shift 2
-  for _ in $(seq 1 "$n"); do "$@" >/dev/null 2>&1 && return 0; sleep 0.25; done
-  echo "timed out waiting for $what" >&2; return 1
-}
+source "$(dirname "$0")/slurm-common.sh"  # ts, wait_for, node_cpus, node_mem_mb, slurm_conf_common
 export SLURM_CONF="$BASE/slurm.conf"
 if [ -f "$SLURM_CONF" ] && timeout 10 sinfo -h -o %T 2>/dev/null | grep -qE 'idle|mix|alloc'; then
   ts "cluster at $SLURM_CONF already up: $(sinfo -h -o '%P %D %T %C')"; exit 0
@@ -66,41 +61,18 @@ EOC
   chmod 600 "$BASE/slurmdbd.conf"
   ACCT=$'AccountingStorageType=accounting_storage/slurmdbd\nAccountingStorageHost=127.0.0.1\nAccountingStoragePort=6819'
 fi
-# CPUs from getconf, not nproc: nproc obeys OMP_NUM_THREADS (.ci/run sets it to 1), which once gave a
-# 1-CPU node on which every 2-task test job was refused. At least 2, since the tests run 2 tasks.
-NCPU=$(getconf _NPROCESSORS_ONLN); [ "$NCPU" -ge 2 ] || NCPU=2
 cat > "$SLURM_CONF" <<EOC
 ClusterName=ci
 SlurmctldHost=localhost(127.0.0.1)
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
-CredType=cred/munge
-# requeued jobs may restart only after cred_expire s (default 120)
-AuthInfo=cred_expire=10
-StateSaveLocation=$BASE/state
+$(slurm_conf_common "$BASE")
 SlurmdSpoolDir=$BASE/spool
-SlurmctldPidFile=$BASE/slurmctld.pid
 SlurmdPidFile=$BASE/slurmd.pid
-SlurmctldLogFile=$BASE/log/slurmctld.log
 SlurmdLogFile=$BASE/log/slurmd.log
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/linux
 $ACCT
 JobCompType=jobcomp/filetxt
 JobCompLoc=$BASE/log/jobcomp.txt
-SchedulerType=sched/backfill
-SchedulerParameters=bf_interval=2,sched_interval=5
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-MpiDefault=none
-# trust CPUs= below even where the machine has fewer (the tests need 2 tasks on 1-core machines too)
-SlurmdParameters=config_overrides
-ReturnToService=2
-KillWait=5
-MinJobAge=300
-NodeName=localhost NodeAddr=127.0.0.1 CPUs=$NCPU RealMemory=$(( $(awk '/MemTotal/{print $2}' /proc/meminfo) / 1024 - 1024 )) State=UNKNOWN
+NodeName=localhost NodeAddr=127.0.0.1 CPUs=$(node_cpus) RealMemory=$(node_mem_mb 1) State=UNKNOWN
 PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 EOC
 if [ "$WITH_DBD" = 1 ]; then
