@@ -16,6 +16,7 @@ from llmtrain.checkpoint.rng import capture_host_rng
 from llmtrain.checkpoint.state import LRPosition
 from llmtrain.config import Config, batch_geometry
 from llmtrain.config.io import to_dict
+from llmtrain.data import objstore
 from llmtrain.distributed.collectives import broadcast_object
 from llmtrain.distributed.env import DistEnv, init_distributed, pick_device
 from llmtrain.models import model_args
@@ -54,6 +55,7 @@ class Trainer:
     def __init__(self, cfg: Config, env: DistEnv) -> None:
         self.cfg, self.env = cfg, env
         self.run_dir = Path(cfg.run.root) / cfg.run.name
+        objstore.configure(cfg.storage)  # endpoint/read-ahead for every s3:// path of this process
         self.device = pick_device(cfg.trainer.device, env.local_rank)
         configure_torch(cfg, env)
         init_distributed(env, self.device)
