@@ -37,6 +37,7 @@ from llmtrain.checkpoint.folder import (
     STEP_RE,
     TMP_MARK,
     CheckpointError,
+    is_remote,
     latest_checkpoint,
     verify_manifest,
 )
@@ -238,7 +239,7 @@ def localize(
     changes = {}
     for key in ("resume", "init_from"):
         value = getattr(ck, key)
-        if value and "://" in str(value) and not str(value).startswith("file://"):
+        if is_remote(value):
             try:
                 changes[key] = str(fetch_cached(str(value), run_dir))
             except (CheckpointError, OSError) as e:

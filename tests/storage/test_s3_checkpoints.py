@@ -1,4 +1,4 @@
-"""Checkpoints mirrored to a real S3 API (moto on 127.0.0.1): a 2-rank gloo run uploads its checkpoints
+"""Checkpoints mirrored to a real S3 API (moto on 127.0.0.1): a 2-rank gloo run (the real launcher) uploads its checkpoints
 in the background (retention deletes on S3), a 1-process run with no local checkpoint resumes from the
 mirror exactly like one resumed from the local copy (DCP reshards 2 -> 1), init_from reads s3://, no
 credential reaches any file, config, checkpoint or MLflow record, and a server that goes down in the
@@ -6,7 +6,10 @@ middle of an upload fails that upload only: retried, reported, the previous remo
 training goes on."""
 
 import logging
+import os
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -18,17 +21,16 @@ from llmtrain.checkpoint.mirror import download, remote_steps
 from llmtrain.distributed.env import DistEnv
 from llmtrain.train.trainer import Trainer
 from tests.checkpoint.common import TINY
-from tests.distributed import run_distributed
-from tests.storage.conftest import AWS_ENV, SECRET
+from tests.storage.conftest import AWS_ENV, SECRET, upload_folder
 
 ENV = DistEnv(0, 0, 1, 1)
+ROOT = Path(__file__).resolve().parents[2]
 
 
-def _train_body(rank: int, world_size: int, overrides: list[str]) -> list[float]:
-    from llmtrain.distributed.env import detect_env
-    from llmtrain.testing import compose_config
-
-    return [h["loss"] for h in Trainer(compose_config(overrides), detect_env()).train()["history"]]
+def _cli(args: list[str]) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "llmtrain.cli", *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
 def losses(result: dict) -> list[float]:
@@ -39,62 +41,54 @@ def losses(result: dict) -> list[float]:
 @pytest.mark.distributed
 def test_mirror_resume_reshard_init_from_and_no_secrets(make_config, s3, shakespeare_dir, tmp_path) -> None:
     bucket = s3.bucket()
-    mirror = f"s3://{bucket}/mirrors/src"
-    base = [*TINY, f"storage.endpoint_url={s3.url}", "checkpoint.every_steps=4", "checkpoint.keep_last=1"]
-    args = [*base, f"data.sources.0.path={shakespeare_dir}", f"run.root={tmp_path / 'runs'}", "tracking=none"]
-    two = run_distributed(
-        _train_body,
-        2,
-        timeout=240,
-        args=([*args, "run.name=src", "trainer.max_steps=8", f"checkpoint.mirror={mirror}"],),
-    )
-    assert two[0] == two[1] and len(two[0]) == 8
+    data, mirror = upload_folder(s3, shakespeare_dir, bucket, "data"), f"s3://{bucket}/mirrors/src"
+    base = [*TINY, f"storage.endpoint_url={s3.url}", "checkpoint.every_steps=4", "checkpoint.keep_last=1",
+            f"data.sources.0.path={data}"]  # fmt: skip
+    # 2 gloo ranks through the real launcher, data and checkpoints on S3, MLflow tracking on
+    cli = [*base, f"run.root={tmp_path / 'runs'}", "tracking=mlflow", "launcher.nproc=2", "run.name=src"]
+    two = _cli([*cli, "trainer.max_steps=8", f"checkpoint.mirror={mirror}"])
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
     assert [s for s, _ in remote_steps(mirror)] == [8]  # step 4 went up, then retention deleted it on S3
-    keys = [o["Key"] for o in s3.client().list_objects_v2(Bucket=bucket)["Contents"]]
+    keys = [o["Key"] for o in s3.client().list_objects_v2(Bucket=bucket, Prefix="mirrors/")["Contents"]]
     assert "mirrors/src/step_00000008/COMPLETE" in keys and not any("step_00000004" in k for k in keys)
     src = tmp_path / "runs" / "src"
+    local8 = step_dir(src / "checkpoints", 8)
     ref = Trainer(
-        make_config(
-            *base,
-            "run.name=ref",
-            "trainer.max_steps=12",
-            f"checkpoint.resume={src / 'checkpoints' / 'step_00000008'}",
-        ),
-        ENV,
-    ).train()
-    shutil.rmtree(src)  # a new node: nothing of the run on local disk, the mirror has it
+        make_config(*base, "run.name=ref", "trainer.max_steps=12", f"checkpoint.resume={local8}"), ENV
+    )
+    ref_losses = losses(ref.train())
+    shutil.rmtree(src / "checkpoints")  # a new node: no checkpoint on local disk, the mirror has them
     again = Trainer(
-        make_config(
-            *base, "run.name=src", "trainer.max_steps=12", f"checkpoint.mirror={mirror}", "tracking=mlflow"
-        ),
-        ENV,
+        make_config(*base, "run.name=src", "trainer.max_steps=12", f"checkpoint.mirror={mirror}"), ENV
     ).train()
     assert [h["step"] for h in again["history"]] == [9, 10, 11, 12]
-    assert losses(again) == losses(ref)  # resumed from S3 == resumed from the local copy, 2 ranks -> 1
+    assert losses(again) == ref_losses  # resumed from S3 == resumed from the local copy, 2 ranks -> 1
     assert [s for s, _ in remote_steps(mirror)] == [12]
     step12 = step_dir(src / "checkpoints", 12)
-    ft_s3 = Trainer(
-        make_config(*base, "run.name=ft", "trainer.max_steps=2", f"checkpoint.init_from={mirror}"), ENV
-    ).train()
-    ft_disk = Trainer(
-        make_config(*base, "run.name=ft-disk", "trainer.max_steps=2", f"checkpoint.init_from={step12}"), ENV
-    ).train()
+    ft = [*base, "trainer.max_steps=2"]
+    ft_s3 = Trainer(make_config(*ft, "run.name=ft", f"checkpoint.init_from={mirror}"), ENV).train()
+    ft_disk = Trainer(make_config(*ft, "run.name=ft-disk", f"checkpoint.init_from={step12}"), ENV).train()
     assert [h["step"] for h in ft_s3["history"]] == [1, 2] and losses(ft_s3) == losses(ft_disk)
-    _assert_no_credentials(tmp_path, again["mlflow"])
+    _assert_no_credentials(tmp_path, f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}", two.stdout + two.stderr)
 
 
-def _assert_no_credentials(root: Path, mlflow_info: dict) -> None:
+def _assert_no_credentials(root: Path, tracking_uri: str, output: str) -> None:
     """No secret in any file the runs wrote (logs, resolved configs, train logs, checkpoints, the MLflow
     store), nor in the MLflow run's params and tags."""
     import mlflow
 
-    for f in (p for p in root.rglob("*") if p.is_file()):
+    secrets = (SECRET, AWS_ENV["AWS_ACCESS_KEY_ID"])
+    assert not any(s in output for s in secrets)  # the launcher's and the ranks' console output
+    files = [p for p in root.rglob("*") if p.is_file()]
+    assert any(p.name == "train.log" for p in files) and any(p.name == "config.yaml" for p in files)
+    for f in files:  # logs, resolved config, train log, checkpoints, the MLflow store
         data = f.read_bytes()
-        assert SECRET.encode() not in data and AWS_ENV["AWS_ACCESS_KEY_ID"].encode() not in data, f
-    run = mlflow.MlflowClient(mlflow_info["uri"]).get_run(mlflow_info["run_id"])
+        assert not any(s.encode() in data for s in secrets), f
+    client = mlflow.MlflowClient(tracking_uri)
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert run.data.params["storage.endpoint_url"].startswith("http://127.0.0.1")  # params were logged
     for k, v in {**run.data.params, **run.data.tags}.items():
-        assert SECRET not in f"{k}={v}" and AWS_ENV["AWS_ACCESS_KEY_ID"] not in f"{k}={v}", k
+        assert not any(s in f"{k}={v}" for s in secrets), k
 
 
 def test_server_down_mid_upload_fails_that_upload_only(make_config, s3, caplog) -> None:
