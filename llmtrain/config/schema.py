@@ -59,6 +59,7 @@ GROUP_SCHEMAS = {
     "objective": ObjectiveConfig,
     "peft": PeftConfig,
     "resilience": ResilienceConfig,
+    "storage": StorageConfig,
 }
 
 
