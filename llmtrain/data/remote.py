@@ -23,6 +23,7 @@ import numpy as np
 from llmtrain.data.errors import DataError
 from llmtrain.data.format import INDEX_NAME, ShardInfo, verify_shard
 from llmtrain.data.fs import Location
+from llmtrain.data.shard import check_present
 
 MAGIC = b"ARROW1"
 TAIL = 1 << 16
@@ -118,13 +119,8 @@ class RemoteShard:
 
     def __init__(self, folder: Location, info: ShardInfo, reader: RangeReader) -> None:
         self.loc, self.info = folder.child(info.file), info
-        if not self.loc.exists():
-            raise DataError(f"{self.loc.uri}: shard listed in {INDEX_NAME} is missing")
-        size = self.loc.size()
-        if size != info.bytes:
-            raise DataError(
-                f"{self.loc.uri}: {size} bytes but {INDEX_NAME} says {info.bytes} (truncated or replaced?)"
-            )
+        check_present(self.loc, info)
+        size = info.bytes
         try:
             (tail,) = reader.read(self.loc.path, [(max(size - TAIL, 0), size)])
             if len(tail) >= 10 and _u("<i", tail, len(tail) - 10) + 10 > len(tail):

@@ -78,3 +78,14 @@ def test_prepare_data_writes_to_s3(s3, tmp_path: Path) -> None:
         assert body == (tmp_path / "local" / rel).read_bytes()
     assert main(["--verify", f"s3://{bucket}/c"]) == 0
     assert resolve(f"s3://{bucket}/c").child("index.json").exists()
+
+
+def test_a_damaged_footer_names_the_object(s3, synth_s3) -> None:
+    local, _ = synth_s3
+    bucket = s3.bucket()
+    uri = upload_folder(s3, local, bucket, "footer")
+    data = bytearray((local / "shard_00000.arrow").read_bytes())
+    data[-6:] = b"XXXXXX"  # same size, no IPC magic at the end
+    s3.client().put_object(Bucket=bucket, Key="footer/shard_00000.arrow", Body=bytes(data))
+    with pytest.raises(DataError, match=f"s3://{bucket}/footer/shard_00000.arrow: not a readable Arrow IPC"):
+        TokenDataset(uri, SEQ).read(np.arange(4))
