@@ -123,6 +123,7 @@ class CheckpointMirror:
         self.deleted: list[str] = []
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="ckpt-upload")
         self._pending: list[Future] = []
+        shutil.rmtree(self.local.parent / UPLOAD_DIR, ignore_errors=True)  # snapshots of a killed run
 
     def upload(self, path: Path) -> Future:
         """Queue the upload of a complete local checkpoint; returns at once. The files are hard-linked
@@ -199,6 +200,23 @@ class CheckpointMirror:
         except Exception as e:  # retention is housekeeping: a failure is reported, never fatal
             log.warning("retention on %s failed: %s: %s", self.uri, type(e).__name__, e)
 
+    def catch_up(self) -> Path | None:
+        """Queue the upload of the newest local checkpoint when the mirror has nothing as new (the job
+        was stopped before its last upload finished); returns it, or None when the mirror is current."""
+        newest = latest_checkpoint(self.local)
+        if newest is None:
+            return None
+        steps = remote_steps(self.uri)
+        if steps and steps[-1][0] >= int(STEP_RE.match(newest.name).group(1)):
+            return None
+        try:
+            verify_manifest(newest)
+        except CheckpointError as e:  # the resume sets it aside; nothing to upload
+            log.warning("not uploading %s: %s", newest, e)
+            return None
+        self.upload(newest)
+        return newest
+
     def restore_newest(self) -> Path | None:
         """When the local checkpoint folder holds no complete checkpoint, download the newest complete
         one of the mirror into it; returns its local path (None when there is nothing to restore)."""
@@ -236,6 +254,8 @@ def localize(
         restored = mirror.restore_newest()
         if restored is not None:
             notes.append(f"no local checkpoint: restored {restored.name} from checkpoint.mirror={mirror.uri}")
+    if mirror is not None and (behind := mirror.catch_up()) is not None:
+        notes.append(f"checkpoint.mirror={mirror.uri} lacks {behind.name}: uploading it in the background")
     changes = {}
     for key in ("resume", "init_from"):
         value = getattr(ck, key)

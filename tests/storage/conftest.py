@@ -72,6 +72,15 @@ def s3() -> Iterator[S3Server]:
             os.environ[k] = v
 
 
+@pytest.fixture(autouse=True)
+def _s3_endpoint(request: pytest.FixtureRequest) -> None:
+    """Tests using the server read s3:// through it, whatever endpoint an earlier Trainer configured."""
+    if "s3" in request.fixturenames:
+        from llmtrain.data import objstore
+
+        objstore.configure(StorageConfig(endpoint_url=request.getfixturevalue("s3").url))
+
+
 def upload_folder(server: S3Server, local, bucket: str, prefix: str) -> str:
     """Copy a local folder tree to s3://bucket/prefix; returns the URI."""
     client = server.client()

@@ -97,7 +97,7 @@ def test_server_down_mid_upload_fails_that_upload_only(make_config, s3, caplog) 
     cfg = make_config(
         *TINY, "run.name=cut", "trainer.max_steps=12", "checkpoint.every_steps=4", "checkpoint.keep_last=2",
         f"checkpoint.mirror={mirror}", f"storage.endpoint_url={s3.url}", "storage.upload_retries=2",
-        "storage.retry_backoff_s=1",
+        "storage.retry_backoff_s=1.5",
     )  # fmt: skip
     trainer = Trainer(cfg, ENV)
     state = {"cut": False}
@@ -134,3 +134,11 @@ def test_server_down_mid_upload_fails_that_upload_only(make_config, s3, caplog) 
     assert not any("step_00000008" in k for k in keys)  # its partial objects were cleaned up
     got = download(f"{mirror}/step_00000004", Path(result["run_dir"]) / "check4")
     verify_manifest(got, checksums=True)  # every byte of the previous checkpoint as written
+    # a job stopped before its last upload: the next start uploads the newest local checkpoint
+    s3.client().delete_objects(
+        Bucket=bucket, Delete={"Objects": [{"Key": k} for k in keys if "step_00000012" in k]}
+    )
+    assert [s for s, _ in remote_steps(mirror)] == [4]
+    again = Trainer(cfg, ENV)
+    assert again.train()["step"] == 12 and again.mirror.uploaded == [12]
+    assert [s for s, _ in remote_steps(mirror)] == [4, 12]
