@@ -13,7 +13,9 @@ Both are read once first (warm page cache). Then, in the same run and the same s
 Ratio = loader / raw memmap (target >= 0.9). Further rows: the reader alone (TokenDataset.read),
 whole-document packing, document masks (O(s^2) mask per sample), the training consumption of the
 tiny Llama (conf/model/tiny) as the rate the loader has to beat, and the share of a training step
-spent waiting for data with prefetch on. Each timing is the best of --repeats.
+spent waiting for data with prefetch on. Each timing is the best of --repeats. With moto[server] and
+s3fs installed (or --s3 on), the same loader also reads the shards from an S3 API on loopback, with and
+without read-ahead (bench/s3_data.py); --s3-only runs just that part on a --s3-mb dataset.
 """
 
 import argparse
@@ -31,6 +33,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench import s3_data  # noqa: E402
 from llmtrain.data.dataset import TokenDataset  # noqa: E402
 from llmtrain.data.format import DatasetIndex, write_shard  # noqa: E402
 from llmtrain.data.loader import DataLoader  # noqa: E402
@@ -139,11 +142,23 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--dir", help="dataset folder (default: a temporary one)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "data_throughput.json"))
+    p.add_argument("--s3", choices=("auto", "on", "off"), default="auto", help="S3 loopback rows")
+    p.add_argument("--s3-only", action="store_true", help="only the S3 rows (dataset of --s3-mb)")
+    p.add_argument("--s3-mb", type=float, default=64, help="dataset size of the S3 rows (uploaded)")
+    p.add_argument("--s3-steps", type=int, default=10, help="steps per S3 timing")
     a = p.parse_args()
     import torch
 
     torch.set_num_threads(1)
     tmp = tempfile.TemporaryDirectory(prefix="llmtrain-bench-")
+    if a.s3 != "off" and (a.s3 == "on" or s3_data.available()):
+        small = build(Path(a.dir or tmp.name) / "s3ds", int(a.s3_mb * (1 << 18)), 1 << 22)
+        s3_rows = s3_data.report(small, a.seq_len, a.micro_batch, a.s3_steps)
+        out = Path(a.out).with_name(Path(a.out).stem + "_s3.json")
+        out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "rows": s3_rows}, indent=1))
+        print(f"wrote {out}")
+        if a.s3_only:
+            return
     folder = build(Path(a.dir or tmp.name) / "ds", int(a.tokens), 1 << 24)
     warm(folder)
     seq, mb, steps = a.seq_len, a.micro_batch, a.steps

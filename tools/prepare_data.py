@@ -4,6 +4,7 @@
   python tools/prepare_data.py INPUT... --out data/mycorpus --tokenizer byte --workers 8 --val-fraction 0.01
   python tools/prepare_data.py corpus.jsonl.gz --out data/c --tokenizer path/to/tokenizer.json --text-field content
   python tools/prepare_data.py --verify data/c            # re-hash every shard against index.json
+  python tools/prepare_data.py corpus/ --out s3://bucket/corpus --endpoint-url http://minio:9000  # object store
 
 INPUT: .txt (one document per file), .jsonl[.gz] (text in --text-field), .parquet (--text-field
 column), a folder of those, or builtin:shakespeare. Several inputs become one dataset, in the order
@@ -18,10 +19,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from llmtrain.config.storage import StorageConfig
+from llmtrain.data import objstore
 from llmtrain.data.errors import DataError
 from llmtrain.data.format import DatasetIndex, verify_shard
 from llmtrain.data.fs import resolve
-from llmtrain.data.prepare import prepare_dataset
+from llmtrain.data.prepare import prepare_dataset, prepare_to_uri
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -43,6 +46,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="without a terminal (a log file): one progress line every SECONDS (default 10)",
     )
     p.add_argument("--verify", metavar="DATASET", help="only verify DATASET's shards against its index")
+    p.add_argument(
+        "--endpoint-url",
+        help="S3-compatible endpoint for s3:// paths (credentials come from the AWS environment/config)",
+    )
     args = p.parse_args(argv)
     if not args.verify and (not args.inputs or not args.out):
         p.error("give INPUT... and --out (or --verify DATASET)")
@@ -66,12 +73,15 @@ def verify(folder: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.endpoint_url:
+        objstore.configure(StorageConfig(endpoint_url=args.endpoint_url))
     try:
         if args.verify:
             verify(args.verify)
             return 0
         t0 = time.perf_counter()
-        index = prepare_dataset(
+        build = prepare_to_uri if "://" in args.out else prepare_dataset
+        index = build(
             args.inputs,
             args.out,
             args.tokenizer,
@@ -88,11 +98,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     dt = time.perf_counter() - t0
     print(f"{args.out}: {describe(index)} ({index.tokenizer}) [{dt:.1f}s]")
-    val = Path(args.out) / "val"
-    if (val / "index.json").is_file():
-        print(f"{val}: {describe(DatasetIndex.load(val))} (validation split)")
+    val = resolve(args.out).child("val")
+    if val.child("index.json").exists():
+        print(f"{val.uri}: {describe(DatasetIndex.load(val))} (validation split)")
     else:
-        print(f"{val}: none (--val-fraction {args.val_fraction} put no document there)")
+        print(f"{val.uri}: none (--val-fraction {args.val_fraction} put no document there)")
     return 0
 
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create .venv and install llmtrain into it.
 #   bash tools/setup.sh          # runtime only (enough for the quick start)
-#   bash tools/setup.sh dev      # + test/lint tools
+#   bash tools/setup.sh dev      # + test/lint tools (and the S3 test server: moto[server], s3fs)
+#   bash tools/setup.sh s3       # + s3:// data and checkpoint mirrors (s3fs, boto3; docs/storage.md)
 #   bash tools/setup.sh dev deepspeed megatron   # + optional engines (see docs/engines.md)
 # Torch is installed first, pinned, so that the later `pip install -e .` never resolves a torch of its
 # own: LLMTRAIN_TORCH (default "torch==2.13.0") is passed to pip as words. On the project's CPU machines

@@ -39,6 +39,12 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used or written; the message names the file or folder."""
 
 
+def is_remote(path: object) -> bool:
+    """A checkpoint path naming object storage or another fsspec store (`s3://...`): downloaded by
+    checkpoint/mirror.py before the resume rules see it."""
+    return "://" in str(path or "")
+
+
 def step_dir(folder: Path, step: int) -> Path:
     return folder / f"step_{step:08d}"
 

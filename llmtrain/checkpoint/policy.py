@@ -14,7 +14,7 @@ Resume rules (checkpoint.resume / checkpoint.init_from), chosen so that a requeu
 """
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from llmtrain.checkpoint.dcp_io import verify_dcp
 from llmtrain.checkpoint.folder import (
     ENGINE_DIR,
     CheckpointError,
+    is_remote,
     list_checkpoints,
     resolve_checkpoint_path,
     set_aside,
@@ -115,7 +116,11 @@ def newest_intact(
 def check_resume(ck: CheckpointConfig, folder: Path, model: Any) -> ResumePlan:
     """The launcher's read-only rehearsal of the resume, before it writes anything into the run folder:
     the same rules and errors as `plan_resume` (resume=none over checkpoints, a missing resume path, a
-    changed init_from base, another model shape), nothing renamed or recorded."""
+    changed init_from base, another model shape), nothing renamed or recorded. Remote (`s3://`) resume and
+    init_from paths are left to the trainer, which downloads them first (checkpoint/mirror.py)."""
+    if is_remote(ck.resume) or is_remote(ck.init_from):
+        local_init = None if is_remote(ck.init_from) else ck.init_from
+        ck = replace(ck, resume="auto" if is_remote(ck.resume) else ck.resume, init_from=local_init)
     plan = plan_resume(ck, folder, dry=True)
     if plan.state is not None and plan.path is not None:
         check_model_matches(plan.state.config, model, plan.path)

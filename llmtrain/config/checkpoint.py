@@ -31,6 +31,10 @@ class CheckpointConfig:
     """Fine-tuning: load model weights (only) from this checkpoint when the run has none of its own."""
     init_load_optimizer: bool = False
     """With init_from, also load the optimizer state."""
+    mirror: str | None = None
+    """Object-store folder (`s3://bucket/prefix`, any fsspec URI) that every complete checkpoint is
+    uploaded to in the background (objects first, COMPLETE last; retention applies there too). A run
+    with no local checkpoint resumes from the newest complete one there (docs/storage.md)."""
 
 
 RESUME_OFF = ("none", "false", "no", "off")

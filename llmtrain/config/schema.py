@@ -13,6 +13,7 @@ from llmtrain.config.optim import OptimConfig
 from llmtrain.config.parallel import ParallelConfig
 from llmtrain.config.peft import PeftConfig
 from llmtrain.config.resilience import ResilienceConfig
+from llmtrain.config.storage import StorageConfig
 from llmtrain.config.tracking import TrackingConfig
 from llmtrain.config.trainer import TrainerConfig
 
@@ -43,6 +44,7 @@ class Config:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
     resilience: ResilienceConfig = field(default_factory=ResilienceConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
 
 
 GROUP_SCHEMAS = {
@@ -57,6 +59,7 @@ GROUP_SCHEMAS = {
     "objective": ObjectiveConfig,
     "peft": PeftConfig,
     "resilience": ResilienceConfig,
+    "storage": StorageConfig,
 }
 
 

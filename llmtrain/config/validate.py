@@ -25,6 +25,7 @@ from llmtrain.config.rules import (
     validate_resilience,
 )
 from llmtrain.config.schema import Config
+from llmtrain.config.storage import validate_storage
 from llmtrain.config.tracking import TRACKING_BACKENDS
 from llmtrain.config.trainer import DEVICES, PRECISIONS
 
@@ -91,6 +92,7 @@ def validate_config(cfg: Config) -> Config:
     validate_peft(cfg)
     validate_fp8(cfg)
     validate_resilience(cfg)
+    validate_storage(cfg.storage, cfg.checkpoint.mirror)
     return cfg
 
 

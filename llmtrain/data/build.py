@@ -17,11 +17,13 @@ def ensure_prepared(cfg: DataConfig) -> None:
     for src in cfg.sources:
         if not src.raw:
             continue
-        if "://" in src.path:
-            raise DataError(f"data.sources path {src.path}: `raw` needs a local path to write shards to")
         try:
             DatasetIndex.load(src.path)
-        except DataError:  # missing, unreadable or an older format: (re)build it
+        except DataError as e:  # missing, unreadable or an older format: (re)build it
+            if "://" in src.path:  # a dataset in object storage is made with tools/prepare_data.py --out
+                raise DataError(
+                    f"data.sources path {src.path}: `raw` needs a local path to write shards to ({e})"
+                ) from e
             prepare_dataset(src.raw, src.path, cfg.tokenizer, val_fraction=0.05)
 
 

@@ -19,6 +19,7 @@ import numpy as np
 from llmtrain.data.errors import DataError
 from llmtrain.data.format import DatasetIndex
 from llmtrain.data.fs import Location, resolve
+from llmtrain.data.remote import remote_shards
 from llmtrain.data.shard import ShardReader
 
 PACKING_MODES = ("concat", "whole_documents")
@@ -84,6 +85,8 @@ class TokenDataset:
             (s, b) for s, info in enumerate(self.index.shards) for b in range(len(info.batch_tokens))
         ]
         self._readers: dict[int, ShardReader] = {}
+        self._remote = None if self.loc.mmap else remote_shards(self.loc, self.index.shards, verify_checksums)
+        """Not memory-mappable (object storage, fsspec): ranged reads of the samples' bytes (remote.py)."""
         self._layouts: OrderedDict[int, np.ndarray] = OrderedDict()
         self._seg_shard = np.array([sh for sh, _ in self.segments], dtype=np.int64)
         self._views: list[np.ndarray | None] = [None] * len(self.segments)
@@ -120,7 +123,8 @@ class TokenDataset:
     def _layout(self, seg: int) -> np.ndarray:
         lay = self._layouts.get(seg)
         if lay is None:
-            lay = self._layouts[seg] = pack_layout(self._batch(seg)[1], self.length)
+            offsets = self._remote.offsets(*self.segments[seg]) if self._remote else self._batch(seg)[1]
+            lay = self._layouts[seg] = pack_layout(offsets, self.length)
             if len(self._layouts) > LAYOUT_CACHE:
                 self._layouts.popitem(last=False)
         return lay
@@ -161,8 +165,10 @@ class TokenDataset:
 
     def read(self, ids: np.ndarray, doc_ids: bool = False) -> Samples:
         """Copy the given samples into one (n, seq_len + 1) int64 array (the only copy made)."""
-        hot = self.packing == "concat" and not doc_ids
-        segs, local = self.locate(ids, check=not hot)  # the hot loop checks each segment itself
+        hot = self.packing == "concat" and not doc_ids and self._remote is None
+        segs, local = self.locate(ids, check=not hot)
+        if self._remote is not None:
+            return self._read_remote(segs, local, doc_ids)  # the hot loop checks each segment itself
         n, length = len(segs), self.length
         tokens = np.empty((n, length), dtype=np.int64)
         docs = np.zeros((n, length), dtype=np.int32) if doc_ids else None
@@ -184,16 +190,45 @@ class TokenDataset:
         valid = np.full(n, length, dtype=np.int64)
         for i, (seg, j) in enumerate(zip(segs.tolist(), local.tolist())):
             values, offsets = self._batch(seg)
-            if self.packing == "concat":
-                p, q = j * self.seq_len, j * self.seq_len + length
-            else:
-                p, q = self._layout(seg)[j].tolist()
-                valid[i] = q - p
-                tokens[i, q - p :] = self.pad_id
-            tokens[i, : q - p] = values[p:q]
-            if docs is not None:
-                # document number of each token relative to the first; padding is one more document
-                docs[i, : q - p] = np.searchsorted(offsets, np.arange(p, q), side="right")
-                docs[i, : q - p] -= docs[i, 0]
-                docs[i, q - p :] = docs[i, q - p - 1] + 1
+            p, q = self._span(seg, j)
+            self._fill(tokens, docs, valid, i, values[p:q], offsets, p)
+        return Samples(tokens, valid, docs, bool(valid.min(initial=length) < length))
+
+    def _span(self, seg: int, j: int) -> tuple[int, int]:
+        """Token range [p, q) of sample j of record batch segment seg."""
+        if self.packing == "concat":
+            return j * self.seq_len, j * self.seq_len + self.length
+        p, q = self._layout(seg)[j].tolist()
+        return p, q
+
+    def _fill(
+        self, tokens: np.ndarray, docs: np.ndarray | None, valid: np.ndarray, i: int, values: np.ndarray,
+        offsets: np.ndarray | None, p: int,
+    ) -> None:  # fmt: skip
+        """Row i of a batch from the sample's tokens (padding, valid count, document ids)."""
+        k = len(values)
+        tokens[i, :k] = values
+        if k < self.length:
+            valid[i] = k
+            tokens[i, k:] = self.pad_id
+        if docs is not None:
+            # document number of each token relative to the first; padding is one more document
+            docs[i, :k] = np.searchsorted(offsets, np.arange(p, p + k), side="right")
+            docs[i, :k] -= docs[i, 0]
+            docs[i, k:] = docs[i, k - 1] + 1
+
+    def _read_remote(self, segs: np.ndarray, local: np.ndarray, doc_ids: bool) -> Samples:
+        """read() for shards behind ranged reads: the spans of all samples of a record batch are
+        fetched in one request to the block cache (concurrent GETs for what it misses)."""
+        n, length = len(segs), self.length
+        tokens = np.empty((n, length), dtype=np.int64)
+        docs = np.zeros((n, length), dtype=np.int32) if doc_ids else None
+        valid = np.full(n, length, dtype=np.int64)
+        spans = [self._span(seg, j) for seg, j in zip(segs.tolist(), local.tolist())]
+        for seg in dict.fromkeys(segs.tolist()):
+            rows = np.flatnonzero(segs == seg).tolist()
+            shard, b = self.segments[seg]
+            offsets = self._remote.offsets(shard, b) if doc_ids else None
+            for i, values in zip(rows, self._remote.tokens(shard, b, [spans[i] for i in rows])):
+                self._fill(tokens, docs, valid, i, values, offsets, spans[i][0])
         return Samples(tokens, valid, docs, bool(valid.min(initial=length) < length))

@@ -1,9 +1,11 @@
-"""Where a dataset lives: a local folder, a pyarrow filesystem URI (`file://`, `s3://`, `gs://`,
-`hdfs://`) or any fsspec URI (`memory://`, ...), all seen through one `pyarrow.fs.FileSystem`.
+"""Where a dataset lives: a local folder, a pyarrow filesystem URI (`file://`, `gs://`, `hdfs://`),
+`s3://` (s3fs with the process's storage settings, data/objstore.py) or any fsspec URI (`memory://`,
+...), all seen through one `pyarrow.fs.FileSystem`.
 
 Local files (also behind `file://` or a `SubTreeFileSystem` over the local disk) are opened
 memory-mapped, so the reader views token buffers in the page cache without copying. Other
-filesystems are read record batch by record batch (one batch is the unit of I/O; see shard.py).
+filesystems are read with ranged reads of the bytes a sample needs (data/remote.py); `ranged` is the
+fsspec filesystem behind a Location when there is one (it batches ranged GETs concurrently).
 """
 
 import os
@@ -14,6 +16,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from llmtrain.data import objstore
 from llmtrain.data.errors import DataError
 
 
@@ -24,6 +27,7 @@ class Location:
     fs: pafs.FileSystem
     path: str
     uri: str
+    ranged: Any = None
 
     @property
     def mmap(self) -> bool:
@@ -40,7 +44,8 @@ class Location:
 
     def child(self, name: str) -> "Location":
         """The file or folder `name` inside this folder."""
-        return Location(self.fs, str(PurePosixPath(self.path) / name), f"{self.uri.rstrip('/')}/{name}")
+        path, uri = str(PurePosixPath(self.path) / name), f"{self.uri.rstrip('/')}/{name}"
+        return Location(self.fs, path, uri, self.ranged)
 
     def exists(self) -> bool:
         return self.fs.get_file_info(self.path).type != pafs.FileType.NotFound
@@ -83,9 +88,13 @@ def resolve(path: str, filesystem: Any = None) -> Location:
     """Map a dataset path (plain path or URI, optionally relative to `filesystem`) to a Location."""
     path = str(path)
     if filesystem is not None:
-        return Location(as_pyarrow_fs(filesystem), path, path)
+        ranged = None if isinstance(filesystem, pafs.FileSystem) else filesystem
+        return Location(as_pyarrow_fs(filesystem), path, path, ranged)
     if "://" not in path:
         return Location(pafs.LocalFileSystem(use_mmap=True), os.path.abspath(path), path)
+    if objstore.is_s3(path):
+        ffs, inner = objstore.filesystem_for(path)
+        return Location(as_pyarrow_fs(ffs), inner, path, ffs)
     try:
         fs, inner = pafs.FileSystem.from_uri(path)
         return Location(_with_mmap(fs), inner, path)
@@ -100,4 +109,4 @@ def resolve(path: str, filesystem: Any = None) -> Location:
             ffs, inner = fsspec.core.url_to_fs(path)
         except (ValueError, ImportError) as e2:
             raise DataError(f"{path}: no pyarrow or fsspec filesystem for this URI ({e2})") from e2
-        return Location(as_pyarrow_fs(ffs), inner, path)
+        return Location(as_pyarrow_fs(ffs), inner, path, ffs)

@@ -28,6 +28,7 @@ from collections import deque
 from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -421,3 +422,21 @@ class _SplitWriter:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.index.save(self.folder)
         return self.index
+
+
+def prepare_to_uri(raw: "str | Path | list[str | Path]", uri: str, *args: Any, **kw: Any) -> DatasetIndex:
+    """prepare_dataset into object storage (`s3://bucket/prefix`, any fsspec URI): built in a local
+    temporary folder, then uploaded with the same ordering rule as a local build: the old index.json
+    objects are deleted first, then the shards and val/ go up, and the new index.json files last, so no
+    moment shows a readable mixture of two builds. (No rename on object stores: while an upload runs
+    the dataset is unreadable, reported as a missing index.)"""
+    from llmtrain.data.objstore import filesystem_for, put_tree
+
+    fs, root = filesystem_for(uri)
+    with tempfile.TemporaryDirectory(prefix="llmtrain-prepare-") as tmp:
+        index = prepare_dataset(raw, Path(tmp) / "out", *args, **kw)
+        for rel in (INDEX_NAME, f"val/{INDEX_NAME}"):
+            if fs.exists(f"{root}/{rel}"):
+                fs.rm_file(f"{root}/{rel}")
+        put_tree(Path(tmp) / "out", uri, last=(f"val/{INDEX_NAME}", INDEX_NAME))
+    return index

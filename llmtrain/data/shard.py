@@ -25,18 +25,23 @@ REMOTE_CACHE = 2
 """Record batches kept per shard when the filesystem cannot be memory-mapped."""
 
 
+def check_present(loc: Location, info: ShardInfo) -> None:
+    """The shard file exists with the size the index recorded (a truncated or replaced file is named)."""
+    if not loc.exists():
+        raise DataError(f"{loc.uri}: shard listed in {INDEX_NAME} is missing")
+    size = loc.size()
+    if size != info.bytes:
+        raise DataError(
+            f"{loc.uri}: {size} bytes but {INDEX_NAME} says {info.bytes} (truncated or replaced?)"
+        )
+
+
 class ShardReader:
     """Token values and document offsets of one shard, per record batch."""
 
     def __init__(self, folder: Location, info: ShardInfo, verify: bool = False) -> None:
         self.loc, self.info = folder.child(info.file), info
-        if not self.loc.exists():
-            raise DataError(f"{self.loc.uri}: shard listed in {INDEX_NAME} is missing")
-        size = self.loc.size()
-        if size != info.bytes:
-            raise DataError(
-                f"{self.loc.uri}: {size} bytes but {INDEX_NAME} says {info.bytes} (truncated or replaced?)"
-            )
+        check_present(self.loc, info)
         if verify:
             verify_shard(folder, info)
         self._map: mmap.mmap | None = None

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from llmtrain.config import Config, load_config, save_config
-from llmtrain.data import ensure_prepared
+from llmtrain.data import ensure_prepared, objstore
 from llmtrain.launch.worker import ERROR_DIR_ENV
 from llmtrain.train.signals import Interrupted, exit_code, interrupt_on_signals
 
@@ -34,6 +34,7 @@ def prepare_run(cfg: Config) -> Path:
     """
     run_dir = Path(cfg.run.root) / cfg.run.name
     run_dir.mkdir(parents=True, exist_ok=True)
+    objstore.configure(cfg.storage)  # s3:// data sources are opened here already (their index)
     with open(run_dir / ".prepare.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         save_config(cfg, run_dir / "config.yaml")

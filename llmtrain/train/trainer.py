@@ -10,12 +10,14 @@ from typing import Any
 import torch
 
 from llmtrain.checkpoint import CheckpointManager, RankState, SaveResult, TrainerState, latest_checkpoint
+from llmtrain.checkpoint.mirror import build_mirror, localize
 from llmtrain.checkpoint.pin import InitPin, read_pin_file, write_pin_file
 from llmtrain.checkpoint.policy import ResumePlan, SaveSchedule, plan_resume
 from llmtrain.checkpoint.rng import capture_host_rng
 from llmtrain.checkpoint.state import LRPosition
 from llmtrain.config import Config, batch_geometry
 from llmtrain.config.io import to_dict
+from llmtrain.data import objstore
 from llmtrain.distributed.collectives import broadcast_object
 from llmtrain.distributed.env import DistEnv, init_distributed, pick_device
 from llmtrain.models import model_args
@@ -54,6 +56,7 @@ class Trainer:
     def __init__(self, cfg: Config, env: DistEnv) -> None:
         self.cfg, self.env = cfg, env
         self.run_dir = Path(cfg.run.root) / cfg.run.name
+        objstore.configure(cfg.storage)  # endpoint/read-ahead for every s3:// path of this process
         self.device = pick_device(cfg.trainer.device, env.local_rank)
         configure_torch(cfg, env)
         init_distributed(env, self.device)
@@ -72,6 +75,7 @@ class Trainer:
         self.ckpt = CheckpointManager(
             self.run_dir / "checkpoints", ck.keep_last, ck.keep_every, ck.async_save, ck.async_staging_dir
         )
+        self.mirror = build_mirror(ck, cfg.storage, self.ckpt.folder) if env.is_main else None  # uploads
         self.save_schedule, self.saving = SaveSchedule(ck.every_steps, ck.every_minutes), None
         self.console = ConsoleLogger(env.is_main)
         self.resilience = Resilience(cfg.resilience, self.engine, self.console, self.run_dir, env.rank)
@@ -147,6 +151,8 @@ class Trainer:
         if self.cfg.checkpoint.enabled and self.cfg.checkpoint.save_at_end and self.last_saved != self.step:
             self.save()
         self.finish_save()
+        if self.mirror is not None:  # uploads to checkpoint.mirror finish (or are given up) first
+            self.mirror.wait()
         self.tracker.finish(status, model_dir=latest_checkpoint(self.ckpt.folder))
         self.summarize(status)
         return {
@@ -269,6 +275,8 @@ class Trainer:
         size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if self.env.is_main else 0
         self.console.info(f"saved {path} ({size / 1e6:.1f} MB; loop blocked {res.blocked_s:.2f}s)")
         self.tracker.log_checkpoint(res.step, path, size, deleted=self.ckpt.deleted)
+        if self.mirror is not None:
+            self.mirror.upload(path)  # in the background, see checkpoint/mirror.py
 
     def maybe_resume(self) -> str | None:
         """Start state per llmtrain.checkpoint.policy (auto-resume, resume=<path>, init_from, fresh).
@@ -306,8 +314,11 @@ class Trainer:
         if self.env.is_main:
             for p in self.ckpt.clean_stale():
                 self.console.info(f"removed {p}: an incomplete checkpoint (a save that did not finish)")
-            try:
-                plan = plan_resume(self.cfg.checkpoint, self.ckpt.folder)
+            try:  # remote resume/init_from/mirror checkpoints are downloaded first
+                ck, notes = localize(self.cfg.checkpoint, self.run_dir, self.mirror)
+                for note in notes:
+                    self.console.info(note)
+                plan = plan_resume(ck, self.ckpt.folder)
                 if plan.pin is not None and read_pin_file(self.run_dir) is None:
                     write_pin_file(self.run_dir, plan.pin)
             except ValueError as e:  # CheckpointError / ConfigError: bad input, one line on every rank

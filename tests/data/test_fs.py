@@ -35,16 +35,18 @@ def test_uri_and_filesystem_objects_read_the_same_samples(folder: Path) -> None:
     np.testing.assert_array_equal(all_samples(via_subtree), ref)
 
 
-def test_fsspec_memory_filesystem_reads_batch_by_batch(folder: Path) -> None:
+def test_fsspec_memory_filesystem_reads_byte_ranges(folder: Path) -> None:
     mem = fsspec.filesystem("memory")
     for f in folder.iterdir():
         mem.pipe(f"/llmtrain-test/{f.name}", f.read_bytes())
     try:
-        ds = TokenDataset("memory://llmtrain-test", SEQ)
-        assert not ds.loc.mmap
-        np.testing.assert_array_equal(all_samples(ds), all_samples(TokenDataset(folder, SEQ)))
-        reader = next(iter(ds._readers.values()))
-        assert len(reader._cache) <= 2  # only the last record batches are held
+        for packing in ("concat", "whole_documents"):
+            ds = TokenDataset("memory://llmtrain-test", SEQ, packing=packing)
+            assert not ds.loc.mmap and not ds._readers  # ranged reads, no pyarrow batch reader
+            np.testing.assert_array_equal(
+                all_samples(ds), all_samples(TokenDataset(folder, SEQ, packing=packing))
+            )
+            assert ds._remote.cache.requests > 0
     finally:
         mem.rm("/llmtrain-test", recursive=True)
 
