@@ -24,6 +24,41 @@ class ResilienceConfig:
     """Robust z-score (loss - median) / (1.4826 MAD) above which a loss is a spike."""
     spike_warmup: int = 20
     """Accepted losses seen before the detector may flag anything (early losses fall fast)."""
+    # -- hangs and crashes (docs/resilience.md "Hangs" and "In-job restart") --
+    pg_timeout_s: float = 600.0
+    """Timeout of every process group (the default one, device-mesh dims, helper groups): a collective
+    waiting longer raises. Replaces torch's silent 30 min; keep above hang_max_s so the watchdog,
+    which writes diagnostics, fires first."""
+    hang_watchdog: bool = True
+    """Per-rank thread that ends the job when no step finishes within its deadline."""
+    hang_factor: float = 10.0
+    """Deadline of a step: hang_factor x the median of the recent step times, within [hang_min_s, hang_max_s]."""
+    hang_min_s: float = 60.0
+    """Floor of the step deadline (tiny steps still get time for a slow save or a hiccup)."""
+    hang_max_s: float = 480.0
+    """Ceiling of the step deadline (must stay below pg_timeout_s)."""
+    hang_startup_s: float = 600.0
+    """Deadline before the first hang_warmup_steps steps were timed, and around saves and validation."""
+    hang_warmup_steps: int = 3
+    """Steps timed before the measured deadline replaces hang_startup_s (first steps compile, warm up)."""
+    heartbeat_s: float = 5.0
+    """Each rank writes its step to the rendezvous store this often; a rank whose heartbeat does not change
+    for 2 x heartbeat_s is named as stopped when the watchdog fires."""
+    max_restarts: int = 0
+    """In-job restarts after a rank crash or a watchdog exit (launcher=local/torchrun): all ranks restart
+    from the newest complete checkpoint in the same run folder and MLflow run. 0: a failure ends the job."""
+    crash_loop_after: int = 2
+    """The same step failing this many times in a row ends the job (exit code 76) instead of restarting."""
+    inject_fault: str = "none"
+    """Test hook: none | sigstop | sigkill | exit: what rank inject_fault_rank does to itself in the forward
+    of data step inject_fault_step (exit: os._exit(1))."""
+    inject_fault_rank: int = 1
+    """Test hook: the rank inject_fault hits."""
+    inject_fault_step: int = 0
+    """Test hook: the data step (0-based global batch of the run) inject_fault hits."""
+    inject_fault_attempts: int = 1
+    """Test hook: the fault hits only the first N attempts of the job (restarts count up; a large N makes
+    the fault recur after every restart: a crash loop)."""
     inject_nan_steps: list[int] = field(default_factory=list)
     """Test hook: data steps (0-based global batches of the run) whose loss rank 0 turns into NaN."""
     inject_spike_steps: list[int] = field(default_factory=list)

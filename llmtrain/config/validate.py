@@ -20,6 +20,7 @@ from llmtrain.config.parallel import AC_MODES, BACKENDS, DTYPES, PP_SCHEDULES
 from llmtrain.config.rules import (
     check_parallel_config,
     validate_fp8,
+    validate_hang,
     validate_objective,
     validate_peft,
     validate_resilience,
@@ -91,6 +92,7 @@ def validate_config(cfg: Config) -> Config:
     validate_peft(cfg)
     validate_fp8(cfg)
     validate_resilience(cfg)
+    validate_hang(cfg)
     return cfg
 
 

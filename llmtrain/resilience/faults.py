@@ -1,0 +1,56 @@
+"""Test hook: a rank stops (SIGSTOP), dies (SIGKILL) or exits in the forward of a chosen data step, on
+the first attempts of a job only (resilience.inject_fault*; tests/resilience/test_hang.py)."""
+
+import os
+import signal
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from torch import nn
+
+from llmtrain.config.resilience import ResilienceConfig
+
+ATTEMPT_ENV = "LLMTRAIN_ATTEMPT"
+"""Set by the launcher for each in-job restart: 0 for the first start, then 1, 2, ..."""
+
+
+def attempt() -> int:
+    """Which start of the job this process belongs to (our launcher's restarts plus torch elastic's)."""
+    return int(os.environ.get(ATTEMPT_ENV, "0")) + int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
+def _strike(fault: str) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if fault == "exit":
+        os._exit(1)
+    os.kill(os.getpid(), signal.SIGSTOP if fault == "sigstop" else signal.SIGKILL)
+
+
+@contextmanager
+def injected_fault(
+    cfg: ResilienceConfig, rank: int, data_step: int, modules: list[nn.Module]
+) -> Iterator[None]:
+    """Within the block, the forward of `modules` strikes when this rank, data step and attempt are the
+    configured ones: mid-step, after the step's first collective, as a real crash or hang would."""
+    hit = (
+        cfg.inject_fault != "none"
+        and rank == cfg.inject_fault_rank
+        and data_step == cfg.inject_fault_step
+        and attempt() < cfg.inject_fault_attempts
+    )
+    if not hit:
+        yield
+        return
+
+    def hook(_m: nn.Module, _args: Any, _out: Any) -> None:
+        _strike(cfg.inject_fault)
+
+    handles = [m.register_forward_hook(hook) for m in modules]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
