@@ -49,16 +49,15 @@ class ResilienceConfig:
     from the newest complete checkpoint in the same run folder and MLflow run. 0: a failure ends the job."""
     crash_loop_after: int = 2
     """The same step failing this many times in a row ends the job (exit code 76) instead of restarting."""
-    inject_fault: str = "none"
-    """Test hook: none | sigstop | sigkill | exit: what rank inject_fault_rank does to itself in the forward
-    of data step inject_fault_step (exit: os._exit(1))."""
+    inject_fault: list[str] = field(default_factory=list)
+    """Test hook: what rank inject_fault_rank does in the forward of data step inject_fault_step, per
+    attempt of the job in order (the first start, then each in-job restart): none | sigstop | sigkill |
+    exit (os._exit(1)); attempts past the end of the list run clean. [sigstop, sigkill]: a hang, then a
+    crash, then a clean third attempt."""
     inject_fault_rank: int = 1
     """Test hook: the rank inject_fault hits."""
     inject_fault_step: int = 0
     """Test hook: the data step (0-based global batch of the run) inject_fault hits."""
-    inject_fault_attempts: int = 1
-    """Test hook: the fault hits only the first N attempts of the job (restarts count up; a large N makes
-    the fault recur after every restart: a crash loop)."""
     inject_nan_steps: list[int] = field(default_factory=list)
     """Test hook: data steps (0-based global batches of the run) whose loss rank 0 turns into NaN."""
     inject_spike_steps: list[int] = field(default_factory=list)

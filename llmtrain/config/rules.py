@@ -351,7 +351,8 @@ def validate_hang(cfg: Config) -> None:
     )
     check(r.max_restarts >= 0, "resilience.max_restarts", f"must be >= 0, got {r.max_restarts}")
     check(r.crash_loop_after >= 1, "resilience.crash_loop_after", f"must be >= 1, got {r.crash_loop_after}")
-    check_choice("resilience.inject_fault", r.inject_fault, FAULTS)
+    for fault in r.inject_fault:
+        check_choice("resilience.inject_fault", fault, FAULTS)
 
 
 def validate_resilience(cfg: Config) -> None:

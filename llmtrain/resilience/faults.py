@@ -1,5 +1,5 @@
 """Test hook: a rank stops (SIGSTOP), dies (SIGKILL) or exits in the forward of a chosen data step, on
-the first attempts of a job only (resilience.inject_fault*; tests/resilience/test_hang.py)."""
+chosen attempts of a job (resilience.inject_fault*; tests/resilience/test_hang.py)."""
 
 import os
 import signal
@@ -35,18 +35,15 @@ def injected_fault(
 ) -> Iterator[None]:
     """Within the block, the forward of `modules` strikes when this rank, data step and attempt are the
     configured ones: mid-step, after the step's first collective, as a real crash or hang would."""
-    hit = (
-        cfg.inject_fault != "none"
-        and rank == cfg.inject_fault_rank
-        and data_step == cfg.inject_fault_step
-        and attempt() < cfg.inject_fault_attempts
-    )
+    n = attempt()
+    fault = cfg.inject_fault[n] if n < len(cfg.inject_fault) else "none"
+    hit = fault != "none" and rank == cfg.inject_fault_rank and data_step == cfg.inject_fault_step
     if not hit:
         yield
         return
 
     def hook(_m: nn.Module, _args: Any, _out: Any) -> None:
-        _strike(cfg.inject_fault)
+        _strike(fault)
 
     handles = [m.register_forward_hook(hook) for m in modules]
     try:

@@ -226,7 +226,10 @@ class HangDetected(RuntimeError):
 
 def report_hang(tracker: Any, step: int, message: str) -> None:
     """MLflow (rank 0's llmtrain.tracking.Tracker, None elsewhere): a `resilience/hangs` count at the
-    step and the run ended FAILED with the message in tag llmtrain.error, flushed before the exit."""
+    step, the message in tag `resilience.hang.step_<step>` (llmtrain.error is overwritten by a later
+    failure) and the run ended FAILED, flushed before the exit; a restart reopens the same run."""
     if tracker is not None:
         tracker.log_metrics({"resilience/hangs": 1.0}, step)
+        if tracker.mlflow is not None:
+            tracker.mlflow.set_tags({f"resilience.hang.step_{step}": message})
         tracker.fail(HangDetected(message))
