@@ -38,9 +38,10 @@ class ResilienceConfig:
     hang_max_s: float = 480.0
     """Ceiling of the step deadline (must stay below pg_timeout_s)."""
     hang_startup_s: float = 600.0
-    """Deadline before the first hang_warmup_steps steps were timed, and around saves and validation."""
+    """Deadline at start-up (engine build, resume), of the steps before one was timed, and between steps
+    (saves, validation)."""
     hang_warmup_steps: int = 3
-    """Steps timed before the measured deadline replaces hang_startup_s (first steps compile, warm up)."""
+    """First steps left out of the step times (they compile and warm up); they get hang_startup_s."""
     heartbeat_s: float = 5.0
     """Each rank writes its step to the rendezvous store this often; a rank whose heartbeat does not change
     for 2 x heartbeat_s is named as stopped when the watchdog fires."""

@@ -20,7 +20,7 @@ def new_folder(run_dir: Path) -> Path:
 
 
 def dump_flight_recorder(folder: Path, rank: int) -> str:
-    """NCCL Flight Recorder trace to rank<r>.nccl_trace.pkl (NCCL groups only; gloo has no recorder).
+    """NCCL Flight Recorder trace to nccl/nccl_trace_rank_<r> (NCCL groups only; gloo has none).
     Returns a line saying what was written or why nothing was."""
     backend = str(dist.get_backend()) if dist.is_initialized() else "none"
     if "nccl" not in backend:
@@ -28,12 +28,13 @@ def dump_flight_recorder(folder: Path, rank: int) -> str:
     dump = getattr(torch._C._distributed_c10d, "_dump_nccl_trace", None)
     if dump is None:
         return "NCCL Flight Recorder: skipped (this torch build has no _dump_nccl_trace)"
-    path = folder / f"rank{rank}.nccl_trace.pkl"
+    path = folder / "nccl" / f"nccl_trace_rank_{rank}"  # the names torch's fr_trace reader parses
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(dump())
     except Exception as e:  # a wedged communicator may refuse; the stacks still matter
         return f"NCCL Flight Recorder: failed ({type(e).__name__}: {e})"
-    return f"NCCL Flight Recorder trace: {path.name} (TORCH_NCCL_TRACE_BUFFER_SIZE entries)"
+    return f"NCCL Flight Recorder trace: {path}"
 
 
 def dump_rank(folder: Path, rank: int, header: str) -> Path:

@@ -36,25 +36,28 @@ HANG_EXIT_CODE = 75
 
 
 class StepClock:
-    """The deadline of the step in progress, from the measured step times."""
+    """The deadline of the step in progress, from the measured step times. The first
+    `hang_warmup_steps` steps (compilation, allocator and loader warm-up) are not timed; until one
+    step after them was, the deadline is the start-up allowance."""
 
     def __init__(self, cfg: ResilienceConfig, window: int = 20) -> None:
         self.cfg = cfg
         self.times: deque[float] = deque(maxlen=window)
-        self.timed = 0
+        self.seen = 0
 
     def add(self, seconds: float) -> None:
-        self.times.append(seconds)
-        self.timed += 1
+        self.seen += 1
+        if self.seen > self.cfg.hang_warmup_steps:
+            self.times.append(seconds)
 
     def step_deadline(self) -> float:
         c = self.cfg
-        if self.timed < max(c.hang_warmup_steps, 1):
+        if not self.times:
             return c.hang_startup_s
         return min(max(c.hang_factor * statistics.median(self.times), c.hang_min_s), c.hang_max_s)
 
     def describe(self) -> str:
-        if self.timed < max(self.cfg.hang_warmup_steps, 1):
+        if not self.times:
             return f"start-up allowance resilience.hang_startup_s={self.cfg.hang_startup_s:g}"
         med = statistics.median(self.times)
         return (

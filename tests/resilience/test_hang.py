@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.distributed, pytest.mark.timeout(900
 RUN = [*TINY, "launcher.nproc=2", "trainer.max_steps=4", "checkpoint.every_steps=2"]
 RUN += ["trainer.log_every=1", "trainer.val_every=0"]
 FAST_WATCHDOG = [
-    "resilience.hang_min_s=3", "resilience.hang_factor=2", "resilience.hang_warmup_steps=2",
+    "resilience.hang_min_s=3", "resilience.hang_factor=2", "resilience.hang_warmup_steps=1",
     "resilience.heartbeat_s=0.5", "resilience.hang_startup_s=60", "resilience.max_restarts=3",
     "resilience.crash_loop_after=3",
 ]  # fmt: skip
