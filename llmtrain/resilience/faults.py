@@ -11,6 +11,7 @@ from typing import Any
 from torch import nn
 
 from llmtrain.config.resilience import ResilienceConfig
+from llmtrain.resilience.inject import forward_hooks
 
 ATTEMPT_ENV = "LLMTRAIN_ATTEMPT"
 """Set by the launcher for each in-job restart: 0 for the first start, then 1, 2, ..."""
@@ -45,9 +46,5 @@ def injected_fault(
     def hook(_m: nn.Module, _args: Any, _out: Any) -> None:
         _strike(fault)
 
-    handles = [m.register_forward_hook(hook) for m in modules]
-    try:
+    with forward_hooks(modules, hook):
         yield
-    finally:
-        for h in handles:
-            h.remove()

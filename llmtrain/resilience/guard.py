@@ -103,6 +103,7 @@ class Resilience:
             )
         if event.action == "rollback" and self.consecutive >= self.cfg.rollback_after:
             from_step = trainer.step
+            trainer.watchdog.between_steps()  # the checkpoint load gets the start-up allowance
             info = roll_back(trainer)
             self.consecutive = 0
             self.events.emit(from_step, "rollback", "rollback", info, trainer.tracker)

@@ -79,7 +79,8 @@ class HangWatchdog:
     ) -> None:
         self.cfg, self.rank, self.run_dir, self.on_fire = cfg, rank, run_dir, on_fire
         self.clock = StepClock(cfg)
-        self.step, self.phase, self.since = 0, "start-up", time.monotonic()
+        self.mark: tuple[int, str, float] = (0, "start-up", time.monotonic())
+        """(step, phase, since): replaced in one assignment by the training thread, read once per tick."""
         store = open_store() if cfg.hang_watchdog else None
         self.beats = Heartbeats(store, rank, world_size) if store is not None else None
         self.dumped: str | None = None
@@ -96,19 +97,34 @@ class HangWatchdog:
     def stop(self) -> None:
         self._stop.set()
 
+    @property
+    def step(self) -> int:
+        return self.mark[0]
+
+    @property
+    def phase(self) -> str:
+        return self.mark[1]
+
     def step_started(self, step: int) -> None:
         now = time.monotonic()
-        if self.phase == "step":  # a skipped step (resilience) went straight to the next one
-            self.clock.add(now - self.since)
-        self.step, self.phase, self.since = step, "step", now
+        _, phase, since = self.mark
+        if phase == "step":  # a skipped step (resilience) went straight to the next one
+            self.clock.add(now - since)
+        self.mark = (step, "step", now)
 
     def step_done(self) -> None:
-        now = time.monotonic()
-        self.clock.add(now - self.since)
-        self.phase, self.since = "between steps", now
+        _, phase, since = self.mark
+        if phase == "step":
+            self.clock.add(time.monotonic() - since)
+        self.between_steps()
 
-    def limit(self) -> float:
-        return self.clock.step_deadline() if self.phase == "step" else self.cfg.hang_startup_s
+    def between_steps(self) -> None:
+        """Untimed work inside a step's iteration (a rollback's checkpoint load): start-up allowance."""
+        self.mark = (self.mark[0], "between steps", time.monotonic())
+
+    def limit(self, phase: str | None = None) -> float:
+        phase = self.phase if phase is None else phase
+        return self.clock.step_deadline() if phase == "step" else self.cfg.hang_startup_s
 
     def _loop(self) -> None:
         tick = min(self.cfg.heartbeat_s, 1.0)
@@ -117,8 +133,9 @@ class HangWatchdog:
             if self.beats is not None and time.monotonic() - last_beat >= self.cfg.heartbeat_s:
                 last_beat = time.monotonic()
                 self._beat()
-            waited = time.monotonic() - self.since
-            if waited > self.limit() and not self._stop.is_set():
+            mark = self.mark
+            waited = time.monotonic() - mark[2]
+            if waited > self.limit(mark[1]) and not self._stop.is_set() and mark is self.mark:
                 self.fire(waited)
 
     def _beat(self) -> None:

@@ -5,9 +5,11 @@ that need no job: the groups report the configured timeout, the deadline follows
 times within its floor and ceiling, and a heartbeat that stops changing names its rank.
 """
 
+import json
 import threading
 import time
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import torch
@@ -126,3 +128,46 @@ def test_bad_hang_settings_name_the_key(make_config, override, message):
         ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")
     ):
         make_config(override)
+
+
+STUCK = """
+import sys, time
+from pathlib import Path
+from llmtrain.config.resilience import ResilienceConfig
+from llmtrain.resilience.watchdog import HangWatchdog
+
+cfg = ResilienceConfig(hang_min_s=0.5, hang_max_s=1, hang_startup_s=30, hang_warmup_steps=0, heartbeat_s=0.2)
+wd = HangWatchdog(cfg, 0, 1, Path(sys.argv[1])).start()
+
+def stuck_in_this_step():
+    time.sleep(60)
+
+wd.step_started(0)
+wd.step_done()  # a 0 s step: the next deadline is the floor, 0.5 s
+wd.step_started(1)
+stuck_in_this_step()
+"""
+
+
+def test_one_process_watchdog_dumps_its_stuck_frame_and_exits_75(tmp_path):
+    """No store with one process: the deadline still fires, the dump names the stuck function, the
+    event is recorded and the exit code is the documented one."""
+    import os
+    import subprocess
+    import sys
+
+    from llmtrain.resilience import HANG_EXIT_CODE
+
+    root = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ, PYTHONPATH=root)
+    started = time.monotonic()
+    out = subprocess.run(
+        [sys.executable, "-c", STUCK, str(tmp_path)], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == HANG_EXIT_CODE, out.stderr[-2000:]
+    assert time.monotonic() - started < 30  # fired at its floor, not at the 60 s sleep's end
+    (event,) = [json.loads(x) for x in (tmp_path / "events.jsonl").read_text().splitlines()]
+    assert (event["kind"], event["step"], event["details"]["stale_ranks"]) == ("hang", 1, [])
+    assert 0.5 <= event["details"]["waited_s"] <= 1.0
+    (dump,) = (tmp_path / "diagnostics").glob("*/rank0.txt")
+    assert "in stuck_in_this_step" in dump.read_text()
