@@ -1,4 +1,5 @@
-"""Resilience schema: what a non-finite loss/gradient or a loss spike does to the run (docs/resilience.md)."""
+"""Resilience schema: what a non-finite loss/gradient, a loss spike, a hang or a crashed rank does to the
+run (docs/resilience.md)."""
 
 from dataclasses import dataclass, field
 
@@ -10,7 +11,8 @@ end the run with the reason."""
 
 @dataclass(kw_only=True)
 class ResilienceConfig:
-    """Per-event policies, the spike detector, and test hooks that inject faults."""
+    """Per-event policies, the spike detector, process-group timeouts, the hang watchdog, in-job restarts,
+    and test hooks that inject faults."""
 
     nonfinite: str = "skip"
     """Action on a NaN/inf global loss or gradient norm: warn | skip | rollback | stop."""
@@ -34,7 +36,7 @@ class ResilienceConfig:
     hang_factor: float = 10.0
     """Deadline of a step: hang_factor x the median of the recent step times, within [hang_min_s, hang_max_s]."""
     hang_min_s: float = 60.0
-    """Floor of the step deadline (tiny steps still get time for a slow save or a hiccup)."""
+    """Floor of the step deadline (tiny steps still get time for a hiccup: a GC pause, a busy node)."""
     hang_max_s: float = 480.0
     """Ceiling of the step deadline (must stay below pg_timeout_s)."""
     hang_startup_s: float = 600.0
