@@ -324,6 +324,37 @@ def validate_fp8(cfg: Config) -> None:
     )
 
 
+FAULTS = ("none", "sigstop", "sigkill", "exit")
+"""resilience.inject_fault choices (test hook)."""
+
+
+def validate_hang(cfg: Config) -> None:
+    """Process-group timeout, hang-watchdog deadlines, restart budget (docs/resilience.md "Hangs")."""
+    r = cfg.resilience
+    check(r.pg_timeout_s > 0, "resilience.pg_timeout_s", f"must be > 0, got {r.pg_timeout_s}")
+    check(r.hang_factor > 0, "resilience.hang_factor", f"must be > 0, got {r.hang_factor}")
+    check(
+        0 < r.hang_min_s <= r.hang_max_s,
+        "resilience.hang_min_s",
+        f"must be > 0 and <= resilience.hang_max_s ({r.hang_max_s}), got {r.hang_min_s}",
+    )
+    check(r.hang_startup_s > 0, "resilience.hang_startup_s", f"must be > 0, got {r.hang_startup_s}")
+    check(r.heartbeat_s > 0, "resilience.heartbeat_s", f"must be > 0, got {r.heartbeat_s}")
+    check(
+        not r.hang_watchdog or r.hang_max_s < r.pg_timeout_s,
+        "resilience.hang_max_s",
+        f"must be below resilience.pg_timeout_s ({r.pg_timeout_s}) so the watchdog fires before a "
+        f"collective times out, got {r.hang_max_s}",
+    )
+    check(
+        r.hang_warmup_steps >= 0, "resilience.hang_warmup_steps", f"must be >= 0, got {r.hang_warmup_steps}"
+    )
+    check(r.max_restarts >= 0, "resilience.max_restarts", f"must be >= 0, got {r.max_restarts}")
+    check(r.crash_loop_after >= 1, "resilience.crash_loop_after", f"must be >= 1, got {r.crash_loop_after}")
+    for fault in r.inject_fault:
+        check_choice("resilience.inject_fault", fault, FAULTS)
+
+
 def validate_resilience(cfg: Config) -> None:
     """Choices of the resilience actions, detector ranges, and the checkpoint a rollback reloads."""
     r = cfg.resilience

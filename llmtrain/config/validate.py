@@ -20,6 +20,7 @@ from llmtrain.config.parallel import AC_MODES, BACKENDS, DTYPES, PP_SCHEDULES
 from llmtrain.config.rules import (
     check_parallel_config,
     validate_fp8,
+    validate_hang,
     validate_objective,
     validate_peft,
     validate_resilience,
@@ -93,6 +94,7 @@ def validate_config(cfg: Config) -> Config:
     validate_fp8(cfg)
     validate_resilience(cfg)
     validate_storage(cfg.storage, cfg.checkpoint.mirror)
+    validate_hang(cfg)
     return cfg
 
 

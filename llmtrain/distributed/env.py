@@ -3,9 +3,11 @@
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
 
 from llmtrain.config.errors import ConfigError
 
@@ -90,17 +92,50 @@ def process_group_backend(device: torch.device) -> str:
     return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
 
 
-def init_distributed(env: DistEnv, device: torch.device, store: dist.Store | None = None) -> None:
-    """Create the default process group (`process_group_backend`) when running multi-process; on
-    `store` when given (a rendezvous already made, e.g. the SLURM job's bounded one), else env://."""
+DEFAULT_PG_TIMEOUT_S = 600.0
+"""resilience.pg_timeout_s's default, for callers without a config (inference tools)."""
+
+
+def set_group_timeout(timeout_s: float) -> timedelta:
+    """Make `timeout_s` the timeout of every process group created from now on in this process.
+
+    `new_group(timeout=None)` falls back to torch's module default (30 min), and DeviceMesh, DeepSpeed
+    and our own helper groups call it that way: a hung collective then waits 30 min whatever the
+    default group was given. Setting c10d's module defaults makes every later group inherit ours."""
+    timeout = timedelta(seconds=timeout_s)
+    c10d.default_pg_timeout = timeout
+    c10d.default_pg_nccl_timeout = timeout
+    return timeout
+
+
+def group_timeout(group: dist.ProcessGroup | None = None) -> timedelta:
+    """The timeout `group` (default: the default group) was created with, as its backend reports it."""
+    pg = group if group is not None else c10d._get_default_group()
+    device = next(iter(pg._device_types), torch.device("cpu"))
+    return pg._get_backend(device).options._timeout
+
+
+def init_distributed(
+    env: DistEnv,
+    device: torch.device,
+    timeout_s: float = DEFAULT_PG_TIMEOUT_S,
+    store: dist.Store | None = None,
+) -> None:
+    """Create the default process group (`process_group_backend`) when running multi-process, with
+    `timeout_s` (resilience.pg_timeout_s) for it and every group created later (`set_group_timeout`);
+    on `store` when given (a rendezvous already made, e.g. the SLURM job's bounded one), else env://."""
+    timeout = set_group_timeout(timeout_s)
     if env.world_size > 1 and not dist.is_initialized():
         backend = process_group_backend(device)
+        if device.type == "cuda":  # NCCL Flight Recorder: keep the last collectives for a hang dump
+            os.environ.setdefault("TORCH_NCCL_TRACE_BUFFER_SIZE", "2000")
         dist.init_process_group(
             backend=backend,
             rank=env.rank,
             world_size=env.world_size,
             device_id=device if device.type == "cuda" else None,
             store=store,
+            timeout=timeout,
         )
 
 

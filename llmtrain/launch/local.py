@@ -177,11 +177,36 @@ def _quiet_torchelastic() -> None:
 
 
 def run_ranks(cfg: Config, run_dir: Path) -> int:
-    """Run the ranks under torchrun's elastic agent *in this process* (the same arguments a torchrun
-    command would take, printed for reference): the agent forwards SIGTERM/SIGINT/SIGHUP to the ranks
-    and waits for them to save (TORCH_ELASTIC_SHUTDOWN_TIMEOUT, default here 120 s), a rank's bad-input
-    error comes back as the one `llmtrain: ...` line and exit code 2, and no torchrun process sits
-    between this one and the ranks (which end when it dies, see signals.watch_parent)."""
+    """Run the ranks under torchrun's elastic agent *in this process* (`_run_attempt`); with
+    resilience.max_restarts > 0 a failed attempt (a rank crashed, a hang watchdog fired) starts all
+    ranks again, which resume from the newest checkpoint, until the budget or a crash loop ends it
+    (launch/restart.py). Multi-node torchrun jobs hand the budget to the agents (--max-restarts), which
+    restart the nodes together; the crash-loop stop is then not applied."""
+    from dataclasses import replace
+
+    from llmtrain.launch.restart import RestartBudget
+    from llmtrain.resilience.faults import ATTEMPT_ENV
+
+    multinode = cfg.launcher.name == "torchrun" and cfg.launcher.nnodes > 1
+    budget = RestartBudget(replace(cfg.resilience, max_restarts=0) if multinode else cfg.resilience, run_dir)
+    while True:
+        os.environ[ATTEMPT_ENV] = str(budget.attempt)
+        code = _run_attempt(cfg, run_dir)
+        if code == 0 or code > 128:  # finished, or stopped by a signal (saved): never restarted
+            return code
+        decision = budget.after_failure(code)
+        if decision.message:
+            print(f"llmtrain: {decision.message}", file=sys.stderr)
+        if not decision.restart:
+            return decision.code
+
+
+def _run_attempt(cfg: Config, run_dir: Path) -> int:
+    """One start of all ranks (the same arguments a torchrun command would take, printed for
+    reference): the agent forwards SIGTERM/SIGINT/SIGHUP to the ranks and waits for them to save
+    (TORCH_ELASTIC_SHUTDOWN_TIMEOUT, default here 120 s), a rank's bad-input error comes back as the one
+    `llmtrain: ...` line and exit code 2, and no torchrun process sits between this one and the ranks
+    (which end when it dies, see signals.watch_parent)."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import elastic_launch
@@ -192,6 +217,8 @@ def run_ranks(cfg: Config, run_dir: Path) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "120")
     launch_cfg, entry, entry_args = config_from_args(parse_args(cmd[3:]))  # after "python -m torch...run"
+    if cfg.launcher.name == "torchrun" and cfg.launcher.nnodes > 1:
+        launch_cfg.max_restarts = cfg.resilience.max_restarts
     _quiet_torchelastic()
     started, handlers = time.time(), {s: signal.getsignal(s) for s in _AGENT_SIGNALS}
     with tempfile.TemporaryDirectory(prefix="llmtrain-errors-") as errors:
@@ -200,7 +227,7 @@ def run_ranks(cfg: Config, run_dir: Path) -> int:
             elastic_launch(launch_cfg, entry)(*entry_args)
             return 0
         except ChildFailedError as e:
-            return _rank_failure(e.failures, Path(errors))
+            return _rank_failure(e.failures, Path(errors), run_dir)
         except SignalException as e:
             print(f"llmtrain: {stop_summary(run_dir, e.sigval.name, started)}", file=sys.stderr)
             return exit_code(e.sigval.name)
@@ -213,10 +240,12 @@ def run_ranks(cfg: Config, run_dir: Path) -> int:
 _AGENT_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 
 
-def _rank_failure(failures: dict[int, Any], errors: Path) -> int:
+def _rank_failure(failures: dict[int, Any], errors: Path, run_dir: Path) -> int:
     """Bad input on any rank: re-raise it here (the CLI prints one line, exit 2); otherwise one line
-    naming the first failed rank (its traceback is above) and exit code 1."""
+    naming the first failed rank (its traceback is above) and exit code 1, or HANG_EXIT_CODE when a
+    rank's hang watchdog fired (its stacks are under <run_dir>/diagnostics)."""
     from llmtrain.launch.worker import input_errors
+    from llmtrain.resilience import HANG_EXIT_CODE
 
     reports = sorted(errors.glob("rank*.json"), key=lambda p: int(p.stem[4:]))
     if reports:
@@ -231,7 +260,10 @@ def _rank_failure(failures: dict[int, Any], errors: Path) -> int:
     order = sorted(failures.items(), key=lambda kv: (kv[1].timestamp, kv[1].exitcode >= 0, kv[0]))
     (rank, first), others = order[0], order[1:]
     also = "; then " + ", ".join(f"rank {r} {how(f.exitcode)}" for r, f in others) if others else ""
+    hang = [r for r, f in failures.items() if f.exitcode == HANG_EXIT_CODE]
+    why = f"; the hang watchdog fired on rank(s) {hang}, stacks in {run_dir / 'diagnostics'}" if hang else ""
     print(
-        f"llmtrain: rank {rank} {how(first.exitcode)}{also} (output above); the job stopped", file=sys.stderr
+        f"llmtrain: rank {rank} {how(first.exitcode)}{also} (output above){why}; the job stopped",
+        file=sys.stderr,
     )
-    return 1
+    return HANG_EXIT_CODE if hang else 1

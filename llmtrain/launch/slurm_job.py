@@ -76,7 +76,7 @@ def _meet(env: Any, cfg: Any) -> None:
     except RendezvousError as e:
         print(f"llmtrain: {e}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
-    init_distributed(env, pick_device(cfg.trainer.device, env.local_rank), store=store)
+    init_distributed(env, pick_device(cfg.trainer.device, env.local_rank), cfg.resilience.pg_timeout_s, store)
 
 
 @dataclass

@@ -3,5 +3,6 @@
 
 from llmtrain.resilience.guard import Resilience, ResilienceStop
 from llmtrain.resilience.spikes import SpikeDetector
+from llmtrain.resilience.watchdog import HANG_EXIT_CODE, HangWatchdog, report_hang
 
-__all__ = ["Resilience", "ResilienceStop", "SpikeDetector"]
+__all__ = ["HANG_EXIT_CODE", "HangWatchdog", "Resilience", "ResilienceStop", "SpikeDetector", "report_hang"]

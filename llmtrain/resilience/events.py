@@ -20,6 +20,14 @@ def jsonable(x: Any) -> Any:
     return x
 
 
+def append_event(run_dir: Path, entry: dict[str, Any]) -> None:
+    """Append one event line to <run_dir>/events.jsonl (one write of one line: safe from any rank or
+    the launcher; the hang watchdog and the restart loop write from wherever they run)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / EVENTS_FILE, "a") as f:
+        f.write(json.dumps(jsonable(entry)) + "\n")
+
+
 class EventLog:
     """One JSON line per event (time, step, kind, action, details) and a console warning, on rank 0;
     counters per kind for the tracker."""
@@ -37,8 +45,6 @@ class EventLog:
         what = ", ".join(f"{k}={v}" for k, v in entry["details"].items())
         self.console.warning(f"resilience: {kind} at step {step} -> {action} ({what})")
         if self.is_main:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "a") as f:
-                f.write(json.dumps(entry) + "\n")
+            append_event(self.path.parent, entry)
         if tracker is not None:
             tracker.log_metrics({f"resilience/{k}": float(v) for k, v in self.counts.items()}, step)

@@ -11,6 +11,7 @@ from llmtrain.data.loader import Batch
 from llmtrain.parallel.engine import Engine
 from llmtrain.parallel.step import StepResult
 from llmtrain.resilience.events import EventLog
+from llmtrain.resilience.faults import injected_fault
 from llmtrain.resilience.inject import scaled_outputs
 from llmtrain.resilience.rollback import roll_back
 from llmtrain.resilience.spikes import SpikeDetector
@@ -77,7 +78,8 @@ class Resilience:
             factor = math.nan
         elif self.rank == 0 and data_step in self.cfg.inject_spike_steps:
             factor = self.cfg.inject_spike_factor
-        with scaled_outputs(self.engine.modules[-1:], factor):
+        last = self.engine.modules[-1:]
+        with scaled_outputs(last, factor), injected_fault(self.cfg, self.rank, data_step, last):
             res = self.engine.train_step(batches, lr)
         if not self.in_step:  # warn-only: observe after the step
             self.guard(res.loss, res.grad_norm)
@@ -101,6 +103,7 @@ class Resilience:
             )
         if event.action == "rollback" and self.consecutive >= self.cfg.rollback_after:
             from_step = trainer.step
+            trainer.watchdog.between_steps()  # the checkpoint load gets the start-up allowance
             info = roll_back(trainer)
             self.consecutive = 0
             self.events.emit(from_step, "rollback", "rollback", info, trainer.tracker)

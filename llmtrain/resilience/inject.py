@@ -1,6 +1,6 @@
 """Test hook: make rank 0's model output NaN (or scale it) on chosen data steps (resilience.inject_*)."""
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -19,6 +19,13 @@ def scaled_outputs(modules: list[nn.Module], factor: float | None) -> Iterator[N
     def hook(_m: nn.Module, _args: Any, out: Any) -> Any:
         return out * factor
 
+    with forward_hooks(modules, hook):
+        yield
+
+
+@contextmanager
+def forward_hooks(modules: list[nn.Module], hook: Callable[[nn.Module, Any, Any], Any]) -> Iterator[None]:
+    """`hook` on the forward of each of `modules` during the block (also resilience/faults.py)."""
     handles = [m.register_forward_hook(hook) for m in modules]
     try:
         yield

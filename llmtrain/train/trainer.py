@@ -28,7 +28,7 @@ from llmtrain.parallel import ParallelDims
 from llmtrain.parallel.build import build_engine
 from llmtrain.peft import base_checkpoint, build_peft
 from llmtrain.peft.summary import describe_trainable, trainable_params
-from llmtrain.resilience import Resilience
+from llmtrain.resilience import HangWatchdog, Resilience, report_hang
 from llmtrain.tracking import ConsoleLogger
 from llmtrain.tracking.commands import mlflow_ui_command
 from llmtrain.tracking.console import format_metrics
@@ -59,7 +59,11 @@ class Trainer:
         objstore.configure(cfg.storage)  # endpoint/read-ahead for every s3:// path of this process
         self.device = pick_device(cfg.trainer.device, env.local_rank)
         configure_torch(cfg, env)
-        init_distributed(env, self.device)
+        init_distributed(env, self.device, cfg.resilience.pg_timeout_s)
+        self.watchdog = HangWatchdog(  # watches train(): docs/resilience.md "Hangs"
+            cfg.resilience, env.rank, env.world_size, self.run_dir,
+            lambda msg, _: report_hang(getattr(self, "tracker", None), self.step, msg),
+        )  # fmt: skip
         p, t = cfg.parallel, cfg.trainer
         self.dims = ParallelDims(p.dp_replicate, p.dp_shard, p.tp, p.pp, env.world_size)
         self.mesh = self.dims.build_mesh(self.device.type) if env.world_size > 1 else None
@@ -99,8 +103,12 @@ class Trainer:
     def train(self) -> dict[str, Any]:
         """Run to trainer.max_steps (or until a stop signal), saving and logging along the way. An
         exception (resume, data, checkpoint, step) ends the MLflow run FAILED, see ends_run_on_error."""
-        with ends_run_on_error(self):
-            return self._train()
+        try:
+            self.watchdog.start()
+            with ends_run_on_error(self):
+                return self._train()
+        finally:
+            self.watchdog.stop()
 
     def _train(self) -> dict[str, Any]:
         run_id = self.maybe_resume()
@@ -121,6 +129,7 @@ class Trainer:
         )
         self.profiler.begin(self.step)
         while self.step < max_steps:
+            self.watchdog.step_started(self.step)
             if self.stop.should_stop():
                 status = "KILLED"
                 self.console.info(f"stop requested ({self.stop.signal_name}) at step {self.step}")
@@ -141,6 +150,7 @@ class Trainer:
             )
             self.profiler.on_step_end(self.step)
             self.record(res.loss, res.grad_norm, lr)
+            self.watchdog.step_done()
             if val_every and self.step % val_every == 0:
                 self.validate()
             if self.should_save():

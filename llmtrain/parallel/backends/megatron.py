@@ -17,6 +17,7 @@ parallelism needs CUDA (apex/TransformerEngine norms) and is refused on CPU; the
 (zero_stage >= 1) is refused everywhere until it can be wired and tested on a GPU.
 """
 
+import math
 from pathlib import Path
 
 import megatron.core
@@ -177,7 +178,10 @@ class MegatronEngine(Engine):
         vp = cfg.parallel.pp_virtual_stages if dims.pp_enabled else 1
         if parallel_state.model_parallel_is_initialized():
             parallel_state.destroy_model_parallel()  # megatron keeps its groups in module globals
-        parallel_state.initialize_model_parallel(dims.tp, dims.pp, vp if vp > 1 else None)
+        timeout_min = max(1, math.ceil(cfg.resilience.pg_timeout_s / 60))  # its own groups: not its 30 min
+        parallel_state.initialize_model_parallel(
+            dims.tp, dims.pp, vp if vp > 1 else None, distributed_timeout_minutes=timeout_min
+        )
         _check_rank_layout(dims)
         tensor_parallel.model_parallel_cuda_manual_seed(cfg.trainer.seed)
         self.config = transformer_config(cfg, dims, device)
