@@ -60,6 +60,12 @@ def check_parallel_config(cfg: Config) -> None:
             "model.tie_embeddings=true is not supported with parallel.tp > 1 or parallel.pp > 1"
         )
     _check_pipeline(cfg)
+    if m.qk_norm and (p.tp > 1 or p.backend == "megatron"):
+        raise ConfigError(
+            f"model.qk_norm=true needs parallel.tp=1 and parallel.backend native or deepspeed, got "
+            f"tp={p.tp}, backend={p.backend}: the per-head norm weight has no tensor-parallel plan and is "
+            "not translated into megatron-core's attention"
+        )
     check_moe_parallel(cfg)
     if p.dp_shard != -1:  # -1 resolves with the world size: parallel.layout applies the same rule then
         check_zero_shards(p.zero_stage, p.dp_shard)
