@@ -1,5 +1,5 @@
-"""MoE under data parallelism: 2 gloo ranks (DDP, ZeRO-3, ZeRO-3 with full activation checkpointing)
-against 1 process with accumulation.
+"""MoE under data and tensor parallelism: 2 gloo ranks (DDP, ZeRO-3, ZeRO-3 with full activation
+checkpointing, tp2 with and without sequence parallel) against 1 process with accumulation.
 
 The router's aux losses (per row, weighted by target tokens), the expert loads that drive the bias
 update (all-reduced over dp) and the router choices must not depend on the layout: loss, grad norm and
@@ -29,6 +29,9 @@ LAYOUTS = {
     "dp2": ["parallel=ddp"],
     "zero3_dp2": ["parallel=zero3"],
     "zero3_dp2_ac_full": ["parallel=zero3", "parallel.activation_checkpoint=full"],
+    # attention tensor-parallel, the MoE layers replicated on both tp ranks
+    "tp2": ["parallel=tp2"],
+    "tp2_nosp": ["parallel=tp2", "parallel.sequence_parallel=false"],
 }
 
 
