@@ -1,9 +1,12 @@
 """MoE under data and tensor parallelism: 2 gloo ranks (DDP, ZeRO-3, ZeRO-3 with full activation
-checkpointing, tp2 with and without sequence parallel) against 1 process with accumulation.
+checkpointing, tp2 with and without sequence parallel, pp2 1F1B and interleaved) against 1 process
+with accumulation.
 
 The router's aux losses (per row, weighted by target tokens), the expert loads that drive the bias
 update (all-reduced over dp) and the router choices must not depend on the layout: loss, grad norm and
-the final weights (selection biases included) equal the single-process run within 1e-5 over 5 steps.
+the final weights (selection biases included) and the router statistics (imbalance, aux and z-loss,
+bias range per layer: gathered from every pipeline stage) equal the single-process run within 1e-5
+over 5 steps.
 """
 
 from pathlib import Path
@@ -32,6 +35,14 @@ LAYOUTS = {
     # attention tensor-parallel, the MoE layers replicated on both tp ranks
     "tp2": ["parallel=tp2"],
     "tp2_nosp": ["parallel=tp2", "parallel.sequence_parallel=false"],
+    # router losses attached in the stage that owns each MoE layer; 4 stages of one layer each, the
+    # first (layer 0) dense
+    "pp2_1f1b": ["parallel=pp2"],
+    "pp2_interleaved": [
+        "parallel=pp2",
+        "parallel.pp_schedule=interleaved_1f1b",
+        "parallel.pp_virtual_stages=2",
+    ],
 }
 
 
@@ -61,3 +72,11 @@ def test_moe_data_parallel_layouts_match_one_process(shakespeare_dir: Path, tmp_
         assert sorted(got) == sorted(want), name
         worst = max((got[k] - want[k]).abs().max().item() for k in want)
         assert worst <= 1e-5, f"{name}: weights after {STEPS} steps differ by {worst:.2e}"
+        assert sorted(run["moe"]) == sorted(ref["moe"]), name  # every layer reported, stages gathered
+        for key, value in ref["moe"].items():
+            assert abs(run["moe"][key] - value) <= 1e-5 * max(abs(value), 1.0), (
+                name,
+                key,
+                run["moe"][key],
+                value,
+            )
