@@ -28,8 +28,9 @@ Under pipeline parallelism no single place sees every layer's router terms: the 
 the loss of the last stage only. So each MoE layer adds its own weighted aux term to the backward
 itself: the engine hands every layer the step's per-micro-batch row token counts and loss scale
 (`set_moe_microbatches`), the stage marks which micro-batch it runs (`moe_microbatch`), and the
-layer's forward attaches  scale * aux  to its output with `_AttachAux`, an identity whose backward
-also seeds the aux term's gradient (Megatron's MoEAuxLossAutoScaler does the same). The gradient then
+layer's forward attaches the aux term to its output with `_AttachAux`, an identity whose backward
+also seeds the per-row terms' gradients scale * coefficient * n_row (as Megatron's
+MoEAuxLossAutoScaler seeds its aux loss). The gradient then
 reaches the router of whatever stage owns the layer, with the one-process weighting.
 """
 
@@ -136,17 +137,20 @@ class Router(nn.Module):
 
 
 class _AttachAux(torch.autograd.Function):
-    """Identity on `out` whose backward also gives `aux` the gradient 1: the aux term joins the
-    backward of whatever loss `out` flows into (a pipeline stage's output gradient)."""
+    """Identity on `out` whose backward also seeds the per-row router terms lb, z with the constant
+    gradients g_lb, g_z (scale * coefficient * row tokens): the aux loss joins the backward of
+    whatever `out` flows into (a pipeline stage's output). The constants live on ctx, not in saved
+    tensors, so activation checkpointing's recomputation (which attaches nothing) saves the same
+    tensors as the forward."""
 
     @staticmethod
-    def forward(ctx, out: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        ctx.aux_shape = aux.shape
+    def forward(ctx, out, lb, z, g_lb, g_z):  # type: ignore[override]
+        ctx.g_lb, ctx.g_z = g_lb, g_z
         return out.view_as(out)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
-        return grad, torch.ones(ctx.aux_shape, device=grad.device, dtype=torch.float32)
+    def backward(ctx, grad):  # type: ignore[override]
+        return grad, ctx.g_lb, ctx.g_z, None, None
 
 
 @dataclass
@@ -185,10 +189,20 @@ class MoE(nn.Module):
             out = out + self.shared_experts(flat)
         mb = self.microbatches
         if mb is not None and mb.current is not None and self._pending is not None:
-            aux = self.take_losses(mb.rows[mb.current])  # pipelined: this stage backs up its own term
-            if aux is not None:
-                out = _AttachAux.apply(out, aux * mb.scale)
+            out = self._attach_losses(out, mb)  # pipelined: this stage backs up its own router terms
         return out.view(bsz, seqlen, dim)
+
+    def _attach_losses(self, out: torch.Tensor, mb: MicroBatches) -> torch.Tensor:
+        """Fold the forward's router terms into the step's totals and attach their weighted gradient
+        (scale * n_row * coefficient per row, as `take_losses` + the step's backward would give)."""
+        p, self._pending = self._pending, None
+        assert p is not None and mb.current is not None
+        w = self._fold(p, mb.rows[mb.current])
+        a = self.args
+        if a.aux_loss_coef == 0 and a.z_loss_coef == 0:
+            return out
+        g_lb, g_z = w * (mb.scale * a.aux_loss_coef), w * (mb.scale * a.z_loss_coef)
+        return _AttachAux.apply(out, p["lb"], p["z"], g_lb.to(p["lb"].dtype), g_z.to(p["z"].dtype))
 
     def dispatch_combine(self, flat: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Sort the (token, choice) pairs by expert, run the experts, gather back, weight and sum."""
@@ -222,14 +236,20 @@ class MoE(nn.Module):
         p, self._pending = self._pending, None
         if p is None:
             return None
-        w = row_tokens.to(p["lb"].device, p["lb"].dtype)
-        lb, z = (w * p["lb"]).sum(), (w * p["z"]).sum()
-        totals = torch.cat([p["loads"], torch.stack([lb.detach(), z.detach(), w.sum()])]).double()
-        self._step = totals if self._step is None else self._step + totals
+        w = self._fold(p, row_tokens)
         a = self.args
         if a.aux_loss_coef == 0 and a.z_loss_coef == 0:
             return None
-        return a.aux_loss_coef * lb + a.z_loss_coef * z
+        return a.aux_loss_coef * (w * p["lb"]).sum() + a.z_loss_coef * (w * p["z"]).sum()
+
+    @torch.no_grad()
+    def _fold(self, p: dict[str, torch.Tensor], row_tokens: torch.Tensor) -> torch.Tensor:
+        """Add one micro-batch's [loads, weighted lb sum, weighted z sum, row tokens] to the step's
+        totals (no graph: nothing for activation checkpointing to track); returns the row weights."""
+        w = row_tokens.to(p["lb"].device, p["lb"].dtype)
+        totals = torch.cat([p["loads"], torch.stack([(w * p["lb"]).sum(), (w * p["z"]).sum(), w.sum()])])
+        self._step = totals.double() if self._step is None else self._step + totals.double()
+        return w
 
     def step_totals(self) -> torch.Tensor:
         """This step's [loads, lb sum, z sum, row tokens] on the host (zeros before any forward)."""

@@ -38,6 +38,8 @@ LAYOUTS = {
     # router losses attached in the stage that owns each MoE layer; 4 stages of one layer each, the
     # first (layer 0) dense
     "pp2_1f1b": ["parallel=pp2"],
+    # blocks recomputed in the backward: the recomputation must not re-attach the router losses
+    "pp2_ac_full": ["parallel=pp2", "parallel.activation_checkpoint=full"],
     "pp2_interleaved": [
         "parallel=pp2",
         "parallel.pp_schedule=interleaved_1f1b",
