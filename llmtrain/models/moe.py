@@ -259,11 +259,13 @@ class MoE(nn.Module):
 
     @torch.no_grad()
     def finish_step(self, totals: torch.Tensor) -> None:
-        """After the optimizer step, with the global totals: update the bias, add to the interval."""
+        """After the optimizer step, with the global totals: update the bias, add to the interval.
+        A frozen router (LoRA: only adapters train) keeps its bias too: the base model's routing is
+        part of what is frozen, and an adapters-only checkpoint would not keep a moved bias."""
         self._interval += totals
         loads = totals[: self.args.num_experts]
         rate = self.args.bias_update_rate
-        if rate > 0 and loads.sum() > 0:
+        if rate > 0 and loads.sum() > 0 and self.router.weight.requires_grad:
             delta = rate * torch.sign(loads.mean() - loads)
             bias = self.router.expert_bias
             bias += (delta - delta.mean()).to(bias.device, bias.dtype)
