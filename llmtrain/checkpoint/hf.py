@@ -130,9 +130,7 @@ def hf_config(
     model: dict[str, Any], hidden_dim: int, dtype: torch.dtype, fmt: str = "llama"
 ) -> dict[str, Any]:
     """config.json for LlamaForCausalLM (or an MoE format) from our model config (a dict of ModelConfig)."""
-    if fmt in MOE_FORMATS:
-        return moe_hf_config(model, fmt, hidden_dim, dtype)
-    return {
+    llama = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "hidden_size": model["dim"],
@@ -154,6 +152,7 @@ def hf_config(
         "torch_dtype": str(dtype).removeprefix("torch."),
         "dtype": str(dtype).removeprefix("torch."),
     }
+    return moe_hf_config(llama, model, fmt, hidden_dim) if fmt in MOE_FORMATS else llama
 
 
 def model_config_from_hf(cfg: dict[str, Any]) -> dict[str, Any]:

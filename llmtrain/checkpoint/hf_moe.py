@@ -112,33 +112,18 @@ def moe_tensors_to_hf(name: str, t: torch.Tensor, fmt: str) -> dict[str, torch.T
     return {f"{block}.experts.{e}.{hf}.weight": t[e].t().contiguous() for e in range(t.shape[0])}
 
 
-def moe_hf_config(model: dict[str, Any], fmt: str, hidden_dim: int, dtype: torch.dtype) -> dict[str, Any]:
-    """config.json of `fmt` for our MoE model (format_refusals(model, fmt) must be empty)."""
+def moe_hf_config(llama: dict[str, Any], model: dict[str, Any], fmt: str, hidden_dim: int) -> dict[str, Any]:
+    """config.json of `fmt` for our MoE model: the Llama config.json (`llama`, the attention and
+    embedding keys) with the MoE keys (format_refusals(model, fmt) must be empty)."""
     expert_dim = model.get("moe_expert_dim") or hidden_dim
-    heads = model["n_heads"]
-    cfg = {
+    cfg = {k: v for k, v in llama.items() if k not in ("mlp_bias", "intermediate_size")} | {
         "architectures": [_ARCH[fmt]],
         "model_type": fmt,
-        "hidden_size": model["dim"],
-        "num_hidden_layers": model["n_layers"],
-        "num_attention_heads": heads,
-        "num_key_value_heads": model.get("n_kv_heads") or heads,
-        "head_dim": model.get("attn_head_dim") or model["dim"] // heads,
-        "vocab_size": model["vocab_size"],
-        "max_position_embeddings": model["max_seq_len"],
-        "rms_norm_eps": model["norm_eps"],
-        "rope_theta": model["rope_theta"],
-        "rope_parameters": {"rope_type": "default", "rope_theta": model["rope_theta"]},
-        "tie_word_embeddings": bool(model.get("tie_embeddings")),
-        "hidden_act": "silu",
-        "attention_bias": False,
+        "head_dim": model.get("attn_head_dim") or model["dim"] // model["n_heads"],
         "sliding_window": None,
         "use_sliding_window": False,
         "num_experts_per_tok": model["moe_top_k"],
         "router_aux_loss_coef": model.get("moe_aux_loss_coef", 0.0),
-        "initializer_range": model.get("init_std", 0.02),
-        "torch_dtype": str(dtype).removeprefix("torch."),
-        "dtype": str(dtype).removeprefix("torch."),
     }
     if fmt == "mixtral":
         return cfg | {"num_local_experts": model["moe_num_experts"], "intermediate_size": expert_dim}
