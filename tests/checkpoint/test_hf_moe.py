@@ -16,6 +16,7 @@ from llmtrain.checkpoint.hf_moe import format_refusals, resolve_format
 from llmtrain.checkpoint.state import RankState, TrainerState
 from llmtrain.config.io import to_dict
 from tests.checkpoint.common import TINY, make_engine
+from tests.checkpoint.test_hf import _tool
 
 MOE = [
     *TINY,
@@ -84,7 +85,7 @@ def test_moe_export_matches_transformers_and_imports_back(fmt, make_config, tmp_
             assert torch.equal(original[n], back[n]), (folder.name, n)
 
 
-def test_moe_formats_refuse_what_they_cannot_express(make_config, tmp_path):
+def test_moe_formats_refuse_what_they_cannot_express(make_config, tmp_path, capsys):
     tiny = to_dict(make_config("model=moe_tiny"))["model"]  # shared expert, bias balancing, dense layer 0
     why = " ".join(format_refusals(tiny, "mixtral"))
     for key in ("moe_shared_experts", "moe_bias_update_rate", "moe_first_k_dense"):
@@ -110,3 +111,7 @@ def test_moe_formats_refuse_what_they_cannot_express(make_config, tmp_path):
     with pytest.raises(CheckpointError, match=r"layers\.1\.feed_forward\.router\.expert_bias is non-zero"):
         export_hf(path, tmp_path / "hf", tokenizer=False)
     assert not (tmp_path / "hf").exists() or not any((tmp_path / "hf").iterdir())
+    # the tool: one line naming the key, exit code 2, nothing written
+    export_tool = _tool("export_hf")
+    assert export_tool([str(tmp_path / "ck"), str(tmp_path / "q"), "--format", "qwen3_moe"]) == 2
+    assert "model.qk_norm=false" in capsys.readouterr().err and not (tmp_path / "q").exists()
