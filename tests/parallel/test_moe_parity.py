@@ -67,15 +67,22 @@ def _padded_steps(vocab: int) -> list[list[Batch]]:
     return steps
 
 
-def _train_padded(cfg, world: int, rank: int) -> list[tuple[float, float]]:
-    """(loss, grad norm) of each padded step through the real engine."""
+def _train_padded(cfg, world: int, rank: int) -> dict:
+    """(loss, grad norm) of each padded step through the real engine, the second step skipped (as
+    llmtrain.resilience skips a non-finite one: its router loads must not reach the bias or the
+    statistics), and the router statistics after the three steps."""
+    from llmtrain.models.moe import moe_stats
     from llmtrain.parallel.build import build_engine
     from llmtrain.parallel.layout import build_dims
 
     dims = build_dims(cfg, world)
     engine = build_engine(cfg, dims, dims.build_mesh("cpu") if world > 1 else None, torch.device("cpu"))
+    skips = iter([False, True, False])
+    engine.set_skip_when(lambda loss, norm: next(skips))
     results = [engine.train_step(batches, cfg.optim.lr) for batches in _padded_steps(cfg.model.vocab_size)]
-    return [(r.loss, r.grad_norm) for r in results]
+    assert [r.skipped for r in results] == [False, True, False]
+    steps = [(r.loss, r.grad_norm) for r in results]
+    return {"steps": steps, "moe": moe_stats(engine.model, getattr(engine, "pp_group", None))}
 
 
 def _spawned(rank: int, world: int, data: str, root: str) -> dict:
@@ -97,8 +104,11 @@ def test_moe_data_parallel_layouts_match_one_process(shakespeare_dir: Path, tmp_
     padded = _train_padded(make_cfg(str(shakespeare_dir), str(tmp_path), MOE), 1, 0)
     runs = run_distributed(_spawned, 2, args=(str(shakespeare_dir), str(tmp_path)), timeout=250)[0]
     got_padded = runs.pop("pp2_padded")
-    for (loss, norm), (want_loss, want_norm) in zip(got_padded, padded, strict=True):
+    for (loss, norm), (want_loss, want_norm) in zip(got_padded["steps"], padded["steps"], strict=True):
         assert rel_err([loss, norm], [want_loss, want_norm]) <= 1e-5, (got_padded, padded)
+    assert sorted(got_padded["moe"]) == sorted(padded["moe"])
+    for key, value in padded["moe"].items():
+        assert abs(got_padded["moe"][key] - value) <= 1e-5 * max(abs(value), 1.0), ("padded", key)
     want = load_state(ref["state"])
     bias_keys = [k for k in want if k.endswith("expert_bias")]
     assert bias_keys and all(want[k].abs().max() > 0 for k in bias_keys)  # the bias really moved
