@@ -1,7 +1,9 @@
-"""Export the model of an llmtrain checkpoint as a Hugging Face LlamaForCausalLM folder.
+"""Export the model of an llmtrain checkpoint as a Hugging Face folder: LlamaForCausalLM for dense
+models, MixtralForCausalLM or Qwen3MoeForCausalLM for mixture-of-experts models (--format).
 
     python tools/export_hf.py runs/<name>/checkpoints/step_00001000 hf_out/ [--dtype bf16]
     python tools/export_hf.py runs/<name> hf_out/        # newest complete checkpoint of the run
+    python tools/export_hf.py runs/<moe> hf_out/ --format qwen3_moe   # refused, naming the keys, if inexact
 
 Any engine's checkpoint (native, DeepSpeed, megatron) and LoRA checkpoints (merged first).
 
@@ -20,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from llmtrain.checkpoint import CheckpointError
 from llmtrain.checkpoint.convert import DTYPES, export_hf
+from llmtrain.checkpoint.hf_moe import HF_FORMATS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,11 +32,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     ap.add_argument("--max-shard-gb", type=float, default=5.0)
     ap.add_argument("--no-tokenizer", action="store_true", help="weights and config.json only")
+    ap.add_argument(
+        "--format", default="auto", choices=HF_FORMATS, help="auto: llama if dense, else mixtral or qwen3_moe"
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="export_hf: %(message)s")
     try:
         out = export_hf(
-            args.checkpoint, args.out, args.dtype, args.max_shard_gb, not args.no_tokenizer, progress=True
+            args.checkpoint,
+            args.out,
+            args.dtype,
+            args.max_shard_gb,
+            not args.no_tokenizer,
+            progress=True,
+            hf_format=args.format,
         )
     except CheckpointError as e:
         print(f"export_hf: {e}", file=sys.stderr)

@@ -1,4 +1,5 @@
-"""Import a Hugging Face Llama folder (safetensors + config.json) as an llmtrain checkpoint.
+"""Import a Hugging Face Llama, Mixtral or Qwen3-MoE folder (safetensors + config.json) as an
+llmtrain checkpoint.
 
     python tools/import_hf.py path/to/hf_llama ckpt/llama-init
     llmtrain checkpoint.init_from=ckpt/llama-init model.dim=... (the printed model.* overrides)

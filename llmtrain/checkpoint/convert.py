@@ -23,6 +23,7 @@ from llmtrain.checkpoint.hf import (
     to_hf,
     write_index,
 )
+from llmtrain.checkpoint.hf_moe import resolve_format
 from llmtrain.checkpoint.lora_merge import merge_lora_checkpoint
 from llmtrain.checkpoint.state import TrainerState
 from llmtrain.checkpoint.weights import write_weights_checkpoint
@@ -52,10 +53,13 @@ def export_hf(
     max_shard_gb: float = 5.0,
     tokenizer: bool = True,
     progress: bool = False,
+    hf_format: str = "auto",
 ) -> Path:
-    """Write the model of an llmtrain checkpoint (any parallel layout) as an HF Llama folder, with the
-    run's tokenizer (llmtrain.checkpoint.hf_tokenizer) unless tokenizer=False; a LoRA checkpoint is
-    merged into its base weights first, a DeepSpeed or megatron one converted to native weights.
+    """Write the model of an llmtrain checkpoint (any parallel layout) as an HF folder in `hf_format`
+    (llama, mixtral, qwen3_moe; auto: llama for dense models, else the MoE format that expresses the
+    model exactly, see llmtrain.checkpoint.hf_moe), with the run's tokenizer
+    (llmtrain.checkpoint.hf_tokenizer) unless tokenizer=False; a LoRA checkpoint is merged
+    into its base weights first, a DeepSpeed or megatron one converted to native weights.
     progress=True shows a bar (bytes) on stderr.
 
     Streams: one safetensors shard's tensors are read from the DCP files at a time, so memory stays
@@ -73,17 +77,21 @@ def export_hf(
     if (config.get("peft") or {}).get("method") == "lora":  # fold the adapters in first (into a temp folder)
         with tempfile.TemporaryDirectory(dir=Path(out).resolve().parent) as tmp:
             merged = merge_lora_checkpoint(path, Path(tmp) / "merged")
-            out = export_hf(merged, out, dtype, max_shard_gb, tokenizer=False, progress=progress)
+            out = export_hf(merged, out, dtype, max_shard_gb, False, progress, hf_format)
         if tokenizer:
             _write_tokenizer(config, out)
         return out
     if engine_of(path) != "native":  # DeepSpeed / megatron files: gather native weights first
         with tempfile.TemporaryDirectory(dir=Path(out).resolve().parent) as tmp:
             native = to_native(path, Path(tmp) / "native")
-            return export_hf(native, out, dtype, max_shard_gb, tokenizer, progress)
+            return export_hf(native, out, dtype, max_shard_gb, tokenizer, progress, hf_format)
     model = state.require_model(path)
+    fmt = resolve_format(model, hf_format)
     verify_dcp(path / ENGINE_DIR)
     shapes = tensor_shapes(path / ENGINE_DIR)
+    biases = [n for n in shapes if n.endswith("router.expert_bias")]
+    if biases:  # refuse a moved selection bias before writing anything
+        to_hf(read_tensors(path / ENGINE_DIR, biases, verify=False), model, fmt)
     itemsize = torch.empty(0, dtype=DTYPES[dtype]).element_size()
     sizes = {n: shapes[n][0].numel() * itemsize for n in sorted(shapes)}
     groups = plan_shards(sizes, int(max_shard_gb * (1 << 30)))
@@ -94,7 +102,7 @@ def export_hf(
     bar = tqdm(total=sum(sizes.values()), unit="B", unit_scale=True, desc="export_hf", disable=not progress)
     for i, names in enumerate(groups):
         tensors = read_tensors(path / ENGINE_DIR, names, verify=False)
-        hf = to_hf({k: v.to(DTYPES[dtype]) for k, v in tensors.items()}, model)
+        hf = to_hf({k: v.to(DTYPES[dtype]) for k, v in tensors.items()}, model, fmt)
         save_file(hf, str(out / shard_name(i, len(groups))), metadata={"format": "pt"})
         honour_umask(out / shard_name(i, len(groups)))  # save_file creates it 0600
         weight_map.update(dict.fromkeys(hf, shard_name(i, len(groups))))
@@ -103,7 +111,7 @@ def export_hf(
     bar.close()
     write_index(out, weight_map, total)
     (out / "config.json").write_text(
-        json.dumps(hf_config(model, _hidden_dim(model), DTYPES[dtype]), indent=2)
+        json.dumps(hf_config(model, _hidden_dim(model), DTYPES[dtype], fmt), indent=2)
     )
     if tokenizer:
         _write_tokenizer(config, out)
@@ -128,7 +136,7 @@ def _write_tokenizer(config: dict[str, Any], out: Path) -> None:
 
 
 def import_hf(hf_folder: str | Path, out: str | Path) -> dict[str, Any]:
-    """Write an HF Llama folder as an llmtrain checkpoint (weights only, step 0) for
+    """Write an HF Llama, Mixtral or Qwen3-MoE folder as an llmtrain checkpoint (weights only, step 0) for
     `checkpoint.init_from=<out>`; returns the `model.*` values the run must use."""
     hf_folder, out = Path(hf_folder), Path(out)
     tensors, config = load_hf(hf_folder)

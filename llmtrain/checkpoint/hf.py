@@ -4,7 +4,9 @@ Our attention rotates interleaved pairs (x[2i], x[2i+1]) (Meta's layout); HF's L
 halves (x[i], x[i + d/2]) (`rotate_half`). Both give the same attention scores if the rows of wq/wk
 inside each head are reordered: HF row j < d/2 is our row 2j, HF row d/2 + j is our row 2j + 1. That
 is the permutation HF's own `convert_llama_weights_to_hf.py` applies; `to_hf`/`from_hf` do it and its
-inverse. Everything is written as safetensors + JSON, never pickle.
+inverse (and to the per-head q/k norm weights of Qwen3-style attention). Mixture-of-experts models
+go to the Mixtral or Qwen3-MoE format (llmtrain/checkpoint/hf_moe.py). Everything is written as
+safetensors + JSON, never pickle.
 """
 
 import json
@@ -15,6 +17,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from llmtrain.checkpoint.folder import CheckpointError
+from llmtrain.checkpoint.hf_moe import (
+    MOE_FORMATS,
+    moe_hf_config,
+    moe_model_config_from_hf,
+    moe_tensors_from_hf,
+    moe_tensors_to_hf,
+)
 from llmtrain.paths import honour_umask
 
 _LAYER = {
@@ -22,6 +31,8 @@ _LAYER = {
     "attention.wk.weight": "self_attn.k_proj.weight",
     "attention.wv.weight": "self_attn.v_proj.weight",
     "attention.wo.weight": "self_attn.o_proj.weight",
+    "attention.q_norm.weight": "self_attn.q_norm.weight",
+    "attention.k_norm.weight": "self_attn.k_norm.weight",
     "attention_norm.weight": "input_layernorm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
     "feed_forward.w1.weight": "mlp.gate_proj.weight",
@@ -54,27 +65,44 @@ def hf_name(name: str) -> str:
     return f"model.layers.{idx}.{_LAYER[rest]}"
 
 
-def to_hf(state: dict[str, torch.Tensor], model: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Our full state dict -> HF LlamaForCausalLM names and q/k row order (model = config['model'])."""
+def _norm_to_halves(w: torch.Tensor) -> torch.Tensor:
+    """A per-head q/k norm weight (head_dim,) in the rotate-half order of its q/k rows."""
+    return interleaved_to_halves(w.view(-1, 1), 1).view(-1)
+
+
+def to_hf(
+    state: dict[str, torch.Tensor], model: dict[str, Any], fmt: str = "llama"
+) -> dict[str, torch.Tensor]:
+    """Our full state dict -> HF names and q/k row order of `fmt` (llama, or an MoE format of
+    llmtrain.checkpoint.hf_moe; model = config['model'])."""
     kv = model.get("n_kv_heads") or model["n_heads"]
     out = {}
     for name, t in state.items():
         if name == "output.weight" and model.get("tie_embeddings"):
             continue
+        moe = moe_tensors_to_hf(name, t, fmt) if fmt in MOE_FORMATS else None
+        if moe is not None:
+            out.update(moe)
+            continue
         if name.endswith("attention.wq.weight"):
             t = interleaved_to_halves(t, model["n_heads"])
         elif name.endswith("attention.wk.weight"):
             t = interleaved_to_halves(t, kv)
+        elif name.endswith(("attention.q_norm.weight", "attention.k_norm.weight")):
+            t = _norm_to_halves(t)
         out[hf_name(name)] = t.contiguous()
     return out
 
 
 def from_hf(state: dict[str, torch.Tensor], hf_config: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """HF Llama tensors -> our names and interleaved q/k rows."""
+    """HF Llama / Mixtral / Qwen3-MoE tensors -> our names and interleaved q/k rows."""
     reverse = {v: k for k, v in _TOP.items()}
     n_heads = hf_config["num_attention_heads"]
     kv = hf_config.get("num_key_value_heads") or n_heads
     out = {}
+    if hf_config.get("model_type") in MOE_FORMATS:
+        state = dict(state)  # the MoE tensors are taken out, the rest is Llama-shaped
+        out.update(moe_tensors_from_hf(state, hf_config))
     for name, t in state.items():
         if name in reverse:
             ours = reverse[name]
@@ -90,15 +118,19 @@ def from_hf(state: dict[str, torch.Tensor], hf_config: dict[str, Any]) -> dict[s
             t = halves_to_interleaved(t, n_heads)
         elif ours.endswith("attention.wk.weight"):
             t = halves_to_interleaved(t, kv)
+        elif ours.endswith(("attention.q_norm.weight", "attention.k_norm.weight")):
+            t = halves_to_interleaved(t.view(-1, 1), 1).view(-1)
         out[ours] = t.contiguous()
     if "output.weight" not in out and "tok_embeddings.weight" in out:
         out["output.weight"] = out["tok_embeddings.weight"]  # tied embeddings
     return out
 
 
-def hf_config(model: dict[str, Any], hidden_dim: int, dtype: torch.dtype) -> dict[str, Any]:
-    """config.json for LlamaForCausalLM from our model config (a dict of ModelConfig)."""
-    return {
+def hf_config(
+    model: dict[str, Any], hidden_dim: int, dtype: torch.dtype, fmt: str = "llama"
+) -> dict[str, Any]:
+    """config.json for LlamaForCausalLM (or an MoE format) from our model config (a dict of ModelConfig)."""
+    llama = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "hidden_size": model["dim"],
@@ -120,12 +152,15 @@ def hf_config(model: dict[str, Any], hidden_dim: int, dtype: torch.dtype) -> dic
         "torch_dtype": str(dtype).removeprefix("torch."),
         "dtype": str(dtype).removeprefix("torch."),
     }
+    return moe_hf_config(llama, model, fmt, hidden_dim) if fmt in MOE_FORMATS else llama
 
 
 def model_config_from_hf(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Our `model.*` values for an HF Llama config.json (refuses variants we do not implement)."""
-    if cfg.get("model_type") != "llama":
-        raise CheckpointError(f"config.json: model_type {cfg.get('model_type')!r}; only 'llama' is supported")
+    """Our `model.*` values for an HF Llama, Mixtral or Qwen3-MoE config.json (refuses variants we do
+    not implement)."""
+    kind = cfg.get("model_type")
+    if kind not in ("llama", *MOE_FORMATS):
+        raise CheckpointError(f"config.json: model_type {kind!r}; supported: llama, {', '.join(MOE_FORMATS)}")
     for key, ok in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
         if cfg.get(key, ok) != ok:
             raise CheckpointError(f"config.json: {key}={cfg[key]!r} is not supported (needs {ok!r})")
@@ -134,9 +169,10 @@ def model_config_from_hf(cfg: dict[str, Any]) -> dict[str, Any]:
     if scaling or rope.get("rope_type", "default") != "default":
         raise CheckpointError(f"config.json: rope scaling {scaling or rope} is not supported")
     dim, heads = cfg["hidden_size"], cfg["num_attention_heads"]
-    if cfg.get("head_dim", dim // heads) != dim // heads:
+    head_dim = cfg.get("head_dim") or dim // heads
+    if kind == "llama" and head_dim != dim // heads:
         raise CheckpointError(f"config.json: head_dim {cfg['head_dim']} != hidden_size / num_attention_heads")
-    return {
+    base = {
         "dim": dim,
         "n_layers": cfg["num_hidden_layers"],
         "n_heads": heads,
@@ -148,6 +184,11 @@ def model_config_from_hf(cfg: dict[str, Any]) -> dict[str, Any]:
         "max_seq_len": cfg.get("max_position_embeddings", 2048),
         "tie_embeddings": bool(cfg.get("tie_word_embeddings", False)),
     }
+    if kind == "llama":
+        return base
+    return moe_model_config_from_hf(
+        cfg, base | {"attn_head_dim": None if head_dim == dim // heads else head_dim}
+    )
 
 
 def plan_shards(sizes: dict[str, int], max_shard_bytes: int) -> list[list[str]]:

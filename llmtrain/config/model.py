@@ -42,6 +42,8 @@ class ModelConfig:
     """Std of the normal init; output projections are scaled by 1/sqrt(2*n_layers)."""
     attn_head_dim: int | None = None
     """Width of one attention head; None means dim / n_heads (Qwen3 uses 128 at dim 2048, 32 heads)."""
+    qk_norm: bool = False
+    """RMSNorm over each query and key head (head_dim weights) before RoPE (Qwen3, OLMoE-style)."""
     moe_num_experts: int = 0
     """Routed experts per MoE layer; 0 builds a dense model (docs/moe.md)."""
     moe_top_k: int = 2

@@ -35,6 +35,7 @@ class TransformerArgs:
     tie_embeddings: bool = False
     init_std: float = 0.02
     attn_head_dim: int | None = None
+    qk_norm: bool = False
     moe_num_experts: int = 0
     moe_top_k: int = 2
     moe_expert_dim: int | None = None
@@ -129,6 +130,9 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+        # per-head RMSNorm of q and k before RoPE (Qwen3); one head_dim weight shared by all heads
+        self.q_norm = RMSNorm(self.head_dim, args.norm_eps) if args.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, args.norm_eps) if args.qk_norm else None
 
     def forward(
         self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None, causal: bool
@@ -138,6 +142,8 @@ class Attention(nn.Module):
         q = self.wq(x).view(bsz, seqlen, -1, self.head_dim)
         k = self.wk(x).view(bsz, seqlen, -1, self.head_dim)
         v = self.wv(x).view(bsz, seqlen, -1, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (b, h, s, d)
         if k.shape[1] != q.shape[1]:  # GQA: repeat KV heads to match the query heads

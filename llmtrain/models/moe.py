@@ -23,17 +23,28 @@ One MoE layer replaces a block's SwiGLU (`llmtrain.models.llama.TransformerBlock
 The step drives two hooks, `collect_moe_losses` after each micro-batch's forward and `moe_step_end`
 after the optimizer step; the trainer logs `moe_stats` every interval. Dense models pay nothing:
 without MoE layers the hooks return at once.
+
+Under pipeline parallelism no single place sees every layer's router terms: the schedule backs up
+the loss of the last stage only. So each MoE layer adds its own weighted aux term to the backward
+itself: the engine hands every layer the step's per-micro-batch row token counts and loss scale
+(`set_moe_microbatches`), the stage marks which micro-batch it runs (`moe_microbatch`), and the
+layer's forward attaches the aux term to its output with `_AttachAux`, an identity whose backward
+also seeds the per-row terms' gradients scale * coefficient * n_row (as Megatron's
+MoEAuxLossAutoScaler seeds its aux loss). The gradient then
+reaches the router of whatever stage owns the layer, with the one-process weighting.
 """
 
 import functools
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmtrain.distributed.collectives import all_reduce_
+from llmtrain.distributed.collectives import all_reduce_, gather_objects
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -125,6 +136,33 @@ class Router(nn.Module):
         return weights * self.args.route_scale, idx, scores, logits
 
 
+class _AttachAux(torch.autograd.Function):
+    """Identity on `out` whose backward also seeds the per-row router terms lb, z with the constant
+    gradients g_lb, g_z (scale * coefficient * row tokens): the aux loss joins the backward of
+    whatever `out` flows into (a pipeline stage's output). The constants live on ctx, not in saved
+    tensors, so activation checkpointing's recomputation (which attaches nothing) saves the same
+    tensors as the forward."""
+
+    @staticmethod
+    def forward(ctx, out, lb, z, g_lb, g_z):  # type: ignore[override]
+        ctx.g_lb, ctx.g_z = g_lb, g_z
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        return grad, ctx.g_lb, ctx.g_z, None, None
+
+
+@dataclass
+class MicroBatches:
+    """A pipelined step's router-loss weights: row target tokens per micro-batch and the loss scale
+    (dp / global tokens), and the micro-batch the stage is running (None outside its forward)."""
+
+    rows: list[torch.Tensor]
+    scale: float
+    current: int | None = None
+
+
 class MoE(nn.Module):
     """Routed experts (+ optional shared experts, a plain SwiGLU the caller builds)."""
 
@@ -135,6 +173,7 @@ class MoE(nn.Module):
         self.experts = GroupedExperts(args.num_experts, args.dim, args.expert_dim, args.gemm)
         self.shared_experts = shared
         self._pending: dict[str, torch.Tensor] | None = None
+        self.microbatches: MicroBatches | None = None  # set under pipeline parallelism only
         self._step: torch.Tensor | None = None  # this step: [loads (E), lb sum, z sum, row tokens]
         # host bookkeeping, not a buffer: explicit cpu, since models are built under torch.device("meta")
         self._interval = torch.zeros(args.num_experts + 3, dtype=torch.float64, device="cpu")
@@ -148,7 +187,22 @@ class MoE(nn.Module):
             self._pending = self._router_terms(idx, scores, logits, bsz, seqlen)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
+        mb = self.microbatches
+        if mb is not None and mb.current is not None and self._pending is not None:
+            out = self._attach_losses(out, mb)  # pipelined: this stage backs up its own router terms
         return out.view(bsz, seqlen, dim)
+
+    def _attach_losses(self, out: torch.Tensor, mb: MicroBatches) -> torch.Tensor:
+        """Fold the forward's router terms into the step's totals and attach their weighted gradient
+        (scale * n_row * coefficient per row, as `take_losses` + the step's backward would give)."""
+        p, self._pending = self._pending, None
+        assert p is not None and mb.current is not None
+        w = self._fold(p, mb.rows[mb.current])
+        a = self.args
+        if a.aux_loss_coef == 0 and a.z_loss_coef == 0:
+            return out
+        g_lb, g_z = w * (mb.scale * a.aux_loss_coef), w * (mb.scale * a.z_loss_coef)
+        return _AttachAux.apply(out, p["lb"], p["z"], g_lb.to(p["lb"].dtype), g_z.to(p["z"].dtype))
 
     def dispatch_combine(self, flat: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Sort the (token, choice) pairs by expert, run the experts, gather back, weight and sum."""
@@ -182,14 +236,20 @@ class MoE(nn.Module):
         p, self._pending = self._pending, None
         if p is None:
             return None
-        w = row_tokens.to(p["lb"].device, p["lb"].dtype)
-        lb, z = (w * p["lb"]).sum(), (w * p["z"]).sum()
-        totals = torch.cat([p["loads"], torch.stack([lb.detach(), z.detach(), w.sum()])]).double()
-        self._step = totals if self._step is None else self._step + totals
+        w = self._fold(p, row_tokens)
         a = self.args
         if a.aux_loss_coef == 0 and a.z_loss_coef == 0:
             return None
-        return a.aux_loss_coef * lb + a.z_loss_coef * z
+        return a.aux_loss_coef * (w * p["lb"]).sum() + a.z_loss_coef * (w * p["z"]).sum()
+
+    @torch.no_grad()
+    def _fold(self, p: dict[str, torch.Tensor], row_tokens: torch.Tensor) -> torch.Tensor:
+        """Add one micro-batch's [loads, weighted lb sum, weighted z sum, row tokens] to the step's
+        totals (no graph: nothing for activation checkpointing to track); returns the row weights."""
+        w = row_tokens.to(p["lb"].device, p["lb"].dtype)
+        totals = torch.cat([p["loads"], torch.stack([(w * p["lb"]).sum(), (w * p["z"]).sum(), w.sum()])])
+        self._step = totals.double() if self._step is None else self._step + totals.double()
+        return w
 
     def step_totals(self) -> torch.Tensor:
         """This step's [loads, lb sum, z sum, row tokens] on the host (zeros before any forward)."""
@@ -199,11 +259,13 @@ class MoE(nn.Module):
 
     @torch.no_grad()
     def finish_step(self, totals: torch.Tensor) -> None:
-        """After the optimizer step, with the global totals: update the bias, add to the interval."""
+        """After the optimizer step, with the global totals: update the bias, add to the interval.
+        A frozen router (LoRA: only adapters train) keeps its bias too: the base model's routing is
+        part of what is frozen, and an adapters-only checkpoint would not keep a moved bias."""
         self._interval += totals
         loads = totals[: self.args.num_experts]
         rate = self.args.bias_update_rate
-        if rate > 0 and loads.sum() > 0:
+        if rate > 0 and loads.sum() > 0 and self.router.weight.requires_grad:
             delta = rate * torch.sign(loads.mean() - loads)
             bias = self.router.expert_bias
             bias += (delta - delta.mean()).to(bias.device, bias.dtype)
@@ -254,6 +316,28 @@ def collect_moe_losses(model: nn.Module, row_tokens: torch.Tensor) -> torch.Tens
     return total
 
 
+def set_moe_microbatches(model: nn.Module, rows: list[torch.Tensor] | None, scale: float = 1.0) -> None:
+    """Before a pipelined training pass: every MoE layer of this rank's stages gets the micro-batches'
+    row target tokens (in schedule order) and the loss scale; None after the pass."""
+    shared = None if rows is None else MicroBatches(rows=rows, scale=scale)
+    for _, layer in moe_layers(model):
+        layer.microbatches = shared
+
+
+@contextmanager
+def moe_microbatch(stage: nn.Module, index: int) -> Iterator[None]:
+    """Around one micro-batch's forward on a pipeline stage: which rows its MoE layers see. Outside
+    it (shape inference, activation recomputation in the backward) no aux term is attached."""
+    layers = [layer for _, layer in moe_layers(stage) if layer.microbatches is not None]
+    for layer in layers:
+        layer.microbatches.current = index  # type: ignore[union-attr]
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.microbatches.current = None  # type: ignore[union-attr]
+
+
 def moe_step_end(model: nn.Module, dp_group: torch.distributed.ProcessGroup | None) -> None:
     """After the optimizer step: sum the step's expert loads and router terms over the data-parallel
     ranks (one all-reduce), update the selection biases, accumulate the interval statistics."""
@@ -273,15 +357,19 @@ def moe_step_discard(model: nn.Module) -> None:
         layer.step_totals()
 
 
-def moe_stats(model: nn.Module | None) -> dict[str, float]:
-    """Router statistics since the last call, for the interval metrics (empty for a dense model):
+def moe_stats(
+    model: nn.Module | None, pp_group: torch.distributed.ProcessGroup | None = None
+) -> dict[str, float]:
+    """Router statistics since the last call, for the interval metrics (empty for a dense model); with
+    `pp_group` the layers of every pipeline stage (each rank calls it, all get the same numbers):
     moe/imbalance/layer<i> (max/mean tokens per expert), moe/imbalance_max, moe/aux_loss and
     moe/z_loss (token-weighted means over rows and layers, without coefficients), and with bias
     balancing moe/bias_range/layer<i>, moe/bias_min, moe/bias_max."""
-    layers = moe_layers(model)
-    if not layers:
+    local = [(i, layer.interval_stats(), layer.args.bias_update_rate > 0) for i, layer in moe_layers(model)]
+    parts = [local] if pp_group is None else gather_objects(local, pp_group)
+    stats = sorted((s for part in parts for s in part), key=lambda s: s[0])
+    if not stats:
         return {}
-    stats = [(i, layer.interval_stats(), layer.args.bias_update_rate > 0) for i, layer in layers]
     out = {f"moe/imbalance/layer{i}": s["imbalance"] for i, s, _ in stats}
     tokens = max(sum(s["tokens"] for _, s, _ in stats), 1.0)
     out["moe/imbalance_max"] = max(s["imbalance"] for _, s, _ in stats)

@@ -30,6 +30,7 @@ from llmtrain.config import Config
 from llmtrain.data.loader import IGNORE_INDEX, Batch
 from llmtrain.distributed.collectives import all_reduce_, gather_objects
 from llmtrain.models import build_model
+from llmtrain.models.moe import moe_step_discard, moe_step_end, set_moe_microbatches
 from llmtrain.optim import build_optimizer, init_optimizer_state
 from llmtrain.parallel.data_parallel import GradSync
 from llmtrain.parallel.dims import ParallelDims
@@ -160,10 +161,20 @@ class NativeEngine(Engine):
                 for f in ("inputs", "targets", "positions", "attn_mask")
             )
         )
-        with self.ctx.autocast(), self.ctx.loss_ctx():
-            loss_sum = self.pipeline.run(
-                whole.inputs, whole.targets, model_kwargs(whole, self.ctx.explicit_positions), scale, train
-            )
+        if train:  # MoE layers weight their router losses by these rows (llmtrain.models.moe)
+            rows = whole.targets.ne(IGNORE_INDEX).sum(-1).tensor_split(self.pipeline.n_microbatches)
+            set_moe_microbatches(self.model, list(rows), scale)
+        try:
+            with self.ctx.autocast(), self.ctx.loss_ctx():
+                loss_sum = self.pipeline.run(
+                    whole.inputs,
+                    whole.targets,
+                    model_kwargs(whole, self.ctx.explicit_positions),
+                    scale,
+                    train,
+                )
+        finally:
+            set_moe_microbatches(self.model, None)
         # only the last stage saw the loss: sum over the pipeline, then over data-parallel replicas
         all_reduce_(loss_sum, self.pp_group)
         return all_reduce_(loss_sum, self.dp_group)
@@ -177,8 +188,10 @@ class NativeEngine(Engine):
         grad_norm = clip_grad_norm(self.modules, self.cfg.optim.grad_clip, self.pp_group)
         loss = float(loss_sum) / max(n_global, 1)
         if skip_optimizer_step(self.optimizer, self.ctx, loss, grad_norm):
+            moe_step_discard(self.model)
             return StepResult(loss, grad_norm, n_global, skipped=True)
         self.optimizer.step()
+        moe_step_end(self.model, self.dp_group)  # each stage's layers, loads summed over dp
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(loss, grad_norm, n_global)
 

@@ -14,7 +14,8 @@ The first stage keeps the embedding, the last the final norm and output projecti
 Loss: the schedule calls `loss_fn(output, target)` on the last stage once per micro-batch and backs
 each result up separately; the engine passes a loss that is already divided by the *global* token
 count (see llmtrain/parallel/step.py), and `scale_grads=False` stops the schedule from dividing again by
-the number of micro-batches, so the summed gradients equal the non-pipelined ones.
+the number of micro-batches, so the summed gradients equal the non-pipelined ones. MoE layers back up
+their router losses in their own stage (llmtrain.models.moe: `Stage` tells them which micro-batch runs).
 """
 
 import copy
@@ -47,6 +48,17 @@ from torch.distributed.pipelining.schedules import (
 
 from llmtrain.config.errors import ConfigError
 from llmtrain.models.llama import Transformer
+from llmtrain.models.moe import moe_microbatch
+
+
+class Stage(PipelineStage):
+    """A PipelineStage that marks the micro-batch of each forward for the stage's MoE layers, so that
+    each attaches the aux term weighted by that micro-batch's rows (a no-op for dense stages)."""
+
+    def forward_one_chunk(self, fwd_chunk_id: int, *args, **kwargs):  # type: ignore[override]
+        with moe_microbatch(self.submod, fwd_chunk_id):
+            return super().forward_one_chunk(fwd_chunk_id, *args, **kwargs)
+
 
 SCHEDULES = {
     "gpipe": ScheduleGPipe,
@@ -89,7 +101,7 @@ def build_stages(
 ) -> list[PipelineStage]:
     """Wrap this rank's (already parallelized) stage modules for the schedule."""
     group = pp_mesh.get_group()
-    return [PipelineStage(m, sid, num_stages, device, group=group) for m, sid in zip(modules, stage_ids)]
+    return [Stage(m, sid, num_stages, device, group=group) for m, sid in zip(modules, stage_ids)]
 
 
 def build_schedule(

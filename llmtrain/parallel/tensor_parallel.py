@@ -11,6 +11,13 @@ Sequence parallel keeps the residual stream and the norms sharded along the sequ
 the tensor-parallel regions. The residual stream is then a *local* tensor of s/tp positions, so the
 engine must pass explicit RoPE `positions` (the model derives its RoPE slice from the local length
 otherwise).
+
+Mixture-of-experts blocks keep attention tensor-parallel and *replicate* the MoE layer (router,
+experts, shared experts) on every tp rank: its input is gathered to the whole sequence (a no-op
+without sequence parallel), every rank routes and computes all tokens identically, and each keeps
+its own sequence shard of the output. Identical inputs and output gradients on every rank give
+identical expert gradients, so no extra reduction is needed, and the per-row router losses see
+whole rows, as in one process (tests/parallel/test_moe_parity.py).
 """
 
 import torch
@@ -20,12 +27,14 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
+    PrepareModuleInputOutput,
     RowwiseParallel,
     SequenceParallel,
     parallelize_module,
 )
 
 from llmtrain.models.llama import Transformer
+from llmtrain.models.moe import MoE
 
 
 def apply_tp(model: Transformer, tp_mesh: DeviceMesh, sequence_parallel: bool) -> None:
@@ -54,11 +63,22 @@ def apply_tp(model: Transformer, tp_mesh: DeviceMesh, sequence_parallel: bool) -
             "attention.wk": ColwiseParallel(),
             "attention.wv": ColwiseParallel(),
             "attention.wo": RowwiseParallel(output_layouts=seq),
-            "feed_forward": PrepareModuleInput(input_layouts=(seq,), desired_input_layouts=(Replicate(),)),
-            "feed_forward.w1": ColwiseParallel(),
-            "feed_forward.w3": ColwiseParallel(),
-            "feed_forward.w2": RowwiseParallel(output_layouts=seq),
         }
+        if isinstance(block.feed_forward, MoE):
+            plan["feed_forward"] = PrepareModuleInputOutput(
+                input_layouts=(seq,),
+                desired_input_layouts=(Replicate(),),
+                use_local_input=True,
+                output_layouts=(Replicate(),),
+                desired_output_layouts=(seq,),
+            )  # replicated experts (module docstring): whole sequence in, the rank's shard out
+        else:
+            plan["feed_forward"] = PrepareModuleInput(
+                input_layouts=(seq,), desired_input_layouts=(Replicate(),)
+            )
+            plan["feed_forward.w1"] = ColwiseParallel()
+            plan["feed_forward.w3"] = ColwiseParallel()
+            plan["feed_forward.w2"] = RowwiseParallel(output_layouts=seq)
         if sequence_parallel:
             plan["attention_norm"] = SequenceParallel()
             plan["ffn_norm"] = SequenceParallel()

@@ -215,12 +215,17 @@ class Trainer:
             "train/tokens_seen": float(self.tokens_seen),
             "sys/mem_gb": memory_gb(self.device),
             **self.meter.metrics(self.cfg.trainer.max_steps - self.step),
-            **moe_stats(getattr(self.engine, "model", None)),  # router statistics (MoE models only)
+            **self.moe_metrics(),
             **self.objective.metrics("train"),  # e.g. distillation's CE and KL apart from the mixed loss
         }
         self.meter.reset()
         self.console.step(self.step, self.cfg.trainer.max_steps, metrics, self.meter.peak_label)
         self.tracker.log_metrics(metrics, self.step)
+
+    def moe_metrics(self) -> dict[str, float]:
+        """Router statistics (MoE models only), of the layers of every pipeline stage."""
+        pp_group = getattr(self.engine, "pp_group", None) if self.cfg.model.moe_num_experts else None
+        return moe_stats(getattr(self.engine, "model", None), pp_group)
 
     def validate(self) -> float | None:
         """Loss/perplexity on the same held-out batches every time (the val loader restarts)."""

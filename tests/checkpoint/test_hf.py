@@ -98,7 +98,7 @@ def test_sharded_export_and_bad_hf_folders(tmp_path):
     with pytest.raises(CheckpointError, match=r"config\.json: missing"):
         import_hf(tmp_path / "nothing", tmp_path / "o1")
     (tmp_path / "s" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
-    with pytest.raises(CheckpointError, match="only 'llama'"):
+    with pytest.raises(CheckpointError, match="supported: llama, mixtral"):
         import_hf(tmp_path / "s", tmp_path / "o2")
     (tmp_path / "s" / "model-00002-of-00002.safetensors").write_bytes(b"\x00" * 10)
     with pytest.raises(CheckpointError, match=r"model-00002-of-00002\.safetensors: unreadable"):

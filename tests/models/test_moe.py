@@ -215,8 +215,8 @@ PUBLISHED = {  # preset: (total, active) parameters as published, in billions
 
 @pytest.mark.parametrize("preset", list(PUBLISHED))
 def test_preset_parameter_counts_match_the_published_ones(preset: str) -> None:
-    """Within 2%: the published figures are rounded to 2-3 digits, QK-norm (OLMoE, Qwen3) is left
-    out (< 0.01%) and DeepSeek-V3's MLA is replaced by plain attention of similar size."""
+    """Within 2%: the published figures are rounded to 2-3 digits, OLMoE's QK-norm is left out
+    (< 0.01%) and DeepSeek-V3's MLA is replaced by plain attention of similar size."""
     cfg = compose_config([f"model={preset}", "tracking=none", "data.seq_len=512"])
     model = build_model(cfg.model)
     total, active = PUBLISHED[preset]
@@ -228,12 +228,22 @@ def test_moe_tiny_preset_builds_and_refuses_what_it_cannot_run() -> None:
     cfg = compose_config(["model=moe_tiny", "tracking=none"])
     model = build_model(cfg.model, "cpu")
     assert [i for i, _ in moe_layers(model)] == [1, 2, 3]
-    with pytest.raises(ConfigError, match=r"parallel.tp=2 is not supported yet"):
-        compose_config(["model=moe_tiny", "tracking=none", "parallel=tp2"])
+    with pytest.raises(ConfigError, match=r"parallel.pp_schedule=zbv is not supported .*allowed: gpipe"):
+        compose_config(
+            [
+                "model=moe_tiny",
+                "tracking=none",
+                "parallel=pp2",
+                "parallel.pp_schedule=zbv",
+                "parallel.pp_virtual_stages=2",
+            ]
+        )
     with pytest.raises(ConfigError, match=r"parallel.backend=native only, got deepspeed"):
         compose_config(["model=moe_tiny", "tracking=none", "parallel.backend=deepspeed"])
     with pytest.raises(ConfigError, match=r"model.moe_top_k"):
         compose_config(["model=moe_tiny", "tracking=none", "model.moe_top_k=9"])
+    with pytest.raises(ConfigError, match=r"model.qk_norm=true needs parallel.tp=1"):
+        compose_config(["model=qwen3_30b_a3b", "tracking=none", "parallel.tp=2", "model.n_layers=2"])
 
 
 def test_trainer_logs_router_statistics_every_interval(make_config, monkeypatch) -> None:

@@ -113,6 +113,10 @@ def train_layout(
         engine.save(save)
     # evaluation (forward only; pipelined layouts run the schedule's eval) on the next step's batches
     out: dict[str, Any] = {"loss": losses, "grad_norm": norms, "eval": [engine.evaluate(loader.next_step())]}
+    if cfg.model.moe_num_experts:  # router statistics of the layers of every stage (a pp collective)
+        from llmtrain.models.moe import moe_stats
+
+        out["moe"] = moe_stats(engine.model, getattr(engine, "pp_group", None))
     if want_state is not None:
         # large results go through a file: the result queue of a spawned rank is for small payloads
         state = engine.full_model_state()
