@@ -61,6 +61,7 @@ def check_parallel_config(cfg: Config) -> None:
         )
     _check_pipeline(cfg)
     check_moe_parallel(cfg)
+    check_expert_parallel(cfg)
     if p.dp_shard != -1:  # -1 resolves with the world size: parallel.layout applies the same rule then
         check_zero_shards(p.zero_stage, p.dp_shard)
     if p.backend == "native" and p.zero_stage == 0 and p.param_dtype != "fp32":
@@ -90,6 +91,25 @@ def check_moe_parallel(cfg: Config) -> None:
                 f"model.moe_num_experts={m.moe_num_experts} with parallel.{key}={value} is not "
                 f"supported yet ({why}); use parallel.{key}=1"
             )
+
+
+def check_expert_parallel(cfg: Config) -> None:
+    """parallel.ep > 1 needs routed experts it can split evenly (the world-size rule, ep divides the
+    data-parallel degree, is in llmtrain.parallel.layout)."""
+    p, m = cfg.parallel, cfg.model
+    check(p.ep >= 1, "parallel.ep", f"{p.ep} must be >= 1")
+    if p.ep == 1:
+        return
+    if m.moe_num_experts == 0:
+        raise ConfigError(
+            f"parallel.ep={p.ep} shards routed experts, but model.moe_num_experts=0 (a dense model): "
+            "use parallel.ep=1 or an MoE model (e.g. model=moe_tiny)"
+        )
+    if m.moe_num_experts % p.ep:
+        raise ConfigError(
+            f"parallel.ep={p.ep} must divide model.moe_num_experts={m.moe_num_experts} (each expert-parallel "
+            "rank holds moe_num_experts / ep experts)"
+        )
 
 
 def check_zero_shards(zero_stage: int, dp_shard: int, world_size: int | None = None) -> None:
