@@ -85,6 +85,9 @@ def apply_fsdp(
                     **{**kwargs, "mesh": expert_mesh},
                 )
                 unit.set_gradient_divide_factor(float(expert_grad_divide))
+                # a sum then a division, not PREMUL_SUM (gloo refuses it); on one rank torch 2.13
+                # would divide twice, so only where there is a reduce-scatter
+                unit.set_force_sum_reduction_for_comms(expert_mesh.size() > 1)
         fully_shard(block, reshard_after_forward=zero_stage == 3 and not last, **kwargs)
     fully_shard(model, reshard_after_forward=zero_stage == 3, **kwargs)
 

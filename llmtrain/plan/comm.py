@@ -18,6 +18,8 @@ Per step, with P parameters per (tp, pp) shard, m micro-batches, n = dp_shard, r
                    activations (mbs x seq x dim)
   pp               per micro-batch an activation forward and a gradient backward over each boundary:
                    a middle stage sends both, an end stage one (the busiest rank is counted)
+  ep               token dispatch + combine all-to-alls of every MoE layer (llmtrain/plan/experts.py);
+                   the dp terms count only this rank's E/ep routed experts
 g = gradient reduce bytes (parallel.reduce_dtype under ZeRO/FSDP2: bf16 2, fp32 4; DDP reduces its
 fp32 gradients: 4), a = parameter bytes (bf16 params: 2, else 4), activations in the compute dtype.
 Which links a group uses follows the mesh order (pp, dp_replicate, dp_shard, tp; tp innermost): a
@@ -27,6 +29,7 @@ group whose ranks lie in one node uses the intra-node bandwidth, else inter-node
 from dataclasses import dataclass
 
 from llmtrain.models.llama import TransformerArgs
+from llmtrain.plan.experts import dispatch_bytes, expert_params_off_rank
 from llmtrain.plan.memory import DTYPE_BYTES, Layout, total_params
 
 
@@ -55,7 +58,8 @@ def comm_volume(
 ) -> dict[str, CommPart]:
     """Bytes per rank per step for `layout` by kind (dp, dp_replicate, tp, pp; see the module doc)."""
     lo = layout
-    shard_params = total_params(args) / (lo.tp * lo.pp)
+    # routed experts: each rank reduces only its E/ep (over edp; counted like dp, slightly more)
+    shard_params = total_params(args) / (lo.tp * lo.pp) - expert_params_off_rank(args, lo.ep, lo.pp)
     fsdp = lo.zero_stage >= 1 and lo.dp_shard > 1  # FSDP2's reduce_dtype; DDP reduces fp32 grads
     g = float(DTYPE_BYTES[lo.reduce_dtype]) if fsdp else 4.0
     a = 2.0 if lo.param_dtype == "bf16" else 4.0
@@ -92,6 +96,14 @@ def comm_volume(
         parts["tp"] = CommPart(
             bytes=collectives * m * 2 * (t - 1) / t * act,
             inter_node=_inter_node(t, gpus_per_node),
+            overlapped=False,
+        )
+
+    if lo.ep > 1:  # token dispatch and combine (llmtrain/plan/experts.py)
+        full = lo.activation_checkpoint == "full"
+        parts["ep"] = CommPart(
+            bytes=dispatch_bytes(args, seq_len, lo.micro_batch_size, m, lo.ep, a, act_bytes, full) / lo.pp,
+            inter_node=_inter_node(lo.ep * t, gpus_per_node),
             overlapped=False,
         )
 
