@@ -126,7 +126,8 @@ class ParallelDims:
             out[name] = rank % size
             rank //= size
         out["dp"] = out["dp_replicate"] * self.dp_shard + out["dp_shard"]
-        out["ep"], out["edp"] = out["dp"] % self.ep, out["dp"] // self.ep
+        if self.ep_enabled:
+            out["ep"], out["edp"] = out["dp"] % self.ep, out["dp"] // self.ep
         return out
 
     def describe(self) -> str:
