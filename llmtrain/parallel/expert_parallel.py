@@ -28,7 +28,8 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
 from llmtrain.models.moe import GroupedExperts, MoE
-from llmtrain.parallel.data_parallel import average_tensors
+from llmtrain.parallel.data_parallel import GradSync, average_tensors
+from llmtrain.parallel.dims import ParallelDims
 
 
 class _AllToAll(torch.autograd.Function):
@@ -103,6 +104,24 @@ def apply_ep(model: nn.Module, ep_mesh: DeviceMesh) -> None:
             shard = DTensor.from_local(local, ep_mesh, [Shard(0)], run_check=False)
             setattr(experts, name, nn.Parameter(shard, requires_grad=param.requires_grad))
         moe.token_dispatcher = AllToAllDispatcher(ep_mesh.get_group(), moe.args.num_experts)
+
+
+def maybe_apply_ep(model: nn.Module, dims: ParallelDims) -> None:
+    """`apply_ep` over the ep mesh when ep > 1."""
+    if dims.ep_enabled:
+        apply_ep(model, dims.expert_mesh["ep"])
+
+
+def expert_fsdp_kwargs(dims: ParallelDims) -> dict[str, object]:
+    """`apply_fsdp`'s expert arguments: experts as units over edp, gradients divided by dp."""
+    return {"expert_mesh": dims.expert_mesh["edp"], "expert_grad_divide": dims.dp} if dims.ep_enabled else {}
+
+
+def ep_grad_sync(modules: list[nn.Module], dims: ParallelDims) -> GradSync:
+    """Without ZeRO: `reduce_ep_grads` after the backward of a step's last micro-batch."""
+    dp_group = dims.dp_mesh.get_group()
+    edp_group = dims.expert_mesh["edp"].get_group() if dims.edp > 1 else None
+    return GradSync(reduce=lambda: reduce_ep_grads(modules, dp_group, edp_group, dims.dp))
 
 
 def reduce_ep_grads(

@@ -28,7 +28,7 @@ from llmtrain.parallel.data_parallel import (
     zero12_accumulate,
 )
 from llmtrain.parallel.dims import ParallelDims
-from llmtrain.parallel.expert_parallel import apply_ep, reduce_ep_grads
+from llmtrain.parallel.expert_parallel import ep_grad_sync, expert_fsdp_kwargs, maybe_apply_ep
 from llmtrain.parallel.fp8 import apply_fp8
 from llmtrain.parallel.pipeline import local_stage_ids, split_stage
 from llmtrain.parallel.tensor_parallel import apply_grad_layout_hooks, apply_tp
@@ -115,8 +115,7 @@ def parallelize(
         if dims.tp_enabled:
             assert mesh is not None
             apply_tp(part, mesh["tp"], cfg.sequence_parallel)
-        if dims.ep_enabled:
-            apply_ep(part, dims.expert_mesh["ep"])
+        maybe_apply_ep(part, dims)
         apply_activation_checkpointing(part, cfg.activation_checkpoint)
         if cfg.compile:
             apply_compile(part)
@@ -130,11 +129,7 @@ def parallelize(
                 DTYPE[cfg.param_dtype],
                 DTYPE[cfg.reduce_dtype],
                 cfg.cpu_offload and device.type == "cuda",
-                **(
-                    {"expert_mesh": dims.expert_mesh["edp"], "expert_grad_divide": dims.dp}
-                    if dims.ep_enabled
-                    else {}
-                ),
+                **expert_fsdp_kwargs(dims),
             )
         materialize(part, device, seed)
         if dims.tp_enabled and not use_fsdp:
@@ -147,8 +142,7 @@ def parallelize(
     elif not dims.dp_enabled:
         sync = GradSync()
     elif dims.ep_enabled:  # expert and dense gradients average over different groups
-        groups = dims.dp_mesh.get_group(), dims.expert_mesh["edp"].get_group() if dims.edp > 1 else None
-        sync = GradSync(reduce=lambda: reduce_ep_grads(modules, *groups, dims.dp))
+        sync = ep_grad_sync(modules, dims)
     elif dims.tp_enabled or dims.pp_enabled:  # DDP does not take DTensors or pipeline stages
         group = dims.dp_mesh.get_group()
         sync = GradSync(reduce=lambda: allreduce_grads(modules, group, dims.dp))

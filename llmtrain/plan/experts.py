@@ -13,12 +13,7 @@ dispatched rows have the parameters' dtype (the normalised hidden state), the co
 compute dtype (the experts' output under autocast).
 """
 
-from typing import TYPE_CHECKING
-
 from llmtrain.models.llama import TransformerArgs
-
-if TYPE_CHECKING:
-    from llmtrain.plan.memory import Layout
 
 
 def moe_layer_count(args: TransformerArgs) -> int:
@@ -46,13 +41,13 @@ def expert_params_off_rank(args: TransformerArgs, ep: int, pp: int) -> float:
     return routed_expert_params(args) * (1 - 1 / ep) / pp
 
 
-def zero_expert_correction(args: TransformerArgs, layout: "Layout") -> float:
+def zero_expert_correction(args: TransformerArgs, ep: int, dp: int, dp_shard: int, pp: int) -> float:
     """Under ZeRO with ep > 1 a rank's E/ep experts are sharded over edp = dp/ep ranks, not over
     dp_shard: what to add to `params / dp_shard` to get the rank's sharded parameters."""
-    if layout.ep <= 1:
+    if ep <= 1:
         return 0.0
-    local = routed_expert_params(args) / (layout.ep * layout.pp)
-    return local * (layout.ep / layout.dp - 1 / layout.dp_shard)
+    local = routed_expert_params(args) / (ep * pp)
+    return local * (ep / dp - 1 / dp_shard)
 
 
 def dispatch_bytes(

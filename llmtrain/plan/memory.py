@@ -172,7 +172,7 @@ def estimate_stage(
     shard, z = layout.dp_shard, layout.zero_stage
     fsdp = z >= 1 and shard > 1  # the native engine runs every ZeRO stage on FSDP2
     # ZeRO shards dense weights over dp_shard, this rank's experts over edp = dp / ep
-    p_zero = p_local / shard + zero_expert_correction(args, layout)
+    p_zero = p_local / shard + zero_expert_correction(args, layout.ep, layout.dp, shard, layout.pp)
     weights = 4 * (p_zero if fsdp else p_local)  # fp32 master weights rest sharded under FSDP2
     # ZeRO-1 accumulates full local gradients until the step's last micro-batch (data_parallel.py)
     full_grads = z == 0 or not fsdp or (z == 1 and grad_accum > 1)
