@@ -10,18 +10,22 @@ summed after each step, are equal as integers. One spawn per world size:
   FSDP-sharded over edp).
 
 The ep2 run saves after step 5 (DCP, global expert tensors); resumed at ep1 on 2 ranks and in 1
-process, steps 6-8 equal the uninterrupted single-process run within 1e-5.
+process, steps 6-8 equal the uninterrupted single-process run within 1e-5. The ep2 run also counts
+the rows its all-to-alls send to the other rank: within 15% of the planner's dispatch volume, which
+assumes balanced routing (the real router is not exactly balanced).
 """
 
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 
 from tests.distributed import run_distributed
 from tests.parallel.common import make_cfg, rel_err, train_layout
 
 STEPS, MORE = 5, 3
+SENT = {"bytes": 0.0}  # all-to-all bytes this rank sent to other ranks (counted in the ep2 run)
 MOE = [
     "model=moe_tiny",
     "model.moe_expert_dim=48",
@@ -43,7 +47,21 @@ def expert_loads(engine: object) -> dict:
     layers = [layer for _, layer in moe_layers(engine.model)]  # type: ignore[attr-defined]
     w1 = layers[0].experts.w1
     local = w1.to_local() if hasattr(w1, "to_local") else w1
-    return {"loads": [layer.interval_loads() for layer in layers], "local_experts": local.shape[0]}
+    loads = [layer.interval_loads() for layer in layers]
+    return {"loads": loads, "local_experts": local.shape[0], "a2a_bytes": SENT["bytes"]}
+
+
+def _count_sent_bytes(rank: int) -> None:
+    """Wrap the dispatcher's exchange: add the bytes of the rows this rank sends to the others."""
+    import llmtrain.parallel.expert_parallel as ep_mod
+
+    exchange = ep_mod._exchange
+
+    def counted(x, out_splits, in_splits, group):
+        SENT["bytes"] += (sum(in_splits) - in_splits[rank]) * x[:1].numel() * x.element_size()
+        return exchange(x, out_splits, in_splits, group)
+
+    ep_mod._exchange = counted
 
 
 def _cfg(data: str, root: str, overrides: list[str]):
@@ -53,6 +71,7 @@ def _cfg(data: str, root: str, overrides: list[str]):
 def _two_ranks(rank: int, world: int, data: str, root: str) -> dict:
     out = {}
     ckpt = Path(root) / "ep2_step5"
+    _count_sent_bytes(rank)
     for name, overrides in LAYOUTS_2.items():
         save = ckpt if name == "ep2" else None
         out[name] = train_layout(
@@ -89,6 +108,20 @@ def test_expert_parallel_layouts_match_one_process_and_reshard(shakespeare_dir: 
         assert [p["loads"] for p in run["probe"]] == loads, f"{name}: router choices differ from one process"
         # each ep rank holds 4 of the 8 experts; ZeRO-3 over edp 2 keeps half of those between steps
         assert run["probe"][0]["local_experts"] == (2 if name == "ep2_dp2_zero3" else 4), name
+    from llmtrain.config import batch_geometry
+    from llmtrain.models import model_args
+    from llmtrain.plan.comm import comm_volume
+    from llmtrain.plan.fit import layout_from_config
+
+    cfg = _cfg(data, root, LAYOUTS_2["ep2"])
+    parts = comm_volume(
+        model_args(cfg.model), 16, layout_from_config(cfg, 2), batch_geometry(cfg, 2), 8, "fp32"
+    )
+    sent = runs["ep2"]["probe"][-1]["a2a_bytes"] / STEPS
+    assert 0.85 <= sent / parts["ep"].bytes <= 1.15, (sent, parts["ep"].bytes)
+    # the checkpoint holds the global expert tensors: (8 experts, dim 32, width 48)
+    meta = dcp.FileSystemReader(str(tmp_path / "ep2_step5")).read_metadata().state_dict_metadata
+    assert tuple(meta["model.layers.1.feed_forward.experts.w1"].size) == (8, 32, 48)
     # resumed from the ep2 checkpoint: at ep1 on 2 ranks (in the spawn) and in 1 process (here)
     single = train_layout(_cfg(data, root, []), 1, 0, MORE, load=tmp_path / "ep2_step5", skip=STEPS)
     for name, run in (("resume_ep1", runs["resume_ep1"]), ("resume_1proc", single)):
