@@ -11,8 +11,8 @@ summed after each step, are equal as integers. One spawn per world size:
 
 The ep2 run saves after step 5 (DCP, global expert tensors); resumed at ep1 on 2 ranks and in 1
 process, steps 6-8 equal the uninterrupted single-process run within 1e-5. The ep2 run also counts
-the rows its all-to-alls send to the other rank: within 15% of the planner's dispatch volume, which
-assumes balanced routing (the real router is not exactly balanced).
+the rows its all-to-alls send to the other rank: within 10% of the planner's dispatch volume, which
+assumes balanced routing (the real router is not exactly balanced; measured 1.004x).
 """
 
 from pathlib import Path
@@ -118,7 +118,7 @@ def test_expert_parallel_layouts_match_one_process_and_reshard(shakespeare_dir: 
         model_args(cfg.model), 16, layout_from_config(cfg, 2), batch_geometry(cfg, 2), 8, "fp32"
     )
     sent = runs["ep2"]["probe"][-1]["a2a_bytes"] / STEPS
-    assert 0.85 <= sent / parts["ep"].bytes <= 1.15, (sent, parts["ep"].bytes)
+    assert 0.9 <= sent / parts["ep"].bytes <= 1.1, (sent, parts["ep"].bytes)  # measured 1.004
     # the checkpoint holds the global expert tensors: (8 experts, dim 32, width 48)
     meta = dcp.FileSystemReader(str(tmp_path / "ep2_step5")).read_metadata().state_dict_metadata
     assert tuple(meta["model.layers.1.feed_forward.experts.w1"].size) == (8, 32, 48)
