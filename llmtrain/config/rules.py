@@ -83,7 +83,6 @@ def check_moe_parallel(cfg: Config) -> None:
             "translated into DeepSpeed's or megatron-core's MoE layers"
         )
     for key, value, why in (
-        ("tp", p.tp, "the experts have no tensor-parallel plan"),
         ("pp", p.pp, "the router losses and statistics are not wired through the pipeline schedule"),
     ):
         if value > 1:

@@ -16,16 +16,18 @@ otherwise).
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import DTensor, Placement, Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
+    PrepareModuleInputOutput,
     RowwiseParallel,
     SequenceParallel,
     parallelize_module,
 )
 
 from llmtrain.models.llama import Transformer
+from llmtrain.models.moe import MoE
 
 
 def apply_tp(model: Transformer, tp_mesh: DeviceMesh, sequence_parallel: bool) -> None:
@@ -59,10 +61,30 @@ def apply_tp(model: Transformer, tp_mesh: DeviceMesh, sequence_parallel: bool) -
             "feed_forward.w3": ColwiseParallel(),
             "feed_forward.w2": RowwiseParallel(output_layouts=seq),
         }
+        if isinstance(block.feed_forward, MoE):  # replicated over tp (expert-parallel over ep)
+            for key in ("feed_forward.w1", "feed_forward.w3", "feed_forward.w2"):
+                del plan[key]
+            plan["feed_forward"] = moe_tp_style(seq)
         if sequence_parallel:
             plan["attention_norm"] = SequenceParallel()
             plan["ffn_norm"] = SequenceParallel()
         parallelize_module(block, tp_mesh, plan)
+
+
+def moe_tp_style(seq: Placement) -> PrepareModuleInputOutput:
+    """An MoE layer under TP: its weights are not split over tp (each tp rank runs the whole layer
+    on the whole sequence, the same tokens and the same weights, so its gradients come out complete
+    and identical on every tp rank, and expert parallelism splits the experts instead). The input is
+    gathered to the full sequence (backward: a slice of the identical gradient) and the output
+    sliced back to the sequence-parallel layout (backward: a gather)."""
+    return PrepareModuleInputOutput(
+        input_layouts=(seq,),
+        desired_input_layouts=(Replicate(),),
+        use_local_input=True,
+        output_layouts=(Replicate(),),
+        desired_output_layouts=(seq,),
+        use_local_output=True,
+    )
 
 
 def apply_grad_layout_hooks(model: nn.Module) -> None:

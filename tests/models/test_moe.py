@@ -228,8 +228,8 @@ def test_moe_tiny_preset_builds_and_refuses_what_it_cannot_run() -> None:
     cfg = compose_config(["model=moe_tiny", "tracking=none"])
     model = build_model(cfg.model, "cpu")
     assert [i for i, _ in moe_layers(model)] == [1, 2, 3]
-    with pytest.raises(ConfigError, match=r"parallel.tp=2 is not supported yet"):
-        compose_config(["model=moe_tiny", "tracking=none", "parallel=tp2"])
+    with pytest.raises(ConfigError, match=r"parallel.pp=2 is not supported yet"):
+        compose_config(["model=moe_tiny", "tracking=none", "parallel=pp2"])
     with pytest.raises(ConfigError, match=r"parallel.backend=native only, got deepspeed"):
         compose_config(["model=moe_tiny", "tracking=none", "parallel.backend=deepspeed"])
     with pytest.raises(ConfigError, match=r"model.moe_top_k"):

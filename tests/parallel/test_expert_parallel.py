@@ -5,9 +5,10 @@ on the tiny test shapes. Over 5 steps each layout's loss and grad norm equal the
 within 1e-5 and the router's choices are identical: the global tokens per expert of every MoE layer,
 summed after each step, are equal as integers. One spawn per world size:
 
-- 2 ranks: ep2 (no ZeRO, edp 1), ep2 with ZeRO-3 (edp 1), then resume the ep2 checkpoint at ep1 (DDP);
+- 2 ranks: ep2 (no ZeRO, edp 1), ep2 with ZeRO-3 (edp 1), tp2 (the MoE layer replicated over tp,
+  attention tensor-parallel with sequence parallel), then resume the ep2 checkpoint at ep1 (DDP);
 - 4 ranks: ep2 x dp2 (edp 2, expert gradients all-reduced over edp), ep2 x dp2 with ZeRO-3 (experts
-  FSDP-sharded over edp).
+  FSDP-sharded over edp), ep2 x tp2 (tp2 x dp2 with ep carved from the dp2).
 
 The ep2 run saves after step 5 (DCP, global expert tensors); resumed at ep1 on 2 ranks and in 1
 process, steps 6-8 equal the uninterrupted single-process run within 1e-5. The ep2 run also counts
@@ -32,10 +33,15 @@ MOE = [
     "model.moe_aux_loss_coef=0.05",
     "model.moe_bias_update_rate=0.01",
 ]
-LAYOUTS_2 = {"ep2": ["parallel=ddp", "parallel.ep=2"], "ep2_zero3": ["parallel=zero3", "parallel.ep=2"]}
+LAYOUTS_2 = {
+    "ep2": ["parallel=ddp", "parallel.ep=2"],
+    "ep2_zero3": ["parallel=zero3", "parallel.ep=2"],
+    "tp2": ["parallel=tp2"],  # MoE under TP: the layer replicated over tp (all 8 experts per rank)
+}
 LAYOUTS_4 = {
     "ep2_dp2": ["parallel=ddp", "parallel.ep=2"],
     "ep2_dp2_zero3": ["parallel=zero3", "parallel.ep=2"],
+    "ep2_tp2": ["parallel=tp2", "parallel.ep=2"],  # tp2 x dp2, ep carved from the dp2
 }
 
 
@@ -107,7 +113,8 @@ def test_expert_parallel_layouts_match_one_process_and_reshard(shakespeare_dir: 
         assert rel_err(run["grad_norm"], first["grad_norm"]) <= 1e-5, (name, run["grad_norm"])
         assert [p["loads"] for p in run["probe"]] == loads, f"{name}: router choices differ from one process"
         # each ep rank holds 4 of the 8 experts; ZeRO-3 over edp 2 keeps half of those between steps
-        assert run["probe"][0]["local_experts"] == (2 if name == "ep2_dp2_zero3" else 4), name
+        local = {"ep2_dp2_zero3": 2, "tp2": 8}.get(name, 4)
+        assert run["probe"][0]["local_experts"] == local, name
     from llmtrain.config import batch_geometry
     from llmtrain.models import model_args
     from llmtrain.plan.comm import comm_volume
