@@ -11,11 +11,16 @@ layer, and training tokens/s of an MoE model vs a dense model of the same active
 3. Training steps (train_step: forward, backward, AdamW) of moe_tiny with every layer MoE against
    the dense decoder whose SwiGLU is as wide as the active experts (top_k + shared) x 96 = 288: the
    same active parameters apart from the router (the MFU numerator of both is within 1%).
+4. (--ep, 2 spawned gloo ranks) the same moe_tiny training step under DDP (dp2, every rank all 8
+   experts) and under ep2 (4 experts per rank, all-to-all dispatch): wall time of a step (median,
+   rank 0), the share of it spent inside the token all-to-alls, and the rows' bytes each rank sent to
+   the other per step next to the planner's dispatch volume (llmtrain/plan/experts.py).
 """
 
 import argparse
 import statistics
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -78,12 +83,79 @@ def train_tokens_per_s(moe: bool, batch: int, seq: int, steps: int) -> tuple[flo
     return batch * seq / statistics.median(cpu), count_active_params(model)
 
 
+def _ep_rank(rank: int, world: int, batch: int, seq: int, steps: int) -> dict[str, dict]:
+    """One rank of item 4: step wall time per layout, a2a wall time and the bytes sent off-rank."""
+    import llmtrain.parallel.expert_parallel as ep_mod
+    from llmtrain.data.loader import Batch
+    from llmtrain.parallel.build import build_engine
+    from llmtrain.parallel.layout import build_dims
+    from llmtrain.testing import compose_config
+
+    torch.set_num_threads(1)
+    exchange, seen = ep_mod._exchange, {"s": 0.0, "bytes": 0.0}
+
+    def counted(x, out_splits, in_splits, group):  # rows this rank sends to the others, and the time
+        t0 = time.perf_counter()
+        out = exchange(x, out_splits, in_splits, group)
+        seen["s"] += time.perf_counter() - t0
+        seen["bytes"] += (sum(in_splits) - in_splits[rank]) * x[:1].numel() * x.element_size()
+        return out
+
+    ep_mod._exchange = counted
+    out = {}
+    for name, extra in (("dp2 (DDP)", []), ("ep2", ["parallel.ep=2"])):
+        over = ["model=moe_tiny", "model.moe_first_k_dense=0", f"data.seq_len={seq}", "trainer.device=cpu"]
+        over += [
+            f"trainer.micro_batch_size={batch}",
+            f"trainer.global_batch_size={2 * batch}",
+            "tracking=none",
+        ]
+        cfg = compose_config([*over, "parallel=ddp", *extra])
+        dims = build_dims(cfg, world)
+        engine = build_engine(cfg, dims, dims.build_mesh("cpu"), CPU)
+        g = torch.Generator().manual_seed(rank)
+        toks = torch.randint(0, cfg.model.vocab_size, (batch, seq + 1), generator=g)
+        batches = [Batch(toks[:, :-1].contiguous(), toks[:, 1:].contiguous())]
+        engine.train_step(batches, 1e-3)  # warm-up (optimizer state)
+        walls = []
+        seen.update(s=0.0, bytes=0.0)
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            engine.train_step(batches, 1e-3)
+            walls.append(time.perf_counter() - t0)
+        out[name] = {
+            "step_s": statistics.median(walls),
+            "a2a_s": seen["s"] / steps,
+            "bytes": seen["bytes"] / steps,
+        }
+    return out
+
+
+def ep_rows(batch: int, seq: int, steps: int) -> list[dict]:
+    """Item 4 of the module docstring: rank 0's figures and the planner's dispatch bytes."""
+    from llmtrain.models import model_args
+    from llmtrain.plan.experts import dispatch_bytes
+    from llmtrain.testing import compose_config
+    from tests.distributed import run_distributed
+
+    got = run_distributed(_ep_rank, 2, args=(batch, seq, steps), timeout=600)[0]
+    cfg = compose_config(["model=moe_tiny", "model.moe_first_k_dense=0", "tracking=none"])
+    act = 2.0 if cfg.trainer.precision == "bf16" else 4.0  # the experts' output dtype (autocast)
+    planned = dispatch_bytes(model_args(cfg.model), seq, batch, 1, 2, 4.0, act, False)
+    rows = []
+    for name, r in got.items():
+        rows.append({"layout": name, "step_s": r["step_s"], "a2a_share": r["a2a_s"] / r["step_s"],
+                     "a2a_MB_sent": r["bytes"] / 1e6, "planned_MB": planned / 1e6 if "ep" in name else 0.0})  # fmt: skip
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=9)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--ep", action="store_true", help="also item 4: dp2 vs ep2 on 2 spawned ranks")
     opts = ap.parse_args()
     torch.set_num_threads(1)
     t = layer_times(opts.batch, opts.seq, opts.reps)
@@ -106,6 +178,9 @@ def main() -> None:
     print_table(train_rows, ["model", "active_params", "tokens_per_cpu_s"])
     ratio = train_rows[0]["tokens_per_cpu_s"] / train_rows[1]["tokens_per_cpu_s"]
     print(f"moe / dense tokens per CPU second: {ratio:.3f}")
+    ep = ep_rows(opts.batch, opts.seq, opts.steps) if opts.ep else []
+    if ep:
+        print_table(ep, ["layout", "step_s", "a2a_share", "a2a_MB_sent", "planned_MB"])
     write_results(
         "moe",
         {
@@ -114,6 +189,7 @@ def main() -> None:
             "dispatch_share": share,
             "train": train_rows,
             "moe_over_dense": ratio,
+            "ep": ep,
         },
     )
 

@@ -50,6 +50,7 @@ COLLECTIVES = {
 MODEL_TENSOR_COLLECTIVES = {
     "llmtrain.parallel.data_parallel": "gradient all-reduce (TP/PP without ZeRO)",
     "llmtrain.parallel.backends.megatron": "tensor-parallel weight gather for export",
+    "llmtrain.parallel.expert_parallel": "token dispatch/combine all-to-all of activations (and their counts)",
 }
 MAX_FUNCTION_LINES = 70
 

@@ -1,4 +1,4 @@
-"""Parallel layout schema: dp_replicate x dp_shard x pp x tp = world size."""
+"""Parallel layout schema: dp_replicate x dp_shard x pp x tp = world size (ep is carved from dp)."""
 
 from dataclasses import dataclass, field
 
@@ -24,6 +24,10 @@ class ParallelConfig:
     """Tensor-parallel degree (Megatron-style column/row split)."""
     pp: int = 1
     """Pipeline-parallel stages."""
+    ep: int = 1
+    """Expert-parallel degree (MoE models): the routed experts of each MoE layer are split over groups
+    of `ep` data-parallel ranks (each holds moe_num_experts / ep), tokens travel by all-to-all. Carved
+    from the data-parallel ranks: it must divide dp_replicate x dp_shard (docs/moe.md)."""
     zero_stage: int = 0
     """0 = DDP; 1 = sharded optimizer state; 2 = + sharded grads; 3 = + sharded params (FSDP2).
     Stages 1-3 shard over dp_shard (HSDP when dp_replicate > 1 too); dp_shard > 1 needs stage >= 1."""

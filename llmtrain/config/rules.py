@@ -67,6 +67,7 @@ def check_parallel_config(cfg: Config) -> None:
             "not translated into megatron-core's attention"
         )
     check_moe_parallel(cfg)
+    check_expert_parallel(cfg)
     if p.dp_shard != -1:  # -1 resolves with the world size: parallel.layout applies the same rule then
         check_zero_shards(p.zero_stage, p.dp_shard)
     if p.backend == "native" and p.zero_stage == 0 and p.param_dtype != "fp32":
@@ -95,6 +96,30 @@ def check_moe_parallel(cfg: Config) -> None:
             f"model.moe_num_experts={m.moe_num_experts} with parallel.pp_schedule={p.pp_schedule} is not "
             f"supported (the zero-bubble schedules split the backward, and the router losses each stage "
             f"attaches are untested there); allowed: {', '.join(MOE_PP_SCHEDULES)}"
+        )
+
+
+def check_expert_parallel(cfg: Config) -> None:
+    """parallel.ep > 1 needs routed experts it can split evenly (the world-size rule, ep divides the
+    data-parallel degree, is in llmtrain.parallel.layout)."""
+    p, m = cfg.parallel, cfg.model
+    check(p.ep >= 1, "parallel.ep", f"{p.ep} must be >= 1")
+    if p.ep == 1:
+        return
+    if m.moe_num_experts == 0:
+        raise ConfigError(
+            f"parallel.ep={p.ep} shards routed experts, but model.moe_num_experts=0 (a dense model): "
+            "use parallel.ep=1 or an MoE model (e.g. model=moe_tiny)"
+        )
+    if p.pp > 1:
+        raise ConfigError(
+            f"parallel.ep={p.ep} with parallel.pp={p.pp} is not supported yet (expert-parallel dispatch "
+            "inside pipeline stages is untested); use parallel.ep=1 or parallel.pp=1"
+        )
+    if m.moe_num_experts % p.ep:
+        raise ConfigError(
+            f"parallel.ep={p.ep} must divide model.moe_num_experts={m.moe_num_experts} (each expert-parallel "
+            "rank holds moe_num_experts / ep experts)"
         )
 
 

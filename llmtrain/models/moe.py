@@ -36,13 +36,14 @@ reaches the router of whatever stage owns the layer, with the one-process weight
 
 import functools
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from llmtrain.distributed.collectives import all_reduce_, gather_objects
 
@@ -104,7 +105,8 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x (T, dim) sorted by expert, counts (E,) tokens per local expert -> (T, dim)."""
-        w1, w3, w2 = self.w1, self.w3, self.w2
+        # under expert parallelism the weights are DTensor shards: this rank's experts are its local part
+        w1, w3, w2 = (w.to_local() if isinstance(w, DTensor) else w for w in (self.w1, self.w3, self.w2))
         if torch.is_autocast_enabled(x.device.type):  # autocast has no rule for _grouped_mm
             dt = torch.get_autocast_dtype(x.device.type)
             x, w1, w3, w2 = x.to(dt), w1.to(dt), w3.to(dt), w2.to(dt)
@@ -172,6 +174,8 @@ class MoE(nn.Module):
         self.router = Router(args)
         self.experts = GroupedExperts(args.num_experts, args.dim, args.expert_dim, args.gemm)
         self.shared_experts = shared
+        # set by llmtrain.parallel.expert_parallel: (rows sorted by expert, counts, experts) -> outputs
+        self.token_dispatcher: Callable[[torch.Tensor, torch.Tensor, nn.Module], torch.Tensor] | None = None
         self._pending: dict[str, torch.Tensor] | None = None
         self.microbatches: MicroBatches | None = None  # set under pipeline parallelism only
         self._step: torch.Tensor | None = None  # this step: [loads (E), lb sum, z sum, row tokens]
@@ -210,7 +214,11 @@ class MoE(nn.Module):
         flat_idx = idx.flatten()
         order = flat_idx.argsort(stable=True)
         counts = torch.bincount(flat_idx, minlength=self.args.num_experts)
-        out = self.experts(flat.index_select(0, order // k), counts)
+        rows = flat.index_select(0, order // k)
+        if self.token_dispatcher is None:
+            out = self.experts(rows, counts)
+        else:  # expert parallelism: the rows go to the ranks that hold their experts and come back
+            out = self.token_dispatcher(rows, counts, self.experts)
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
         back = out.index_select(0, inverse).view(num_tokens, k, -1)
@@ -269,6 +277,10 @@ class MoE(nn.Module):
             delta = rate * torch.sign(loads.mean() - loads)
             bias = self.router.expert_bias
             bias += (delta - delta.mean()).to(bias.device, bias.dtype)
+
+    def interval_loads(self) -> list[float]:
+        """Global tokens per expert since the last `interval_stats` (the router's choices, summed)."""
+        return self._interval[: self.args.num_experts].tolist()
 
     def interval_stats(self) -> dict[str, float]:
         """Load imbalance (max/mean tokens per expert), mean balance loss and z-loss since the last

@@ -56,14 +56,14 @@ def load_checkpoint_engine(
     state = TrainerState.read(ckpt)
     cfg = state.run_config()
     parallel = sections.pop("parallel", None) or dataclasses.replace(
-        cfg.parallel, dp_replicate=-1, dp_shard=1, tp=1, pp=1, zero_stage=0
+        cfg.parallel, dp_replicate=-1, dp_shard=1, tp=1, pp=1, ep=1, zero_stage=0
     )
     trainer = dataclasses.replace(cfg.trainer, device=device)
     cfg = dataclasses.replace(cfg, parallel=parallel, trainer=trainer, **sections)
     dev = pick_device(device, env.local_rank)
     init_distributed(env, dev)
     p = cfg.parallel
-    dims = ParallelDims(p.dp_replicate, p.dp_shard, p.tp, p.pp, env.world_size)
+    dims = ParallelDims(p.dp_replicate, p.dp_shard, p.tp, p.pp, env.world_size, ep=p.ep)
     mesh = dims.build_mesh(dev.type) if env.world_size > 1 else None
     with single_process_dcp():
         engine = build_engine(cfg, dims, mesh, dev, build_peft(cfg))

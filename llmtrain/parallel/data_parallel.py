@@ -37,6 +37,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 from torch.distributed.tensor import DTensor
 
 from llmtrain.models.llama import Transformer
+from llmtrain.models.moe import GroupedExperts
 
 DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -56,13 +57,17 @@ def apply_fsdp(
     param_dtype: torch.dtype,
     reduce_dtype: torch.dtype,
     cpu_offload: bool,
+    expert_mesh: DeviceMesh | None = None,
+    expert_grad_divide: int = 1,
     *,
     pipelined: bool = False,
 ) -> None:
     """Shard `model` (or a pipeline stage) over `dp_mesh` (1-D dp_shard, or 2-D for HSDP) in place.
 
     Each block is its own FSDP unit so that only one block's parameters are unsharded at a time under
-    stage 3; the root unit holds the embedding, final norm and output projection.
+    stage 3; the root unit holds the embedding, final norm and output projection. With expert
+    parallelism the routed experts of a block are a unit of their own over `expert_mesh` (edp), whose
+    gradients are divided by `expert_grad_divide` (dp) instead of the edp size.
 
     `pipelined` (a stage of a pipeline): torch's schedules keep every stage's parameters unsharded
     and its gradients unreduced from the first backward of a step to the last
@@ -81,6 +86,17 @@ def apply_fsdp(
     for i, block in enumerate(blocks):
         # the last block's parameters are needed again right away by the backward: keep them
         last = i == len(blocks) - 1
+        if expert_mesh is not None:  # experts: own units over edp, scaled to the one-process gradient
+            for experts in (m for m in block.modules() if isinstance(m, GroupedExperts)):
+                unit = fully_shard(
+                    experts,
+                    reshard_after_forward=zero_stage == 3 and not last and not pipelined,
+                    **{**kwargs, "mesh": expert_mesh},
+                )
+                unit.set_gradient_divide_factor(float(expert_grad_divide))
+                # a sum then a division, not PREMUL_SUM (gloo refuses it); on one rank torch 2.13
+                # would divide twice, so only where there is a reduce-scatter
+                unit.set_force_sum_reduction_for_comms(expert_mesh.size() > 1)
         fully_shard(block, reshard_after_forward=zero_stage == 3 and not last and not pipelined, **kwargs)
     fully_shard(model, reshard_after_forward=zero_stage == 3 and not pipelined, **kwargs)
 
@@ -128,16 +144,22 @@ def allreduce_grads(modules: list[nn.Module], dp_group: dist.ProcessGroup, dp_si
     backward of the last micro-batch; used when DDP cannot wrap the model, i.e. with TP DTensors or
     pipeline stages)."""
     grads = [p.grad for m in modules for p in m.parameters() if p.grad is not None]
-    locals_ = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
-    if not locals_:
+    average_tensors([g.to_local() if isinstance(g, DTensor) else g for g in grads], dp_group, dp_size)
+
+
+def average_tensors(tensors: list[torch.Tensor], group: dist.ProcessGroup | None, divisor: int) -> None:
+    """In place: sum over `group` (None: no other rank) and divide by `divisor`. Expert parallelism
+    sums expert gradients over fewer ranks than it divides by (llmtrain.parallel.expert_parallel)."""
+    if not tensors:
         return
     # one flat bucket per dtype: a single collective instead of one per parameter
-    for dtype in {t.dtype for t in locals_}:
-        group = [t for t in locals_ if t.dtype == dtype]
-        flat = torch.cat([t.reshape(-1) for t in group])
-        dist.all_reduce(flat, group=dp_group)
-        flat.div_(dp_size)
+    for dtype in {t.dtype for t in tensors}:
+        group_ = [t for t in tensors if t.dtype == dtype]
+        flat = torch.cat([t.reshape(-1) for t in group_])
+        if group is not None:
+            dist.all_reduce(flat, group=group)
+        flat.div_(divisor)
         offset = 0
-        for t in group:
+        for t in group_:
             t.copy_(flat[offset : offset + t.numel()].view_as(t))
             offset += t.numel()

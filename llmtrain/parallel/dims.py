@@ -2,6 +2,9 @@
 
 World = pp x dp_replicate x dp_shard x tp, in that mesh order (tp innermost so that tensor-parallel
 peers are neighbours, i.e. on the same node). Meshes are returned to callers, never kept in globals.
+Expert parallelism is carved from the data-parallel ranks: the flattened dp mesh is unflattened into
+(edp, ep), ep innermost, so an expert-parallel group is `ep` consecutive dp ranks and the ranks that
+hold the same experts (edp, the expert-data-parallel group) are `ep` apart.
 """
 
 from dataclasses import dataclass, field
@@ -23,8 +26,11 @@ class ParallelDims:
     tp: int
     pp: int
     world_size: int
+    ep: int = 1
+    """Expert-parallel degree, a divisor of dp (checked by llmtrain.parallel.layout)."""
     _mesh: DeviceMesh | None = field(default=None, init=False, repr=False)
     _dp_mesh: DeviceMesh | None = field(default=None, init=False, repr=False)
+    _expert_mesh: DeviceMesh | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         check_parallel_factors(dp_replicate=self.dp_replicate, dp_shard=self.dp_shard, tp=self.tp, pp=self.pp)
@@ -72,6 +78,15 @@ class ParallelDims:
     def pp_enabled(self) -> bool:
         return self.pp > 1
 
+    @property
+    def ep_enabled(self) -> bool:
+        return self.ep > 1
+
+    @property
+    def edp(self) -> int:
+        """Expert-data-parallel degree: the dp ranks that hold the same experts (dp / ep)."""
+        return self.dp // self.ep
+
     def build_mesh(self, device_type: str) -> DeviceMesh:
         """World mesh with named dims plus flattened views: `dp` (replicate x shard) for data loading
         and loss reduction, `dp_shard_cp`-style names are not used."""
@@ -82,6 +97,8 @@ class ParallelDims:
                 mesh_dim_names=MESH_ORDER,
             )
             self._dp_mesh = mesh[("dp_replicate", "dp_shard")]._flatten("dp")
+            if self.ep_enabled:
+                self._expert_mesh = self._dp_mesh._unflatten(0, (self.edp, self.ep), ("edp", "ep"))
             self._mesh = mesh
         return self._mesh
 
@@ -93,6 +110,14 @@ class ParallelDims:
             raise RuntimeError("ParallelDims.build_mesh() must run before dp_mesh is used")
         return self._dp_mesh
 
+    @property
+    def expert_mesh(self) -> DeviceMesh:
+        """The (edp, ep) view of the dp ranks (ep > 1 only): experts are sharded over `ep`, their
+        gradients reduced (or ZeRO-sharded) over `edp`."""
+        if self._expert_mesh is None:
+            raise RuntimeError("ParallelDims.build_mesh() with ep > 1 must run before expert_mesh is used")
+        return self._expert_mesh
+
     def coords(self, rank: int) -> dict[str, int]:
         """Coordinates of a global rank along each mesh dim (pure arithmetic, no process group)."""
         out: dict[str, int] = {}
@@ -101,7 +126,10 @@ class ParallelDims:
             out[name] = rank % size
             rank //= size
         out["dp"] = out["dp_replicate"] * self.dp_shard + out["dp_shard"]
+        if self.ep_enabled:
+            out["ep"], out["edp"] = out["dp"] % self.ep, out["dp"] // self.ep
         return out
 
     def describe(self) -> str:
-        return f"dp_replicate={self.dp_replicate} dp_shard={self.dp_shard} tp={self.tp} pp={self.pp}"
+        ep = f" ep={self.ep}" if self.ep_enabled else ""
+        return f"dp_replicate={self.dp_replicate} dp_shard={self.dp_shard} tp={self.tp} pp={self.pp}{ep}"

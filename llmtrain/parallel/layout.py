@@ -13,7 +13,7 @@ from llmtrain.parallel.dims import ParallelDims
 def build_dims(cfg: Config, world_size: int) -> ParallelDims:
     """ParallelDims for `world_size` ranks, with every layout rule checked (ConfigError otherwise)."""
     p = cfg.parallel
-    dims = ParallelDims(p.dp_replicate, p.dp_shard, p.tp, p.pp, world_size)
+    dims = ParallelDims(p.dp_replicate, p.dp_shard, p.tp, p.pp, world_size, ep=p.ep)
     check_layout(cfg, dims)
     return dims
 
@@ -32,6 +32,12 @@ def check_layout(cfg: Config, dims: ParallelDims) -> None:
         raise ConfigError(
             f"parallel.zero_stage={p.zero_stage} shards over parallel.dp_shard, which is 1 while "
             f"parallel.dp_replicate={dims.dp_replicate}: set dp_shard=-1 (ZeRO) or dp_shard>1 (HSDP)"
+        )
+    if dims.ep != p.ep or dims.dp % dims.ep:
+        raise ConfigError(
+            f"parallel.ep={p.ep} is carved from the data-parallel ranks and must divide dp = "
+            f"parallel.dp_replicate={dims.dp_replicate} x parallel.dp_shard={dims.dp_shard} = {dims.dp} "
+            f"(world size {dims.world_size} = dp x parallel.tp={dims.tp} x parallel.pp={dims.pp})"
         )
     accum = batch_geometry(cfg, dims.dp)
     if not dims.pp_enabled:

@@ -1,5 +1,5 @@
 """Apply a parallel layout to a meta-device model, in the documented order (docs/architecture.md):
-pipeline split -> FP8 conversion -> TP -> activation checkpointing -> compile -> FSDP/ZeRO ->
+pipeline split -> FP8 conversion -> TP -> EP -> activation checkpointing -> compile -> FSDP/ZeRO ->
 materialize -> init weights -> DDP.
 
 Each `apply_*` takes explicit arguments (a mesh, flags), never the whole config; `parallelize` is
@@ -28,6 +28,7 @@ from llmtrain.parallel.data_parallel import (
     zero12_accumulate,
 )
 from llmtrain.parallel.dims import ParallelDims
+from llmtrain.parallel.expert_parallel import ep_grad_sync, expert_fsdp_kwargs, maybe_apply_ep
 from llmtrain.parallel.fp8 import apply_fp8
 from llmtrain.parallel.pipeline import local_stage_ids, split_stage
 from llmtrain.parallel.tensor_parallel import apply_grad_layout_hooks, apply_tp
@@ -114,6 +115,7 @@ def parallelize(
         if dims.tp_enabled:
             assert mesh is not None
             apply_tp(part, mesh["tp"], cfg.sequence_parallel)
+        maybe_apply_ep(part, dims)
         apply_activation_checkpointing(part, cfg.activation_checkpoint)
         if cfg.compile:
             apply_compile(part)
@@ -127,6 +129,7 @@ def parallelize(
                 DTYPE[cfg.param_dtype],
                 DTYPE[cfg.reduce_dtype],
                 cfg.cpu_offload and device.type == "cuda",
+                **expert_fsdp_kwargs(dims),
                 pipelined=dims.pp_enabled,
             )
         materialize(part, device, seed)
@@ -139,6 +142,8 @@ def parallelize(
         )
     elif not dims.dp_enabled:
         sync = GradSync()
+    elif dims.ep_enabled:  # expert and dense gradients average over different groups
+        sync = ep_grad_sync(modules, dims)
     elif dims.tp_enabled or dims.pp_enabled:  # DDP does not take DTensors or pipeline stages
         group = dims.dp_mesh.get_group()
         sync = GradSync(reduce=lambda: allreduce_grads(modules, group, dims.dp))

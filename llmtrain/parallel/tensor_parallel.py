@@ -23,7 +23,7 @@ whole rows, as in one process (tests/parallel/test_moe_parity.py).
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import DTensor, Placement, Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
@@ -64,14 +64,8 @@ def apply_tp(model: Transformer, tp_mesh: DeviceMesh, sequence_parallel: bool) -
             "attention.wv": ColwiseParallel(),
             "attention.wo": RowwiseParallel(output_layouts=seq),
         }
-        if isinstance(block.feed_forward, MoE):
-            plan["feed_forward"] = PrepareModuleInputOutput(
-                input_layouts=(seq,),
-                desired_input_layouts=(Replicate(),),
-                use_local_input=True,
-                output_layouts=(Replicate(),),
-                desired_output_layouts=(seq,),
-            )  # replicated experts (module docstring): whole sequence in, the rank's shard out
+        if isinstance(block.feed_forward, MoE):  # replicated over tp (expert-parallel over ep)
+            plan["feed_forward"] = moe_tp_style(seq)
         else:
             plan["feed_forward"] = PrepareModuleInput(
                 input_layouts=(seq,), desired_input_layouts=(Replicate(),)
@@ -83,6 +77,22 @@ def apply_tp(model: Transformer, tp_mesh: DeviceMesh, sequence_parallel: bool) -
             plan["attention_norm"] = SequenceParallel()
             plan["ffn_norm"] = SequenceParallel()
         parallelize_module(block, tp_mesh, plan)
+
+
+def moe_tp_style(seq: Placement) -> PrepareModuleInputOutput:
+    """An MoE layer under TP: its weights are not split over tp (each tp rank runs the whole layer
+    on the whole sequence, the same tokens and the same weights, so its gradients come out complete
+    and identical on every tp rank, and expert parallelism splits the experts instead). The input is
+    gathered to the full sequence (backward: a slice of the identical gradient) and the output
+    sliced back to the sequence-parallel layout (backward: a gather)."""
+    return PrepareModuleInputOutput(
+        input_layouts=(seq,),
+        desired_input_layouts=(Replicate(),),
+        use_local_input=True,
+        output_layouts=(Replicate(),),
+        desired_output_layouts=(seq,),
+        use_local_output=True,
+    )
 
 
 def apply_grad_layout_hooks(model: nn.Module) -> None:

@@ -20,6 +20,8 @@ Per step, with P parameters per (tp, pp) shard, m micro-batches, n = dp_shard, r
                    activations (mbs x seq x dim)
   pp               per micro-batch an activation forward and a gradient backward over each boundary:
                    a middle stage sends both, an end stage one (the busiest rank is counted)
+  ep               token dispatch + combine all-to-alls of every MoE layer (llmtrain/plan/experts.py);
+                   the dp terms count only this rank's E/ep routed experts
 g = gradient reduce bytes (parallel.reduce_dtype under ZeRO/FSDP2: bf16 2, fp32 4; DDP reduces its
 fp32 gradients: 4), a = parameter bytes (bf16 params: 2, else 4), activations in the compute dtype.
 Which links a group uses follows the mesh order (pp, dp_replicate, dp_shard, tp; tp innermost): a
@@ -29,6 +31,7 @@ group whose ranks lie in one node uses the intra-node bandwidth, else inter-node
 from dataclasses import dataclass
 
 from llmtrain.models.llama import TransformerArgs
+from llmtrain.plan.experts import dispatch_bytes, expert_params_off_rank
 from llmtrain.plan.memory import DTYPE_BYTES, Layout, total_params
 
 
@@ -47,6 +50,37 @@ def _inter_node(extent: int, gpus_per_node: int) -> bool:
     return extent > gpus_per_node or gpus_per_node % extent != 0
 
 
+def _dp_parts(
+    lo: Layout, shard_params: float, m: int, g: float, a: float, gpus_per_node: int
+) -> dict[str, CommPart]:
+    """Data-parallel traffic (dp, and dp_replicate under HSDP) of `comm_volume`."""
+    n, r, t = lo.dp_shard, lo.dp_replicate, lo.tp
+    parts: dict[str, CommPart] = {}
+    if lo.zero_stage <= 1:  # one all-reduce over every data-parallel rank
+        parts["dp"] = CommPart(
+            bytes=2 * (lo.dp - 1) / lo.dp * shard_params * g,
+            inter_node=_inter_node(lo.dp * t, gpus_per_node),
+            overlapped=True,
+        )
+    else:
+        per = (m * g + a) if lo.zero_stage == 2 else m * (2 * a + g)
+        if lo.pp > 1:  # a pipeline stage gathers once and reduce-scatters once per step
+            per = a + g
+        if n > 1:
+            parts["dp"] = CommPart(
+                bytes=per * (n - 1) / n * shard_params,
+                inter_node=_inter_node(n * t, gpus_per_node),
+                overlapped=True,
+            )
+        if r > 1:  # HSDP: the gradient shards are all-reduced across replicas
+            parts["dp_replicate"] = CommPart(
+                bytes=2 * (r - 1) / r * shard_params / n * g,
+                inter_node=_inter_node(r * n * t, gpus_per_node),
+                overlapped=True,
+            )
+    return parts
+
+
 def comm_volume(
     args: TransformerArgs,
     seq_len: int,
@@ -57,37 +91,17 @@ def comm_volume(
 ) -> dict[str, CommPart]:
     """Bytes per rank per step for `layout` by kind (dp, dp_replicate, tp, pp; see the module doc)."""
     lo = layout
-    shard_params = total_params(args) / (lo.tp * lo.pp)
+    # routed experts: each rank reduces only its E/ep (over edp; counted like dp, slightly more)
+    shard_params = total_params(args) / (lo.tp * lo.pp) - expert_params_off_rank(args, lo.ep, lo.pp)
     fsdp = lo.zero_stage >= 1 and lo.dp_shard > 1  # FSDP2's reduce_dtype; DDP reduces fp32 grads
     g = float(DTYPE_BYTES[lo.reduce_dtype]) if fsdp else 4.0
     a = 2.0 if lo.param_dtype == "bf16" else 4.0
     act_bytes = 2.0 if precision == "bf16" else 4.0
-    m, n, r, t = grad_accum, lo.dp_shard, lo.dp_replicate, lo.tp
+    m, t = grad_accum, lo.tp
     parts: dict[str, CommPart] = {}
 
     if lo.dp > 1:
-        if lo.zero_stage <= 1:  # one all-reduce over every data-parallel rank
-            parts["dp"] = CommPart(
-                bytes=2 * (lo.dp - 1) / lo.dp * shard_params * g,
-                inter_node=_inter_node(lo.dp * t, gpus_per_node),
-                overlapped=True,
-            )
-        else:
-            per = (m * g + a) if lo.zero_stage == 2 else m * (2 * a + g)
-            if lo.pp > 1:  # a pipeline stage gathers once and reduce-scatters once per step
-                per = a + g
-            if n > 1:
-                parts["dp"] = CommPart(
-                    bytes=per * (n - 1) / n * shard_params,
-                    inter_node=_inter_node(n * t, gpus_per_node),
-                    overlapped=True,
-                )
-            if r > 1:  # HSDP: the gradient shards are all-reduced across replicas
-                parts["dp_replicate"] = CommPart(
-                    bytes=2 * (r - 1) / r * shard_params / n * g,
-                    inter_node=_inter_node(r * n * t, gpus_per_node),
-                    overlapped=True,
-                )
+        parts.update(_dp_parts(lo, shard_params, m, g, a, gpus_per_node))
 
     if t > 1:
         act = lo.micro_batch_size * seq_len * args.dim * act_bytes
@@ -96,6 +110,14 @@ def comm_volume(
         parts["tp"] = CommPart(
             bytes=collectives * m * 2 * (t - 1) / t * act,
             inter_node=_inter_node(t, gpus_per_node),
+            overlapped=False,
+        )
+
+    if lo.ep > 1:  # token dispatch and combine (llmtrain/plan/experts.py)
+        full = lo.activation_checkpoint == "full"
+        parts["ep"] = CommPart(
+            bytes=dispatch_bytes(args, seq_len, lo.micro_batch_size, m, lo.ep, a, act_bytes, full) / lo.pp,
+            inter_node=_inter_node(lo.ep * t, gpus_per_node),
             overlapped=False,
         )
 

@@ -130,6 +130,9 @@ def group_kinds(dims: ParallelDims, mesh: Any) -> dict[str, str]:
             kinds[mesh[name].get_group().group_name] = name
     if dims.dp_enabled:  # the flattened dp mesh: token counts, loss sums (HSDP: both dims)
         kinds.setdefault(dims.dp_mesh.get_group().group_name, "dp")
+    if dims.ep_enabled:  # token all-to-alls; expert gradients (edp)
+        for name in ("ep", "edp"):
+            kinds.setdefault(dims.expert_mesh[name].get_group().group_name, name)
     return kinds
 
 
@@ -174,6 +177,11 @@ def _step_skip_reason(
         return "steps not requested (--steps 0)"
     if meta:
         return "parameters on meta (--meta, or the shard would not fit this machine): no steps"
+    if dims.ep_enabled:
+        return (
+            "ep > 1: the token dispatch sizes its all-to-all from exchanged expert counts, values the "
+            "fake group does not carry; set-up, memory plan and checkpoint plan only"
+        )
     if est.total > 0.5 * psutil.virtual_memory().available:
         return f"a step's planned peak {est.total / GIB:.1f} GiB exceeds half of this machine's free memory"
     args = model_args(cfg.model)

@@ -90,6 +90,7 @@ def layout_from_config(cfg: Any, world: int) -> Layout:
         dp_shard=dims.dp_shard,
         tp=dims.tp,
         pp=dims.pp,
+        ep=dims.ep,
         zero_stage=p.zero_stage,
         activation_checkpoint=p.activation_checkpoint,
         sequence_parallel=p.sequence_parallel,

@@ -32,6 +32,7 @@ import math
 from dataclasses import dataclass, fields
 
 from llmtrain.models.llama import TransformerArgs
+from llmtrain.plan.experts import expert_params_off_rank, moe_param_delta, zero_expert_correction
 
 GIB = 1024**3
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -45,6 +46,7 @@ class Layout:
     dp_shard: int = 1
     tp: int = 1
     pp: int = 1
+    ep: int = 1
     zero_stage: int = 0
     activation_checkpoint: str = "none"
     sequence_parallel: bool = True
@@ -68,6 +70,7 @@ class Layout:
             f"dp{self.dp_replicate}x{self.dp_shard}",
             f"tp{self.tp}",
             f"pp{self.pp}",
+            *([f"ep{self.ep}"] if self.ep > 1 else []),
             f"z{self.zero_stage}",
         ]
         return " ".join([*parts, f"ac:{self.activation_checkpoint}", f"mbs{self.micro_batch_size}"])
@@ -109,17 +112,19 @@ def total_params(args: TransformerArgs) -> int:
     """Unique parameters (a tied output head is counted once), as `count_params` reports."""
     mats, norms = block_params(args)
     head = 0 if args.tie_embeddings else args.vocab_size * args.dim
-    return args.n_layers * (mats + norms) + args.vocab_size * args.dim + head + args.dim
+    moe = moe_param_delta(args)  # MoE layers: router + experts instead of the dense SwiGLU
+    return args.n_layers * (mats + norms) + moe + args.vocab_size * args.dim + head + args.dim
 
 
-def stage_params(args: TransformerArgs, tp: int, pp: int, stage: str) -> tuple[float, int]:
+def stage_params(args: TransformerArgs, tp: int, pp: int, stage: str, ep: int = 1) -> tuple[float, int]:
     """(parameters on one GPU of a pipeline stage, its block count). `stage` is "first" (holds the
     embedding) or "last" (final norm and head; its own copy of a tied head when pp > 1); with pp = 1
-    the one stage holds all. Matrices and the vocabulary split over tp, norms are replicated."""
+    the one stage holds all. Matrices and the vocabulary split over tp, norms are replicated, routed
+    experts over ep (MoE layers spread evenly over the stages)."""
     mats, norms = block_params(args)
     vd = args.vocab_size * args.dim / tp
     layers = math.ceil(args.n_layers / pp)
-    blocks = layers * (mats / tp + norms)
+    blocks = layers * (mats / tp + norms) + moe_param_delta(args) / pp - expert_params_off_rank(args, ep, pp)
     if pp == 1:
         return blocks + vd + (0 if args.tie_embeddings else vd) + args.dim, layers
     return (blocks + vd, layers) if stage == "first" else (blocks + vd + args.dim, layers)
@@ -164,31 +169,24 @@ def estimate_stage(
     args: TransformerArgs, seq_len: int, layout: Layout, precision: str, grad_accum: int, stage: str
 ) -> MemoryEstimate:
     """`estimate_memory` for one pipeline stage ("first" or "last"; "last" without pipelining)."""
-    p_local, layers = stage_params(args, layout.tp, layout.pp, stage)
+    p_local, layers = stage_params(args, layout.tp, layout.pp, stage, layout.ep)
     has_loss = stage == "last"
     shard, z = layout.dp_shard, layout.zero_stage
     fsdp = z >= 1 and shard > 1  # the native engine runs every ZeRO stage on FSDP2
-    weights = 4 * p_local / (shard if fsdp else 1)  # fp32 master weights rest sharded under FSDP2
+    # ZeRO shards dense weights over dp_shard, this rank's experts over edp = dp / ep
+    p_zero = p_local / shard + zero_expert_correction(args, layout.ep, layout.dp, shard, layout.pp)
+    weights = 4 * (p_zero if fsdp else p_local)  # fp32 master weights rest sharded under FSDP2
     # ZeRO-1 accumulates full local gradients until the step's last micro-batch (data_parallel.py);
     # so does every stage under a pipeline schedule, which also keeps the parameters unsharded
     pipelined = fsdp and layout.pp > 1
     full_grads = z == 0 or not fsdp or (z == 1 and grad_accum > 1) or pipelined
-    grads = 4 * p_local / (1 if full_grads else shard)
+    grads = 4 * (p_local if full_grads else p_zero)
     # (the vocab-parallel embedding's gradient, which DTensor returns Replicate, is sliced back to
     # the rank's rows by llmtrain.parallel.tensor_parallel.apply_grad_layout_hooks)
-    optimizer = 8 * p_local / (shard if fsdp else 1)
+    optimizer = 8 * (p_zero if fsdp else p_local)
     mats, norms = block_params(args)
     layer_local = mats / layout.tp + norms
-    buffers = args.max_seq_len * args.head_dim * 4  # RoPE table
-    if (
-        fsdp and z == 3 and not pipelined
-    ):  # two unsharded blocks (current + prefetch) and a gradient reduce buffer
-        buffers += 2 * layer_local * DTYPE_BYTES[layout.param_dtype] + 4 * layer_local
-    elif fsdp:  # ZeRO-1/2: parameters stay unsharded from the first forward to the last backward
-        buffers += p_local * DTYPE_BYTES[layout.param_dtype] + 4 * layer_local
-    if z == 0 and layout.dp > 1 and layout.tp == 1 and layout.pp == 1:
-        buffers += 4 * p_local  # DDP gradient buckets (tp/pp all-reduce the gradients in place)
-
+    buffers = resident_buffers(args, layout, p_local, layer_local, pipelined)
     buffers += pipeline_recv_buffers(args, seq_len, layout, grad_accum)
     tokens = layout.micro_batch_size * seq_len
     in_flight = in_flight_microbatches(layout, stage)
@@ -230,6 +228,22 @@ def estimate_stage(
         dynamic=dynamic,
         params_local=p_local,
     )
+
+
+def resident_buffers(
+    args: TransformerArgs, layout: Layout, p_local: float, layer_local: float, pipelined: bool
+) -> float:
+    """Buffers alive through the step besides activations: the RoPE table, FSDP2's unsharded
+    parameters and reduce buffer, DDP's gradient buckets."""
+    z, fsdp = layout.zero_stage, layout.zero_stage >= 1 and layout.dp_shard > 1
+    buffers = args.max_seq_len * args.head_dim * 4  # RoPE table
+    if fsdp and z == 3 and not pipelined:  # two unsharded blocks (current + prefetch), a reduce buffer
+        buffers += 2 * layer_local * DTYPE_BYTES[layout.param_dtype] + 4 * layer_local
+    elif fsdp:  # ZeRO-1/2, pipeline stages: parameters unsharded from the first forward to the last backward
+        buffers += p_local * DTYPE_BYTES[layout.param_dtype] + 4 * layer_local
+    if z == 0 and layout.dp > 1 and layout.tp == 1 and layout.pp == 1:
+        buffers += 4 * p_local  # DDP gradient buckets (tp/pp all-reduce the gradients in place)
+    return buffers
 
 
 def pipeline_recv_buffers(args: TransformerArgs, seq_len: int, layout: Layout, grad_accum: int) -> float:

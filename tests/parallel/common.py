@@ -1,6 +1,7 @@
 """Shared pieces of the parallel tests: a tiny model config and one function that trains a layout
 through the real engine (`build_engine`) on real data batches, the code path the trainer uses."""
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -81,10 +82,12 @@ def train_layout(
     save: Path | None = None,
     load: Path | None = None,
     want_state: Path | None = None,
+    probe: Callable[[Any], Any] | None = None,
 ) -> dict[str, Any]:
     """Build the engine for `cfg` on `world_size` ranks (world 1: no process group), optionally load a
     checkpoint, skip `skip` steps of data, train `steps` steps; losses/grad norms per step, and the
-    full model state when asked (every layout must return the same names and values)."""
+    full model state when asked (every layout must return the same names and values); `probe(engine)`
+    after each step, its answers under "probe"."""
     from llmtrain.config import batch_geometry
     from llmtrain.data import build_train_loader
     from llmtrain.parallel.build import build_engine
@@ -104,11 +107,13 @@ def train_layout(
     )
     for _ in range(skip):
         loader.next_step()
-    losses, norms = [], []
+    losses, norms, probed = [], [], []
     for _ in range(steps):
         res = engine.train_step(loader.next_step(), cfg.optim.lr)
         losses.append(res.loss)
         norms.append(res.grad_norm)
+        if probe is not None:
+            probed.append(probe(engine))
     if save is not None:
         engine.save(save)
     # evaluation (forward only; pipelined layouts run the schedule's eval) on the next step's batches
@@ -117,6 +122,8 @@ def train_layout(
         from llmtrain.models.moe import moe_stats
 
         out["moe"] = moe_stats(engine.model, getattr(engine, "pp_group", None))
+    if probe is not None:
+        out["probe"] = probed
     if want_state is not None:
         # large results go through a file: the result queue of a spawned rank is for small payloads
         state = engine.full_model_state()

@@ -34,6 +34,22 @@ def test_world_size_mismatch_lists_every_factor(cfg, overrides, world, expected)
     assert f"world size {world}" in msg
 
 
+def test_expert_parallel_that_does_not_divide_dp_names_every_factor(cfg) -> None:
+    """ep is carved from the data-parallel ranks: dp = 3 (3 ranks) cannot hold ep2; on 8 ZeRO ranks
+    ep2 leaves edp 4, ep innermost."""
+    with pytest.raises(ConfigError) as e:
+        build_dims(cfg("model=moe_tiny", "parallel.ep=2", "parallel.tp=1", "parallel.dp_replicate=-1"), 3)
+    msg = str(e.value)
+    for key in ("parallel.ep=2", "dp_replicate=3", "dp_shard=1", "= 3", "tp=1", "pp=1", "world size 3"):
+        assert key in msg, (key, msg)
+    dims = build_dims(
+        cfg("model=moe_tiny", "parallel=zero3", "parallel.ep=2", "trainer.micro_batch_size=1"), 8
+    )
+    assert (dims.ep, dims.edp) == (2, 4)
+    assert [dims.coords(r)["ep"] for r in range(4)] == [0, 1, 0, 1]  # ep innermost in dp
+    assert [dims.coords(r)["edp"] for r in range(0, 8, 2)] == [0, 1, 2, 3]
+
+
 @pytest.mark.parametrize(
     ("overrides", "needles"),
     [
@@ -91,6 +107,9 @@ def test_world_size_mismatch_lists_every_factor(cfg, overrides, world, expected)
         (["parallel.dp_shard=2", "parallel.zero_stage=0"], ["parallel.dp_shard=2", "zero_stage"]),
         (["parallel.param_dtype=bf16"], ["parallel.param_dtype=bf16", "zero_stage=0"]),
         (["parallel.tp=2", "data.seq_len=15"], ["data.seq_len=15", "sequence_parallel"]),
+        (["parallel.ep=2"], ["parallel.ep=2", "model.moe_num_experts=0"]),
+        (["model=moe_tiny", "parallel.ep=3"], ["parallel.ep=3", "model.moe_num_experts=8"]),
+        (["parallel.ep=0"], ["parallel.ep", "must be >= 1"]),
     ],
 )
 def test_impossible_layout_fails_at_compose_naming_keys(cfg, overrides, needles) -> None:

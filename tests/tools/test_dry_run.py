@@ -88,3 +88,23 @@ def test_pipeline_ranks_step_on_the_fake_group() -> None:
         assert sent["pp"] == pytest.approx(r.planned_comm["pp"], rel=1e-3)
         assert sent["dp"] == pytest.approx(r.planned_comm["dp"], rel=0.02)
         assert r.collectives["dp_shard"]["_allgather_base_"]["count"] == 3  # 2 blocks + root, once
+
+
+def test_expert_parallel_layout_builds_on_the_fake_group_with_the_planned_shard() -> None:
+    """moe_tiny's routing with 16 experts on the small shapes, ZeRO-3 over 16 ranks with ep4: rank 5
+    holds 4 of the 16 experts of each MoE layer, ZeRO-sharded over its edp group of 4 (one each), as
+    the planner says; steps are skipped (the dispatch sizes come from exchanged values the fake group
+    does not carry). FSDP pads dim 0: with fewer local experts than edp ranks a rank holds more."""
+    moe = [
+        "model=moe_tiny",
+        "model.moe_num_experts=16",
+        "model.moe_expert_dim=192",
+        "parallel=zero3",
+        "parallel.ep=4",
+    ]
+    cfg = compose_config([*MODEL, *moe, "trainer.global_batch_size=32", "tracking=none"])
+    r = dry_run_rank(cfg, 16, 5, DryRunOptions(steps=1))
+    assert r.coords["ep"] == 1 and r.coords["edp"] == 1 and "ep=4" in r.layout
+    assert r.memory["params"] == pytest.approx(r.planned_memory["weights"], rel=0.03)
+    assert r.steps_run == 0 and any("ep > 1" in n for n in r.notes)
+    assert r.planned_comm["ep"] > 0

@@ -115,6 +115,9 @@ LAYOUTS = [
     ["parallel=zero3"],
     ["parallel=tp2"],
     ["parallel=pp2"],
+    # expert parallelism: 4 of 8 experts per rank, ZeRO-3 over edp = 1
+    ["parallel=ddp", "parallel.ep=2", "model=moe_tiny", "model.moe_expert_dim=96"],
+    ["parallel=zero3", "parallel.ep=2", "model=moe_tiny", "model.moe_expert_dim=96"],
 ]
 TINY = [
     "model.dim=64",
@@ -170,7 +173,7 @@ def _engine_state_bytes(rank: int, world_size: int) -> list[dict[str, float]]:
         est = estimate_stage(model_args(cfg.model), 32, layout_from_config(cfg, world_size), "fp32", 1, stage)
         out.append(
             {
-                "layout": overrides[0],
+                "layout": " ".join(overrides[:2]),
                 "weights": sum(nbytes(p) for p in params),
                 "grads": seen["grads"],
                 "optimizer": sum(nbytes(v) for st in state for k, v in st.items() if k != "step"),
