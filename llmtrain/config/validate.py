@@ -23,6 +23,7 @@ from llmtrain.config.rules import (
     validate_objective,
     validate_peft,
     validate_resilience,
+    validate_stragglers,
 )
 from llmtrain.config.schema import Config
 from llmtrain.config.tracking import TRACKING_BACKENDS
@@ -91,6 +92,7 @@ def validate_config(cfg: Config) -> Config:
     validate_peft(cfg)
     validate_fp8(cfg)
     validate_resilience(cfg)
+    validate_stragglers(cfg)
     return cfg
 
 

@@ -11,9 +11,10 @@ from llmtrain.data.loader import Batch
 from llmtrain.parallel.engine import Engine
 from llmtrain.parallel.step import StepResult
 from llmtrain.resilience.events import EventLog
-from llmtrain.resilience.inject import scaled_outputs
+from llmtrain.resilience.inject import scaled_outputs, slowed
 from llmtrain.resilience.rollback import roll_back
 from llmtrain.resilience.spikes import SpikeDetector
+from llmtrain.resilience.stragglers import StragglerProbe
 from llmtrain.tracking import ConsoleLogger
 
 
@@ -45,6 +46,10 @@ class Resilience:
         self.events = EventLog(run_dir, rank == 0, console)
         self.pending: Pending | None = None
         self.consecutive, self.data_step = 0, 0
+        self.stragglers = StragglerProbe(
+            cfg.straggler_every, cfg.straggler_threshold, engine.modules, getattr(engine, "optimizer", None)
+        )
+        self.slow_s = cfg.inject_slow_s if rank == cfg.inject_slow_rank else 0.0
         wanted = any(a != "warn" for a in (cfg.nonfinite, cfg.spike))
         self.in_step = wanted and engine.set_skip_when(self.guard)
         if wanted and not self.in_step:
@@ -77,7 +82,11 @@ class Resilience:
             factor = math.nan
         elif self.rank == 0 and data_step in self.cfg.inject_spike_steps:
             factor = self.cfg.inject_spike_factor
-        with scaled_outputs(self.engine.modules[-1:], factor):
+        with (
+            scaled_outputs(self.engine.modules[-1:], factor),
+            slowed(self.engine.modules[:1], self.slow_s),
+            self.stragglers.measure(data_step),
+        ):
             res = self.engine.train_step(batches, lr)
         if not self.in_step:  # warn-only: observe after the step
             self.guard(res.loss, res.grad_norm)
@@ -86,6 +95,7 @@ class Resilience:
     def handle(self, trainer: Any, res: StepResult) -> bool:
         """After the step: log the event, apply its action. True when the step was skipped (the
         trainer then does not advance, nor record it). `trainer` is the llmtrain.train Trainer."""
+        self.report_stragglers(trainer)
         event, self.pending = self.pending, None
         if event is None:
             self.consecutive = 0
@@ -105,3 +115,15 @@ class Resilience:
             self.consecutive = 0
             self.events.emit(from_step, "rollback", "rollback", info, trainer.tracker)
         return res.skipped
+
+    def report_stragglers(self, trainer: Any) -> None:
+        """After a probed step: per-rank step/compute/wait metrics to MLflow, and an event naming the
+        stragglers (console, events.jsonl) when there are any."""
+        report = self.stragglers.take()
+        if report is None:
+            return
+        if trainer.tracker is not None:
+            trainer.tracker.log_metrics(report.metrics(), trainer.step)
+        if report.stragglers:
+            details = report.details(self.cfg.straggler_threshold)
+            self.events.emit(trainer.step, "straggler", "warn", details, trainer.tracker)
