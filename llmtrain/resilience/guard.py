@@ -15,6 +15,7 @@ from llmtrain.resilience.inject import scaled_outputs, slowed
 from llmtrain.resilience.rollback import roll_back
 from llmtrain.resilience.spikes import SpikeDetector
 from llmtrain.resilience.stragglers import StragglerProbe
+from llmtrain.resilience.timeline import START
 from llmtrain.tracking import ConsoleLogger
 
 
@@ -96,6 +97,7 @@ class Resilience:
         """After the step: log the event, apply its action. True when the step was skipped (the
         trainer then does not advance, nor record it). `trainer` is the llmtrain.train Trainer."""
         self.report_stragglers(trainer)
+        START.first_step(trainer.run_dir, self.rank == 0, trainer.step)
         event, self.pending = self.pending, None
         if event is None:
             self.consecutive = 0

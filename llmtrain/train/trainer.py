@@ -27,6 +27,7 @@ from llmtrain.parallel.build import build_engine
 from llmtrain.peft import base_checkpoint, build_peft
 from llmtrain.peft.summary import describe_trainable, trainable_params
 from llmtrain.resilience import Resilience
+from llmtrain.resilience.timeline import START
 from llmtrain.tracking import ConsoleLogger
 from llmtrain.tracking.commands import mlflow_ui_command
 from llmtrain.tracking.console import format_metrics
@@ -56,7 +57,9 @@ class Trainer:
         self.run_dir = Path(cfg.run.root) / cfg.run.name
         self.device = pick_device(cfg.trainer.device, env.local_rank)
         configure_torch(cfg, env)
+        START.mark("rendezvous_start")  # restart cost marks (resilience/timeline.py)
         init_distributed(env, self.device)
+        START.mark("rendezvous_done")
         p, t = cfg.parallel, cfg.trainer
         self.dims = ParallelDims(p.dp_replicate, p.dp_shard, p.tp, p.pp, env.world_size)
         self.mesh = self.dims.build_mesh(self.device.type) if env.world_size > 1 else None
@@ -285,14 +288,17 @@ class Trainer:
         if base_checkpoint(self.cfg) is not None and plan.full_state:  # adapters-only: the frozen base first
             assert plan.pin is not None
             self.ckpt.load(Path(plan.pin.path), self.engine, load_optimizer=False, model=self.cfg.model)
+        START.mark("load_start")
         state = self.ckpt.load(
             plan.path, self.engine, load_optimizer=plan.load_optimizer, model=self.cfg.model, state=plan.state
         )
+        START.mark("load_done")
         self.console.info(f"{plan.reason} (step {state.step})")
         if not plan.full_state:
             return None
         self.step, self.tokens_seen, self.last_saved = state.step, state.tokens_seen, state.step
         self.train_loader.load_state_dict(state.rank(self.env.rank).data)
+        START.mark("seek_done")
         self.ckpt.restore_rng(plan.path, state)
         self.truncate_log()
         self._announce_changes(state)
