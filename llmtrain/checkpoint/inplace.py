@@ -21,6 +21,7 @@ import pickle
 import struct
 import sys
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any
 
@@ -211,6 +212,10 @@ def _into(f: IO[bytes], offset: int, dest: torch.Tensor) -> None:
         done += got
 
 
+READ_THREADS = 4
+"""Shard files read at once (a rank's own shards; 1 file: no thread)."""
+
+
 class InPlaceReader(FileSystemReader):
     """`FileSystemReader` whose tensor reads land in the destination tensors' storage (see module)."""
 
@@ -231,39 +236,72 @@ class InPlaceReader(FileSystemReader):
         per_file: dict[str, list[ReadItem]] = {}
         for req in plan.items:
             per_file.setdefault(self.storage_data[req.storage_index].relative_path, []).append(req)
-        rest: list[ReadItem] = []
-        for relative_path, reqs in per_file.items():
-            reqs.sort(key=lambda r: self.storage_data[r.storage_index].offset)  # sequential reads
-            with open(Path(self.path) / relative_path, "rb", buffering=0) as f:
-                for req in reqs:
-                    if not self._read_one(f, req, planner):
-                        rest.append(req)
-        self.fallback = len(rest)
+        jobs = [(path, reqs, planner) for path, reqs in per_file.items()]
+        if len(jobs) > 1:  # one reader thread per shard file (readinto releases the GIL)
+            with ThreadPoolExecutor(min(READ_THREADS, len(jobs))) as pool:
+                done = list(pool.map(lambda job: self._read_file(*job), jobs))
+        else:
+            done = [self._read_file(*job) for job in jobs]
+        rest = [req for file_rest, _n in done for req in file_rest]
+        self.in_place, self.fallback = sum(n for _rest, n in done), len(rest)
         if rest:  # torch's own path (buffer + copy) for the items that cannot be read in place
             super().read_data(LoadPlan(rest, plan.storage_data, plan.planner_data), planner)
         fut: Future[None] = Future()
         fut.set_result(None)
         return fut
 
-    def _read_one(self, f: IO[bytes], req: ReadItem, planner: LoadPlanner) -> bool:
+    def _read_file(self, relative_path: str, reqs: list[ReadItem], planner: LoadPlanner) -> tuple[list, int]:
+        """One shard file: first the small reads (non-tensor items, each tensor archive's pickle and
+        directory), then every tensor's raw bytes in file order, one sequential sweep. Returns the
+        requests left for torch's reader and the number read in place."""
+        reqs = sorted(reqs, key=lambda r: self.storage_data[r.storage_index].offset)
+        rest: list[ReadItem] = []
+        todo: list[tuple[int, torch.Tensor, ReadItem]] = []
+        with open(Path(self.path) / relative_path, "rb", buffering=0) as f:
+            small = self._small_items(f, reqs)
+            for req in reqs:
+                found = self._locate(f, req, planner, small)
+                if found is None:
+                    rest.append(req)
+                elif found is not True:
+                    todo.append((*found, req))
+            for offset, dest, req in sorted(todo, key=lambda t: t[0]):
+                _into(f, offset, dest)
+                planner.commit_tensor(req, dest)
+        return rest, len(todo)
+
+    def _small_items(self, f: IO[bytes], reqs: list[ReadItem]) -> dict[int, bytes]:
+        """The non-tensor items of a file, read with one read of the span they occupy (DCP writes
+        them together, before the tensors): {offset: bytes}. Empty when they are spread out."""
+        infos = [self.storage_data[r.storage_index] for r in reqs if r.type == LoadItemType.BYTE_IO]
+        if not infos:
+            return {}
+        lo, hi = min(i.offset for i in infos), max(i.offset + i.length for i in infos)
+        if hi - lo > 4 * sum(i.length for i in infos) + (1 << 20):
+            return {}
+        f.seek(lo)
+        block = f.read(hi - lo)
+        return {i.offset: block[i.offset - lo : i.offset - lo + i.length] for i in infos}
+
+    def _locate(self, f: IO[bytes], req: ReadItem, planner: LoadPlanner, small: dict[int, bytes]) -> Any:
+        """True: a non-tensor item, loaded now; (offset, dest): a tensor to read in place; None: for
+        torch's reader."""
         info = self.storage_data[req.storage_index]
         if req.type == LoadItemType.BYTE_IO and not info.transform_descriptors:
-            f.seek(info.offset)
-            planner.load_bytes(req, io.BytesIO(f.read(info.length)))
+            raw = small.get(info.offset)
+            if raw is None:
+                f.seek(info.offset)
+                raw = f.read(info.length)
+            planner.load_bytes(req, io.BytesIO(raw))
             return True
         dest = self._in_place_target(req, planner)
         if dest is None:
-            return False
+            return None
         try:
             offset = _raw_record(f, info.offset, info.length, dest)
-        except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError):
+        except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError, struct.error):
             offset = None
-        if offset is None:
-            return False
-        _into(f, offset, dest)
-        planner.commit_tensor(req, dest)
-        self.in_place += 1
-        return True
+        return None if offset is None else (offset, dest)
 
 
 def load_in_place(state: dict[str, Any], folder: Path, no_dist: bool) -> InPlaceReader:
