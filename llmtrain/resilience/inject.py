@@ -2,8 +2,8 @@
 compute (resilience.inject_*)."""
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 from torch import nn
@@ -17,32 +17,27 @@ def scaled_outputs(modules: list[nn.Module], factor: float | None) -> Iterator[N
     if factor is None:
         yield
         return
-
-    def hook(_m: nn.Module, _args: Any, out: Any) -> Any:
-        return out * factor
-
-    handles = [m.register_forward_hook(hook) for m in modules]
-    try:
+    with _output_hook(modules, lambda out: out * factor):
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @contextmanager
-def slowed(modules: list[nn.Module], seconds: float) -> Iterator[None]:
-    """Sleep `seconds` in the forward of `modules` during the block (0: no hook): a slow GPU or a
-    noisy neighbour, in this rank's compute only (resilience.inject_slow_rank)."""
-    if seconds <= 0:
-        yield
-        return
-
-    def hook(_m: nn.Module, _args: Any) -> None:
-        time.sleep(seconds)
-
-    handles = [m.register_forward_pre_hook(hook) for m in modules]
+def _output_hook(modules: list[nn.Module], fn: Callable[[Any], Any]) -> Iterator[None]:
+    """`fn(output)` replaces the output of every forward of `modules` during the block."""
+    handles = [m.register_forward_hook(lambda _m, _args, out: fn(out)) for m in modules]
     try:
         yield
     finally:
         for h in handles:
             h.remove()
+
+
+def slowed(modules: list[nn.Module], seconds: float) -> AbstractContextManager[None]:
+    """Sleep `seconds` in the forward of `modules` during the block (0: no hook): a slow GPU or a
+    noisy neighbour, in this rank's compute only (resilience.inject_slow_rank)."""
+
+    def pause(out: Any) -> Any:
+        time.sleep(seconds)
+        return out
+
+    return scaled_outputs(modules, None) if seconds <= 0 else _output_hook(modules, pause)
