@@ -63,8 +63,10 @@ def read_metadata(folder: Path) -> Metadata:
     return md
 
 
-def verify_dcp(folder: Path) -> Metadata:
-    """Check byte ranges of every item and that non-tensor items load with weights_only=True."""
+def verify_dcp(folder: Path, items: bool = True) -> Metadata:
+    """Check byte ranges of every item and (`items`) that non-tensor items load with
+    weights_only=True. items=False: the caller loads through checkpoint/inplace.py, which decodes
+    those items safely itself (no second read of each)."""
     folder = Path(folder)
     md = read_metadata(folder)
     sizes: dict[str, int] = {}
@@ -79,7 +81,7 @@ def verify_dcp(folder: Path) -> Metadata:
                 f"{f}: {sizes[info.relative_path]} bytes, but item {index.fqn} needs "
                 f"{info.offset + info.length} (truncated shard)"
             )
-        if isinstance(md.state_dict_metadata.get(index.fqn), BytesStorageMetadata):
+        if items and isinstance(md.state_dict_metadata.get(index.fqn), BytesStorageMetadata):
             if info.transform_descriptors:
                 raise CheckpointError(
                     f"{f}: item {index.fqn} uses storage transforms this loader does not verify"

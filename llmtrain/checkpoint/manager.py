@@ -288,9 +288,9 @@ class CheckpointManager:
         state = state or TrainerState.read(path)
         if model is not None:
             check_model_matches(state.config, model, path)
-        if (path / ENGINE_DIR / ".metadata").is_file():
-            verify_dcp(path / ENGINE_DIR)
         written_by, running = engine_of(path), engine.kind
+        if (path / ENGINE_DIR / ".metadata").is_file():  # native loads decode non-tensor items safely
+            verify_dcp(path / ENGINE_DIR, items=not written_by == running == "native")
         if written_by not in ("native", running):
             self._load_other_engine(path, written_by, running, engine, load_optimizer)
             return state

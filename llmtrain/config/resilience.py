@@ -67,3 +67,11 @@ class ResilienceConfig:
     """Test hook: data steps whose model output rank 0 multiplies by inject_spike_factor."""
     inject_spike_factor: float = 50.0
     """Test hook: the output multiplier of inject_spike_steps."""
+    straggler_every: int = 100
+    """Measure every rank's step time (compute vs. waiting in collectives) every N steps (0: off)."""
+    straggler_threshold: float = 0.2
+    """A rank whose compute time exceeds the median's by more than this fraction is a straggler."""
+    inject_slow_rank: int = -1
+    """Test hook: this rank sleeps inject_slow_s in every forward (its compute), -1: none."""
+    inject_slow_s: float = 0.0
+    """Test hook: seconds inject_slow_rank sleeps per forward."""

@@ -401,3 +401,19 @@ def validate_resilience(cfg: Config) -> None:
             f"resilience.{key}",
             "rollback reloads the last checkpoint: it needs checkpoint.enabled=true",
         )
+
+
+def validate_stragglers(cfg: Config) -> None:
+    """Straggler probe cadence and threshold (docs/resilience.md, Stragglers)."""
+    r = cfg.resilience
+    check(
+        r.straggler_every >= 0,
+        "resilience.straggler_every",
+        f"must be >= 0 (0: off), got {r.straggler_every}",
+    )
+    check(
+        r.straggler_threshold > 0,
+        "resilience.straggler_threshold",
+        f"must be > 0 (a fraction above the median), got {r.straggler_threshold}",
+    )
+    check(r.inject_slow_s >= 0, "resilience.inject_slow_s", f"must be >= 0, got {r.inject_slow_s}")

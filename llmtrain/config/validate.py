@@ -24,6 +24,7 @@ from llmtrain.config.rules import (
     validate_objective,
     validate_peft,
     validate_resilience,
+    validate_stragglers,
 )
 from llmtrain.config.schema import Config
 from llmtrain.config.storage import validate_storage
@@ -95,6 +96,7 @@ def validate_config(cfg: Config) -> Config:
     validate_resilience(cfg)
     validate_storage(cfg.storage, cfg.checkpoint.mirror)
     validate_hang(cfg)
+    validate_stragglers(cfg)
     return cfg
 
 

@@ -89,3 +89,16 @@ def barrier(group: ProcessGroup | None = None) -> None:
     """Wait for every rank of `group` (no-op without a process group)."""
     if dist.is_initialized():
         dist.barrier(group=group)
+
+
+def all_gather_floats(values: list[float], group: ProcessGroup | None = None) -> list[list[float]]:
+    """Every rank's short list of floats (same length everywhere), in rank order, with one tensor
+    all-gather (no pickling, no size exchange: cheap enough for a periodic probe). One process:
+    `[values]`."""
+    if not dist.is_initialized():
+        return [list(values)]
+    device = comm_device(group)
+    mine = torch.tensor(values, dtype=torch.float64, device=device)
+    out = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(out, mine, group=group)
+    return [t.cpu().tolist() for t in out]

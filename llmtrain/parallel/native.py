@@ -25,6 +25,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor.parallel import loss_parallel
 
+from llmtrain.checkpoint.inplace import load_in_place
 from llmtrain.checkpoint.weights import saved_model_keys
 from llmtrain.config import Config
 from llmtrain.data.loader import IGNORE_INDEX, Batch
@@ -226,7 +227,7 @@ class NativeEngine(Engine):
             init_optimizer_state(self.optimizer)  # see llmtrain.optim.init_optimizer_state
             msd, osd = get_state_dict(self.model, self.optimizer, options=SD_OPTIONS)
             state = {"model": self.transform.checkpoint_keys(msd, saved_model_keys(folder)), "optim": osd}
-            dcp.load(state, checkpoint_id=str(folder), no_dist=not dist.is_initialized())
+            load_in_place(state, folder, no_dist=not dist.is_initialized())  # into the live tensors
             set_state_dict(
                 self.model,
                 self.optimizer,
@@ -237,7 +238,7 @@ class NativeEngine(Engine):
         else:
             msd = get_model_state_dict(self.model, options=SD_OPTIONS)
             state = {"model": self.transform.checkpoint_keys(msd, saved_model_keys(folder))}
-            dcp.load(state, checkpoint_id=str(folder), no_dist=not dist.is_initialized())
+            load_in_place(state, folder, no_dist=not dist.is_initialized())
             set_model_state_dict(self.model, {**msd, **state["model"]}, options=SD_OPTIONS)
 
     def full_model_state(self) -> dict[str, torch.Tensor]:

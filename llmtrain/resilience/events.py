@@ -34,11 +34,16 @@ class EventLog:
 
     def __init__(self, run_dir: Path, is_main: bool, console: ConsoleLogger) -> None:
         self.path, self.is_main, self.console = run_dir / EVENTS_FILE, is_main, console
-        self.counts = {"skipped_steps": 0, "nonfinite": 0, "spikes": 0, "rollbacks": 0}
+        self.counts = {"skipped_steps": 0, "nonfinite": 0, "spikes": 0, "rollbacks": 0, "stragglers": 0}
 
     def emit(self, step: int, kind: str, action: str, details: dict[str, Any], tracker: Any) -> None:
         """Record one event; `tracker` (llmtrain.tracking.Tracker or None) gets the counters."""
-        key = {"nonfinite": "nonfinite", "spike": "spikes", "rollback": "rollbacks"}[kind]
+        key = {
+            "nonfinite": "nonfinite",
+            "spike": "spikes",
+            "rollback": "rollbacks",
+            "straggler": "stragglers",
+        }[kind]
         self.counts[key] += 1
         entry = {"time": time.time(), "step": step, "kind": kind, "action": action, "details": details}
         entry = jsonable(entry)

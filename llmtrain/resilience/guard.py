@@ -12,9 +12,11 @@ from llmtrain.parallel.engine import Engine
 from llmtrain.parallel.step import StepResult
 from llmtrain.resilience.events import EventLog
 from llmtrain.resilience.faults import injected_fault
-from llmtrain.resilience.inject import scaled_outputs
+from llmtrain.resilience.inject import scaled_outputs, slowed
 from llmtrain.resilience.rollback import roll_back
 from llmtrain.resilience.spikes import SpikeDetector
+from llmtrain.resilience.stragglers import StragglerProbe
+from llmtrain.resilience.timeline import START
 from llmtrain.tracking import ConsoleLogger
 
 
@@ -46,6 +48,10 @@ class Resilience:
         self.events = EventLog(run_dir, rank == 0, console)
         self.pending: Pending | None = None
         self.consecutive, self.data_step = 0, 0
+        self.stragglers = StragglerProbe(
+            cfg.straggler_every, cfg.straggler_threshold, engine.modules, getattr(engine, "optimizer", None)
+        )
+        self.slow_s = cfg.inject_slow_s if rank == cfg.inject_slow_rank else 0.0
         wanted = any(a != "warn" for a in (cfg.nonfinite, cfg.spike))
         self.in_step = wanted and engine.set_skip_when(self.guard)
         if wanted and not self.in_step:
@@ -79,7 +85,12 @@ class Resilience:
         elif self.rank == 0 and data_step in self.cfg.inject_spike_steps:
             factor = self.cfg.inject_spike_factor
         last = self.engine.modules[-1:]
-        with scaled_outputs(last, factor), injected_fault(self.cfg, self.rank, data_step, last):
+        with (
+            scaled_outputs(last, factor),
+            injected_fault(self.cfg, self.rank, data_step, last),
+            slowed(self.engine.modules[:1], self.slow_s),
+            self.stragglers.measure(data_step),
+        ):
             res = self.engine.train_step(batches, lr)
         if not self.in_step:  # warn-only: observe after the step
             self.guard(res.loss, res.grad_norm)
@@ -88,6 +99,8 @@ class Resilience:
     def handle(self, trainer: Any, res: StepResult) -> bool:
         """After the step: log the event, apply its action. True when the step was skipped (the
         trainer then does not advance, nor record it). `trainer` is the llmtrain.train Trainer."""
+        self.report_stragglers(trainer)
+        START.first_step(trainer.run_dir, self.rank == 0, trainer.step)
         event, self.pending = self.pending, None
         if event is None:
             self.consecutive = 0
@@ -108,3 +121,15 @@ class Resilience:
             self.consecutive = 0
             self.events.emit(from_step, "rollback", "rollback", info, trainer.tracker)
         return res.skipped
+
+    def report_stragglers(self, trainer: Any) -> None:
+        """After a probed step: per-rank step/compute/wait metrics to MLflow, and an event naming the
+        stragglers (console, events.jsonl) when there are any."""
+        report = self.stragglers.take()
+        if report is None:
+            return
+        if trainer.tracker is not None:
+            trainer.tracker.log_metrics(report.metrics(), trainer.step)
+        if report.stragglers:
+            details = report.details(self.cfg.straggler_threshold)
+            self.events.emit(trainer.step, "straggler", "warn", details, trainer.tracker)

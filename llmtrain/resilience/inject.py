@@ -1,7 +1,9 @@
-"""Test hook: make rank 0's model output NaN (or scale it) on chosen data steps (resilience.inject_*)."""
+"""Test hooks: make rank 0's model output NaN (or scale it) on chosen data steps, or slow one rank's
+compute (resilience.inject_*)."""
 
+import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 from torch import nn
@@ -15,12 +17,13 @@ def scaled_outputs(modules: list[nn.Module], factor: float | None) -> Iterator[N
     if factor is None:
         yield
         return
-
-    def hook(_m: nn.Module, _args: Any, out: Any) -> Any:
-        return out * factor
-
-    with forward_hooks(modules, hook):
+    with _output_hook(modules, lambda out: out * factor):
         yield
+
+
+def _output_hook(modules: list[nn.Module], fn: Callable[[Any], Any]) -> AbstractContextManager[None]:
+    """`fn(output)` replaces the output of every forward of `modules` during the block."""
+    return forward_hooks(modules, lambda _m, _args, out: fn(out))
 
 
 @contextmanager
@@ -32,3 +35,14 @@ def forward_hooks(modules: list[nn.Module], hook: Callable[[nn.Module, Any, Any]
     finally:
         for h in handles:
             h.remove()
+
+
+def slowed(modules: list[nn.Module], seconds: float) -> AbstractContextManager[None]:
+    """Sleep `seconds` in the forward of `modules` during the block (0: no hook): a slow GPU or a
+    noisy neighbour, in this rank's compute only (resilience.inject_slow_rank)."""
+
+    def pause(out: Any) -> Any:
+        time.sleep(seconds)
+        return out
+
+    return scaled_outputs(modules, None) if seconds <= 0 else _output_hook(modules, pause)

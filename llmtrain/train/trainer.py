@@ -29,6 +29,7 @@ from llmtrain.parallel.build import build_engine
 from llmtrain.peft import base_checkpoint, build_peft
 from llmtrain.peft.summary import describe_trainable, trainable_params
 from llmtrain.resilience import HangWatchdog, Resilience, report_hang
+from llmtrain.resilience.timeline import START
 from llmtrain.tracking import ConsoleLogger
 from llmtrain.tracking.commands import mlflow_ui_command
 from llmtrain.tracking.console import format_metrics
@@ -59,7 +60,9 @@ class Trainer:
         objstore.configure(cfg.storage)  # endpoint/read-ahead for every s3:// path of this process
         self.device = pick_device(cfg.trainer.device, env.local_rank)
         configure_torch(cfg, env)
+        START.mark("rendezvous_start")  # restart cost marks (resilience/timeline.py)
         init_distributed(env, self.device, cfg.resilience.pg_timeout_s)
+        START.mark("rendezvous_done")
         self.watchdog = HangWatchdog(  # watches train(): docs/resilience.md "Hangs"
             cfg.resilience, env.rank, env.world_size, self.run_dir,
             lambda msg, _: report_hang(getattr(self, "tracker", None), self.step, msg),
@@ -308,14 +311,17 @@ class Trainer:
         if base_checkpoint(self.cfg) is not None and plan.full_state:  # adapters-only: the frozen base first
             assert plan.pin is not None
             self.ckpt.load(Path(plan.pin.path), self.engine, load_optimizer=False, model=self.cfg.model)
+        START.mark("load_start")
         state = self.ckpt.load(
             plan.path, self.engine, load_optimizer=plan.load_optimizer, model=self.cfg.model, state=plan.state
         )
+        START.mark("load_done")
         self.console.info(f"{plan.reason} (step {state.step})")
         if not plan.full_state:
             return None
         self.step, self.tokens_seen, self.last_saved = state.step, state.tokens_seen, state.step
         self.train_loader.load_state_dict(state.rank(self.env.rank).data)
+        START.mark("seek_done")
         self.ckpt.restore_rng(plan.path, state)
         self.truncate_log()
         self._announce_changes(state)
