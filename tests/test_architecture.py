@@ -50,6 +50,7 @@ COLLECTIVES = {
 MODEL_TENSOR_COLLECTIVES = {
     "llmtrain.parallel.data_parallel": "gradient all-reduce (TP/PP without ZeRO)",
     "llmtrain.parallel.backends.megatron": "tensor-parallel weight gather for export",
+    "llmtrain.parallel.context_parallel": "K/V all-gather and its gradient reduce-scatter",
 }
 MAX_FUNCTION_LINES = 70
 

@@ -1,4 +1,4 @@
-"""Parallel layout schema: dp_replicate x dp_shard x pp x tp = world size."""
+"""Parallel layout schema: dp_replicate x dp_shard x cp x pp x tp = world size."""
 
 from dataclasses import dataclass, field
 
@@ -24,6 +24,9 @@ class ParallelConfig:
     """Tensor-parallel degree (Megatron-style column/row split)."""
     pp: int = 1
     """Pipeline-parallel stages."""
+    cp: int = 1
+    """Context-parallel degree: each sequence is split over cp ranks in 2*cp load-balanced chunks (rank i
+    holds chunks i and 2*cp-1-i), K/V all-gathered in attention (docs/context_parallel.md)."""
     zero_stage: int = 0
     """0 = DDP; 1 = sharded optimizer state; 2 = + sharded grads; 3 = + sharded params (FSDP2).
     Stages 1-3 shard over dp_shard (HSDP when dp_replicate > 1 too); dp_shard > 1 needs stage >= 1."""

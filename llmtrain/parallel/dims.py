@@ -1,7 +1,8 @@
 """ParallelDims: the one owner of the rank topology (docs/architecture.md).
 
-World = pp x dp_replicate x dp_shard x tp, in that mesh order (tp innermost so that tensor-parallel
-peers are neighbours, i.e. on the same node). Meshes are returned to callers, never kept in globals.
+World = pp x dp_replicate x dp_shard x cp x tp, in that mesh order (tp innermost so that tensor-parallel
+peers are neighbours, i.e. on the same node; context-parallel peers next, since they exchange K/V in
+every attention layer). Meshes are returned to callers, never kept in globals.
 """
 
 from dataclasses import dataclass, field
@@ -11,7 +12,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from llmtrain.config.errors import ConfigError
 from llmtrain.config.rules import check_parallel_factors
 
-MESH_ORDER = ("pp", "dp_replicate", "dp_shard", "tp")
+MESH_ORDER = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 
 
 @dataclass
@@ -23,12 +24,17 @@ class ParallelDims:
     tp: int
     pp: int
     world_size: int
+    cp: int = 1
+    """Context-parallel degree (llmtrain.parallel.context_parallel): cp ranks share a sample."""
     _mesh: DeviceMesh | None = field(default=None, init=False, repr=False)
     _dp_mesh: DeviceMesh | None = field(default=None, init=False, repr=False)
+    _dp_cp_mesh: DeviceMesh | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         check_parallel_factors(dp_replicate=self.dp_replicate, dp_shard=self.dp_shard, tp=self.tp, pp=self.pp)
-        fixed = self.tp * self.pp * max(self.dp_replicate, 1) * max(self.dp_shard, 1)
+        if self.cp < 1:
+            raise ConfigError(f"parallel.cp={self.cp} must be >= 1")
+        fixed = self.cp * self.tp * self.pp * max(self.dp_replicate, 1) * max(self.dp_shard, 1)
         if self.world_size % fixed:
             raise ConfigError(self._mismatch())
         if self.dp_replicate == -1:
@@ -37,13 +43,14 @@ class ParallelDims:
             self.dp_shard = self.world_size // fixed
         if self.dp_replicate < 1 or self.dp_shard < 1:
             raise ConfigError(self._mismatch())
-        if self.dp_replicate * self.dp_shard * self.tp * self.pp != self.world_size:
+        if self.dp_replicate * self.dp_shard * self.cp * self.tp * self.pp != self.world_size:
             raise ConfigError(self._mismatch())
 
     def _mismatch(self) -> str:
         return (
             f"parallel layout does not fit the world size {self.world_size}: "
-            f"dp_replicate={self.dp_replicate} x dp_shard={self.dp_shard} x tp={self.tp} x pp={self.pp} "
+            f"dp_replicate={self.dp_replicate} x dp_shard={self.dp_shard} x cp={self.cp} x tp={self.tp} "
+            f"x pp={self.pp} "
             f"must equal {self.world_size} (-1 = fill)"
         )
 
@@ -72,6 +79,16 @@ class ParallelDims:
     def pp_enabled(self) -> bool:
         return self.pp > 1
 
+    @property
+    def cp_enabled(self) -> bool:
+        return self.cp > 1
+
+    @property
+    def dp_cp(self) -> int:
+        """Ranks that average weight gradients: the dp replicas times the cp ranks of each (a cp rank
+        holds the same weights and a part of the sample, so for weight gradients it is a dp rank)."""
+        return self.dp * self.cp
+
     def build_mesh(self, device_type: str) -> DeviceMesh:
         """World mesh with named dims plus flattened views: `dp` (replicate x shard) for data loading
         and loss reduction, `dp_shard_cp`-style names are not used."""
@@ -82,6 +99,8 @@ class ParallelDims:
                 mesh_dim_names=MESH_ORDER,
             )
             self._dp_mesh = mesh[("dp_replicate", "dp_shard")]._flatten("dp")
+            if self.cp_enabled:
+                self._dp_cp_mesh = mesh[("dp_replicate", "dp_shard", "cp")]._flatten("dp_cp")
             self._mesh = mesh
         return self._mesh
 
@@ -92,6 +111,16 @@ class ParallelDims:
         if self._dp_mesh is None:
             raise RuntimeError("ParallelDims.build_mesh() must run before dp_mesh is used")
         return self._dp_mesh
+
+    @property
+    def dp_cp_mesh(self) -> DeviceMesh:
+        """The flattened (dp_replicate x dp_shard x cp) mesh: gradient averaging, token counts and the
+        loss sum under context parallelism (the dp mesh when cp = 1)."""
+        if not self.cp_enabled:
+            return self.dp_mesh
+        if self._dp_cp_mesh is None:
+            raise RuntimeError("ParallelDims.build_mesh() must run before dp_cp_mesh is used")
+        return self._dp_cp_mesh
 
     def coords(self, rank: int) -> dict[str, int]:
         """Coordinates of a global rank along each mesh dim (pure arithmetic, no process group)."""
@@ -104,4 +133,5 @@ class ParallelDims:
         return out
 
     def describe(self) -> str:
-        return f"dp_replicate={self.dp_replicate} dp_shard={self.dp_shard} tp={self.tp} pp={self.pp}"
+        cp = f" cp={self.cp}" if self.cp_enabled else ""
+        return f"dp_replicate={self.dp_replicate} dp_shard={self.dp_shard}{cp} tp={self.tp} pp={self.pp}"

@@ -31,6 +31,7 @@ from llmtrain.data.loader import IGNORE_INDEX, Batch
 from llmtrain.distributed.collectives import all_reduce_, gather_objects
 from llmtrain.models import build_model
 from llmtrain.optim import build_optimizer, init_optimizer_state
+from llmtrain.parallel.context_parallel import shard_batch
 from llmtrain.parallel.data_parallel import GradSync
 from llmtrain.parallel.dims import ParallelDims
 from llmtrain.parallel.engine import Engine, ModelTransform
@@ -89,7 +90,9 @@ class NativeEngine(Engine):
         self.cfg, self.dims, self.device = cfg, dims, device
         self.transform = transform or ModelTransform()
         p = cfg.parallel
-        self.dp_group = dims.dp_mesh.get_group() if dims.dp_enabled and mesh is not None else None
+        # token counts, loss sums and gradients over dp x cp (a cp rank is a dp rank for the weights)
+        self.dp_group = dims.dp_cp_mesh.get_group() if dims.dp_cp > 1 and mesh is not None else None
+        self.cp_rank = mesh["cp"].get_local_rank() if dims.cp_enabled and mesh is not None else 0
         self.pp_group = mesh["pp"].get_group() if dims.pp_enabled and mesh is not None else None
         # transforms (LoRA adapters) go onto the meta model, before any parallel transform
         pm = parallelize(
@@ -119,7 +122,7 @@ class NativeEngine(Engine):
             assert mesh is not None
             loss_fn, loss_ctx = vocab_parallel_loss_sum(mesh["tp"], IGNORE_INDEX), loss_parallel
         return StepContext(
-            dp_size=dims.dp,
+            dp_size=dims.dp_cp,
             dp_group=self.dp_group,
             grad_clip=cfg.optim.grad_clip,
             autocast=autocast,
@@ -149,7 +152,13 @@ class NativeEngine(Engine):
             g["lr"] = lr
         if self.pipeline is not None:
             return self._pipeline_train_step(batches)
-        return train_step(self.model, self.optimizer, batches, self.ctx)
+        return train_step(self.model, self.optimizer, self._cp_shard(batches), self.ctx)
+
+    def _cp_shard(self, batches: list[Batch]) -> list[Batch]:
+        """Under context parallelism, this rank's two chunks of each (whole, dp-rank) micro-batch."""
+        if not self.dims.cp_enabled:
+            return batches
+        return [shard_batch(b, self.dims.cp, self.cp_rank) for b in batches]
 
     def _pipeline_pass(self, batches: list[Batch], scale: float, train: bool) -> torch.Tensor:
         """The rank's micro-batches as one batch through the schedule; returns the global loss sum."""
@@ -184,7 +193,7 @@ class NativeEngine(Engine):
 
     def evaluate(self, batches: list[Batch]) -> float:
         if self.pipeline is None:
-            return evaluate(self.model, batches, self.ctx)
+            return evaluate(self.model, self._cp_shard(batches), self.ctx)
         with torch.no_grad():
             loss_sum = self._pipeline_pass(batches, 1.0, train=False)
         return float(loss_sum) / max(global_tokens(batches, self.dp_group), 1)

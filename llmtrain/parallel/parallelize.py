@@ -1,6 +1,6 @@
 """Apply a parallel layout to a meta-device model, in the documented order (docs/architecture.md):
-pipeline split -> FP8 conversion -> TP -> activation checkpointing -> compile -> FSDP/ZeRO ->
-materialize -> init weights -> DDP.
+pipeline split -> FP8 conversion -> TP -> context parallel attention -> activation checkpointing ->
+compile -> FSDP/ZeRO -> materialize -> init weights -> DDP.
 
 Each `apply_*` takes explicit arguments (a mesh, flags), never the whole config; `parallelize` is
 the one place that reads the config and calls them. DDP comes after materialization because it
@@ -19,6 +19,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from llmtrain.config.parallel import ParallelConfig
 from llmtrain.config.rules import stage_layer_counts
 from llmtrain.models.llama import Transformer
+from llmtrain.parallel.context_parallel import apply_context_parallel
 from llmtrain.parallel.data_parallel import (
     DTYPE,
     GradSync,
@@ -114,6 +115,9 @@ def parallelize(
         if dims.tp_enabled:
             assert mesh is not None
             apply_tp(part, mesh["tp"], cfg.sequence_parallel)
+        if dims.cp_enabled:
+            assert mesh is not None
+            apply_context_parallel(part, mesh["cp"].get_group())
         apply_activation_checkpointing(part, cfg.activation_checkpoint)
         if cfg.compile:
             apply_compile(part)
@@ -136,12 +140,12 @@ def parallelize(
         sync = GradSync(
             zero12_accumulate(modules, cfg.zero_stage) if cfg.zero_stage in (1, 2) else nullcontext
         )
-    elif not dims.dp_enabled:
+    elif dims.dp_cp == 1:
         sync = GradSync()
     elif dims.tp_enabled or dims.pp_enabled:  # DDP does not take DTensors or pipeline stages
-        group = dims.dp_mesh.get_group()
-        sync = GradSync(reduce=lambda: allreduce_grads(modules, group, dims.dp))
+        group = dims.dp_cp_mesh.get_group()  # cp ranks average weight gradients like dp ranks
+        sync = GradSync(reduce=lambda: allreduce_grads(modules, group, dims.dp_cp))
     else:
-        ddp = apply_ddp(model, dims.dp_mesh)
+        ddp = apply_ddp(model, dims.dp_cp_mesh)
         return ParallelModel([ddp], GradSync(accumulate=ddp.no_sync))
     return ParallelModel(modules, sync, stage_ids, num_stages)

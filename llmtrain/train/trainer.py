@@ -58,7 +58,7 @@ class Trainer:
         configure_torch(cfg, env)
         init_distributed(env, self.device)
         p, t = cfg.parallel, cfg.trainer
-        self.dims = ParallelDims(p.dp_replicate, p.dp_shard, p.tp, p.pp, env.world_size)
+        self.dims = ParallelDims(p.dp_replicate, p.dp_shard, p.tp, p.pp, env.world_size, cp=p.cp)
         self.mesh = self.dims.build_mesh(self.device.type) if env.world_size > 1 else None
         self.grad_accum = batch_geometry(cfg, self.dims.dp)
         self.engine = build_engine(cfg, self.dims, self.mesh, self.device, build_peft(cfg))
