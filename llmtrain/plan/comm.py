@@ -18,9 +18,13 @@ Per step, with P parameters per (tp, pp) shard, m micro-batches, n = dp_shard, r
                    activations (mbs x seq x dim)
   pp               per micro-batch an activation forward and a gradient backward over each boundary:
                    a middle stage sends both, an end stage one (the busiest rank is counted)
+  cp               per layer per micro-batch one all-gather of K and V (forward; again in a full
+                   recompute) and one reduce-scatter of their gradients: (c-1)/c K each, K = mbs x seq
+                   x 2 kv_heads x head_dim / tp in the compute dtype; the weight-gradient all-reduce
+                   of ZeRO-0 runs over dp x cp ranks
 g = gradient reduce bytes (parallel.reduce_dtype under ZeRO/FSDP2: bf16 2, fp32 4; DDP reduces its
 fp32 gradients: 4), a = parameter bytes (bf16 params: 2, else 4), activations in the compute dtype.
-Which links a group uses follows the mesh order (pp, dp_replicate, dp_shard, tp; tp innermost): a
+Which links a group uses follows the mesh order (pp, dp_replicate, dp_shard, cp, tp; tp innermost): a
 group whose ranks lie in one node uses the intra-node bandwidth, else inter-node.
 """
 
@@ -63,11 +67,12 @@ def comm_volume(
     m, n, r, t = grad_accum, lo.dp_shard, lo.dp_replicate, lo.tp
     parts: dict[str, CommPart] = {}
 
-    if lo.dp > 1:
-        if lo.zero_stage <= 1:  # one all-reduce over every data-parallel rank
+    if lo.dp * lo.cp > 1:
+        if lo.zero_stage <= 1:  # one all-reduce over every data-parallel (and context-parallel) rank
+            ranks = lo.dp * lo.cp
             parts["dp"] = CommPart(
-                bytes=2 * (lo.dp - 1) / lo.dp * shard_params * g,
-                inter_node=_inter_node(lo.dp * t, gpus_per_node),
+                bytes=2 * (ranks - 1) / ranks * shard_params * g,
+                inter_node=_inter_node(ranks * t, gpus_per_node),
                 overlapped=True,
             )
         else:
@@ -92,6 +97,15 @@ def comm_volume(
         parts["tp"] = CommPart(
             bytes=collectives * m * 2 * (t - 1) / t * act,
             inter_node=_inter_node(t, gpus_per_node),
+            overlapped=False,
+        )
+
+    if lo.cp > 1:
+        kv = lo.micro_batch_size * seq_len * 2 * args.kv_heads * args.head_dim / t * act_bytes
+        per_layer = 3 if lo.activation_checkpoint == "full" else 2  # gather (+ recompute) + scatter
+        parts["cp"] = CommPart(
+            bytes=per_layer * args.n_layers / lo.pp * m * (lo.cp - 1) / lo.cp * kv,
+            inter_node=_inter_node(lo.cp * t, gpus_per_node),
             overlapped=False,
         )
 

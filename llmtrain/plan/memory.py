@@ -23,7 +23,10 @@ parallel; linear inputs stay full size. Checkpointed blocks keep only their fp32
 one block is rebuilt at a time in backward. The loss adds a transient of vocab-sized tensors per
 token (logits, their fp32 copy, log-softmax and its gradient) on the last pipeline stage.
 Pipeline stages hold the activations of the micro-batches in flight: pp for 1F1B (first stage),
-all of them for GPipe. Validated against measured peak tensor memory: see docs/performance.md.
+all of them for GPipe. Context parallelism (cp) leaves each rank seq_len / cp tokens, so every
+per-token term divides by cp, except that each attention layer also saves the all-gathered keys
+and values of the whole sequence (2q per token after the GQA repeat, plus the gathered 2 kv-head
+copy; llmtrain/parallel/context_parallel.py). Validated against measured peak tensor memory: see docs/performance.md.
 """
 
 import math
@@ -43,6 +46,7 @@ class Layout:
     dp_shard: int = 1
     tp: int = 1
     pp: int = 1
+    cp: int = 1
     zero_stage: int = 0
     activation_checkpoint: str = "none"
     sequence_parallel: bool = True
@@ -59,13 +63,14 @@ class Layout:
 
     @property
     def world(self) -> int:
-        return self.dp * self.tp * self.pp
+        return self.dp * self.cp * self.tp * self.pp
 
     def describe(self) -> str:
         parts = [
             f"dp{self.dp_replicate}x{self.dp_shard}",
             f"tp{self.tp}",
             f"pp{self.pp}",
+            *([f"cp{self.cp}"] if self.cp > 1 else []),
             f"z{self.zero_stage}",
         ]
         return " ".join([*parts, f"ac:{self.activation_checkpoint}", f"mbs{self.micro_batch_size}"])
@@ -132,6 +137,17 @@ def act_bytes_per_token(args: TransformerArgs, precision: str, tp: int, sp: bool
     return 4 * (4 * d + 2) / norm_div + 4 * 2 * d + 4 * (4 * q + 4 * f + h) / tp
 
 
+def cp_gathered_kv_bytes(args: TransformerArgs, tokens: int, layout: Layout, precision: str) -> float:
+    """Extra bytes one attention layer saves under context parallelism: the whole sequence's keys and
+    values (repeated to the query heads, what SDPA keeps) instead of the rank's 1/cp, plus the
+    gathered kv-head tensor itself. 0 without cp."""
+    if layout.cp == 1:
+        return 0.0
+    q, kv = args.n_heads * args.head_dim / layout.tp, args.kv_heads * args.head_dim / layout.tp
+    b = DTYPE_BYTES["bf16" if precision == "bf16" else "fp32"]
+    return b * tokens * (2 * q * (1 - 1 / layout.cp) + 2 * kv)
+
+
 def in_flight_microbatches(layout: Layout, stage: str) -> int:
     """Micro-batches whose activations a pipeline stage holds at its peak: one without pipelining,
     all of them under GPipe, pp on the first stage of 1F1B (1 on the last)."""
@@ -180,12 +196,13 @@ def estimate_stage(
         buffers += 2 * layer_local * DTYPE_BYTES[layout.param_dtype] + 4 * layer_local
     elif fsdp:  # ZeRO-1/2: parameters stay unsharded from the first forward to the last backward
         buffers += p_local * DTYPE_BYTES[layout.param_dtype] + 4 * layer_local
-    if z == 0 and layout.dp > 1 and layout.tp == 1 and layout.pp == 1:
+    if z == 0 and layout.dp * layout.cp > 1 and layout.tp == 1 and layout.pp == 1:
         buffers += 4 * p_local  # DDP gradient buckets (tp/pp all-reduce the gradients in place)
 
-    tokens = layout.micro_batch_size * seq_len
+    tokens = layout.micro_batch_size * seq_len / layout.cp  # this rank's tokens (context parallel)
     in_flight = in_flight_microbatches(layout, stage)
     per_block = act_bytes_per_token(args, precision, layout.tp, layout.sequence_parallel) * tokens
+    per_block += cp_gathered_kv_bytes(args, seq_len * layout.micro_batch_size, layout, precision)
     # under bf16 autocast each block saves a bf16 cast of its weights (the head one of its own)
     cast_dtype = precision == "bf16" and not (fsdp and layout.param_dtype == "bf16")
     cast_block = 2 * mats / layout.tp if cast_dtype else 0.0
