@@ -90,6 +90,56 @@ def gather_sequence(x: torch.Tensor, group: dist.ProcessGroup, dim: int) -> torc
     return _GatherSequence.apply(x, group, dim)
 
 
+_FLASH_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_FLASH_CPU_BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+class _PrefixCausalAttention(torch.autograd.Function):
+    """Queries of one chunk (c tokens) against the keys of every earlier chunk (all visible) and of
+    their own chunk (causal), without materialising a mask: two flash-attention blocks merged by their
+    log-sum-exp. Backward runs each block's flash backward with the merged output and log-sum-exp
+    (the ring-attention decomposition), so the result and its gradients are those of one causal SDPA.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        c = q.shape[2]
+        out, lse = _FLASH_CPU(q, k[:, :, -c:], v[:, :, -c:], 0.0, True)
+        if k.shape[2] > c:
+            past, past_lse = _FLASH_CPU(q, k[:, :, :-c], v[:, :, :-c], 0.0, False)
+            merged = torch.logaddexp(lse, past_lse)
+            out = out * (lse - merged).exp().unsqueeze(-1) + past * (past_lse - merged).exp().unsqueeze(-1)
+            lse = merged
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v, out, lse = ctx.saved_tensors
+        c, grad = q.shape[2], grad.contiguous()
+        dq, dk_d, dv_d = _FLASH_CPU_BWD(grad, q, k[:, :, -c:], v[:, :, -c:], out, lse, 0.0, True)
+        if k.shape[2] == c:
+            return dq, dk_d, dv_d
+        dq_p, dk_p, dv_p = _FLASH_CPU_BWD(grad, q, k[:, :, :-c], v[:, :, :-c], out, lse, 0.0, False)
+        return dq + dq_p, torch.cat([dk_p, dk_d], dim=2), torch.cat([dv_p, dv_d], dim=2)
+
+
+def causal_chunks_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp: int, rank: int
+) -> torch.Tensor:
+    """Exact causal attention of this rank's two chunks (q: (b, h, 2c, d)) against the whole
+    sequence's K/V in gathered order (b, h, S, d), with memory linear in S (no S x S mask)."""
+    s, c = k.shape[2], q.shape[2] // 2
+    order = torch.argsort(gathered_index(s, cp, k.device))  # gathered -> global token order
+    k, v = k.index_select(2, order), v.index_select(2, order)
+    outs = []
+    for j, chunk in enumerate((rank, 2 * cp - 1 - rank)):
+        end = (chunk + 1) * c
+        qj = q[:, :, j * c : (j + 1) * c]
+        outs.append(_PrefixCausalAttention.apply(qj.contiguous(), k[:, :, :end], v[:, :, :end]))
+    return torch.cat(outs, dim=2)
+
+
 class ContextParallelAttention:
     """`Attention.attend` under context parallelism: K/V gathered over the cp group, SDPA of the local
     queries against all keys with the exact causal (or the batch's document) mask."""
@@ -112,7 +162,13 @@ class ContextParallelAttention:
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool
     ) -> torch.Tensor:
         kv = gather_sequence(torch.stack([k, v]), self.group, dim=3)  # (2, b, kv_h, S, d): one collective
-        if mask is None and causal:
+        if mask is None and causal and q.device.type == "cpu":
+            k, v = kv[0], kv[1]
+            if k.shape[1] != q.shape[1]:  # GQA: repeat KV heads to match the query heads
+                rep = q.shape[1] // k.shape[1]
+                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            return causal_chunks_attention(q, k, v, self.cp, self.rank)
+        if mask is None and causal:  # elsewhere: SDPA with the explicit (2c, S) mask
             mask = self.causal_mask(kv.shape[3], q.device)
         return sdpa_attention(q, kv[0], kv[1], mask, causal)
 
