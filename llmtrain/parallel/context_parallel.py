@@ -11,8 +11,8 @@ K/V of the whole sequence, in gathered order [chunks of rank 0, of rank 1, ...],
 queries against all keys with the exact mask: key j is visible to query i iff global(j) <= global(i)
 (and, with packed documents, the batch's document mask, whose rows and columns `shard_batch` picks
 by the same global indices). The gather is differentiable: its backward sums the K/V gradients of
-all ranks and returns each rank its slice (a reduce-scatter; gloo has none on CPU, so there it is an
-all-reduce and a slice, twice the bytes).
+all ranks and returns each rank its slice (a reduce-scatter, which gloo on CPU runs as an all-reduce
+of the whole input: twice the bytes).
 
 Everything else is token-local: RoPE takes the tokens' global positions (or the document positions,
 sliced), the loss is token-weighted with the global token count, and for the weights a cp rank is a
@@ -72,16 +72,9 @@ class _GatherSequence(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        group = ctx.group
-        world, rank = dist.get_world_size(group), dist.get_rank(group)
         full = grad.movedim(ctx.dim, 0).contiguous()
-        n = full.shape[0] // world
-        if full.is_cuda:
-            part = full.new_empty((n, *full.shape[1:]))
-            dist.reduce_scatter_tensor(part, full, group=group)
-        else:  # gloo on CPU has no reduce-scatter
-            dist.all_reduce(full, group=group)
-            part = full[rank * n : (rank + 1) * n]
+        part = full.new_empty((full.shape[0] // dist.get_world_size(ctx.group), *full.shape[1:]))
+        dist.reduce_scatter_tensor(part, full, group=ctx.group)  # gloo runs it as an all-reduce
         return part.movedim(0, ctx.dim), None, None
 
 
