@@ -101,13 +101,7 @@ def comm_volume(
         )
 
     if lo.cp > 1:
-        kv = lo.micro_batch_size * seq_len * 2 * args.kv_heads * args.head_dim / t * act_bytes
-        per_layer = 3 if lo.activation_checkpoint == "full" else 2  # gather (+ recompute) + scatter
-        parts["cp"] = CommPart(
-            bytes=per_layer * args.n_layers / lo.pp * m * (lo.cp - 1) / lo.cp * kv,
-            inter_node=_inter_node(lo.cp * t, gpus_per_node),
-            overlapped=False,
-        )
+        parts["cp"] = _context_parallel_part(args, seq_len, lo, m, gpus_per_node, act_bytes)
 
     if lo.pp > 1:
         n_mb = lo.pp_microbatches or m
@@ -120,6 +114,20 @@ def comm_volume(
             overlapped=False,
         )
     return parts
+
+
+def _context_parallel_part(
+    args: TransformerArgs, seq_len: int, lo: Layout, m: int, gpus_per_node: int, act_bytes: float
+) -> CommPart:
+    """K/V all-gather per layer and micro-batch (again in a full recompute) and the reduce-scatter of
+    their gradients, over the cp group (inside the tp groups in the mesh order)."""
+    kv = lo.micro_batch_size * seq_len * 2 * args.kv_heads * args.head_dim / lo.tp * act_bytes
+    per_layer = 3 if lo.activation_checkpoint == "full" else 2
+    return CommPart(
+        bytes=per_layer * args.n_layers / lo.pp * m * (lo.cp - 1) / lo.cp * kv,
+        inter_node=_inter_node(lo.cp * lo.tp, gpus_per_node),
+        overlapped=False,
+    )
 
 
 def comm_time_s(
