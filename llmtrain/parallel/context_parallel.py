@@ -67,14 +67,14 @@ class _GatherSequence(torch.autograd.Function):
         world = dist.get_world_size(group)
         local = x.movedim(dim, 0).contiguous()
         out = local.new_empty((world * local.shape[0], *local.shape[1:]))
-        dist.all_gather_into_tensor(out, local, group=group)
+        dist.all_gather_single(out, local, group=group)
         return out.movedim(0, dim)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         full = grad.movedim(ctx.dim, 0).contiguous()
         part = full.new_empty((full.shape[0] // dist.get_world_size(ctx.group), *full.shape[1:]))
-        dist.reduce_scatter_tensor(part, full, group=ctx.group)  # gloo runs it as an all-reduce
+        dist.reduce_scatter_single(part, full, group=ctx.group)  # gloo runs it as an all-reduce
         return part.movedim(0, ctx.dim), None, None
 
 
