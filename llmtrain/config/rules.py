@@ -111,7 +111,6 @@ def check_context_parallel(cfg: Config) -> None:
         )
     why = {
         "parallel.backend": (p.backend != "native", p.backend, _CP_ENGINE_WHY),
-        "parallel.pp": (p.pp > 1, p.pp, "the pipeline schedules are not tested with a cp group yet"),
         "parallel.zero_stage": (
             p.zero_stage > 0,
             p.zero_stage,

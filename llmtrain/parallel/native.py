@@ -150,9 +150,10 @@ class NativeEngine(Engine):
     def train_step(self, batches: list[Batch], lr: float) -> StepResult:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
+        batches = self._cp_shard(batches)
         if self.pipeline is not None:
             return self._pipeline_train_step(batches)
-        return train_step(self.model, self.optimizer, self._cp_shard(batches), self.ctx)
+        return train_step(self.model, self.optimizer, batches, self.ctx)
 
     def _cp_shard(self, batches: list[Batch]) -> list[Batch]:
         """Under context parallelism, this rank's two chunks of each (whole, dp-rank) micro-batch."""
@@ -180,7 +181,7 @@ class NativeEngine(Engine):
     def _pipeline_train_step(self, batches: list[Batch]) -> StepResult:
         """Same math as `llmtrain.parallel.step.train_step`, with the schedule doing forward/backward."""
         n_global = global_tokens(batches, self.dp_group)
-        loss_sum = self._pipeline_pass(batches, self.dims.dp / max(n_global, 1), train=True)
+        loss_sum = self._pipeline_pass(batches, self.dims.dp_cp / max(n_global, 1), train=True)
         if self.ctx.reduce_grads is not None:
             self.ctx.reduce_grads()
         grad_norm = clip_grad_norm(self.modules, self.cfg.optim.grad_clip, self.pp_group)
@@ -192,8 +193,9 @@ class NativeEngine(Engine):
         return StepResult(loss, grad_norm, n_global)
 
     def evaluate(self, batches: list[Batch]) -> float:
+        batches = self._cp_shard(batches)
         if self.pipeline is None:
-            return evaluate(self.model, self._cp_shard(batches), self.ctx)
+            return evaluate(self.model, batches, self.ctx)
         with torch.no_grad():
             loss_sum = self._pipeline_pass(batches, 1.0, train=False)
         return float(loss_sum) / max(global_tokens(batches, self.dp_group), 1)
