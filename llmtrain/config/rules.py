@@ -112,9 +112,10 @@ def check_context_parallel(cfg: Config) -> None:
     why = {
         "parallel.backend": (p.backend != "native", p.backend, _CP_ENGINE_WHY),
         "parallel.zero_stage": (
-            p.zero_stage > 0,
+            p.zero_stage > 0 and p.dp_replicate != 1,
             p.zero_stage,
-            "FSDP would have to shard over the flattened dp_shard x cp mesh, not built yet; use DDP (0)",
+            "HSDP (dp_replicate != 1, -1 included) with cp needs a 2-D (dp_replicate, dp_shard x cp) mesh, not built "
+            "yet; use dp_replicate=1 (ZeRO shards over dp_shard x cp) or zero_stage=0",
         ),
         "model.moe_num_experts": (cfg.model.moe_num_experts > 0, cfg.model.moe_num_experts, "untested"),
         "objective.name": (

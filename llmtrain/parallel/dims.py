@@ -29,6 +29,7 @@ class ParallelDims:
     _mesh: DeviceMesh | None = field(default=None, init=False, repr=False)
     _dp_mesh: DeviceMesh | None = field(default=None, init=False, repr=False)
     _dp_cp_mesh: DeviceMesh | None = field(default=None, init=False, repr=False)
+    _shard_cp_mesh: DeviceMesh | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         check_parallel_factors(dp_replicate=self.dp_replicate, dp_shard=self.dp_shard, tp=self.tp, pp=self.pp)
@@ -101,6 +102,7 @@ class ParallelDims:
             self._dp_mesh = mesh[("dp_replicate", "dp_shard")]._flatten("dp")
             if self.cp_enabled:
                 self._dp_cp_mesh = mesh[("dp_replicate", "dp_shard", "cp")]._flatten("dp_cp")
+                self._shard_cp_mesh = mesh[("dp_shard", "cp")]._flatten("dp_shard_cp")
             self._mesh = mesh
         return self._mesh
 
@@ -121,6 +123,13 @@ class ParallelDims:
         if self._dp_cp_mesh is None:
             raise RuntimeError("ParallelDims.build_mesh() must run before dp_cp_mesh is used")
         return self._dp_cp_mesh
+
+    @property
+    def fsdp_mesh(self) -> DeviceMesh:
+        """What ZeRO/FSDP2 shards over: dp_shard, times cp under context parallelism (a cp rank holds
+        the same weights, so it can hold a shard of them: torchtitan's dp_shard_cp)."""
+        assert self._mesh is not None, "ParallelDims.build_mesh() must run first"
+        return self._shard_cp_mesh if self._shard_cp_mesh is not None else self._mesh["dp_shard"]
 
     def coords(self, rank: int) -> dict[str, int]:
         """Coordinates of a global rank along each mesh dim (pure arithmetic, no process group)."""

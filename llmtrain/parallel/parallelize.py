@@ -93,7 +93,7 @@ def parallelize(
     seed: int,
 ) -> ParallelModel:
     """Split (pp), transform, materialize and init the meta model for this rank's place in `mesh`."""
-    use_fsdp = cfg.zero_stage > 0 and dims.dp_shard_enabled
+    use_fsdp = cfg.zero_stage > 0 and dims.dp_shard * dims.cp > 1  # cp ranks shard too
     if cfg.cpu_offload and (device.type != "cuda" or not use_fsdp):
         _warn_rank0(
             f"parallel.cpu_offload=true is ignored: it needs ZeRO over dp_shard > 1 on a CUDA device "
@@ -123,7 +123,7 @@ def parallelize(
             apply_compile(part)
         if use_fsdp:
             assert mesh is not None
-            dp_mesh = mesh["dp_replicate", "dp_shard"] if dims.dp_replicate_enabled else mesh["dp_shard"]
+            dp_mesh = mesh["dp_replicate", "dp_shard"] if dims.dp_replicate_enabled else dims.fsdp_mesh
             apply_fsdp(
                 part,
                 dp_mesh,

@@ -21,7 +21,7 @@ Per step, with P parameters per (tp, pp) shard, m micro-batches, n = dp_shard, r
   cp               per layer per micro-batch one all-gather of K and V (forward; again in a full
                    recompute) and one reduce-scatter of their gradients: (c-1)/c K each, K = mbs x seq
                    x 2 kv_heads x head_dim / tp in the compute dtype; the weight-gradient all-reduce
-                   of ZeRO-0 runs over dp x cp ranks
+                   of ZeRO-0 runs over dp x cp ranks, and ZeRO shards over n = dp_shard x cp
 g = gradient reduce bytes (parallel.reduce_dtype under ZeRO/FSDP2: bf16 2, fp32 4; DDP reduces its
 fp32 gradients: 4), a = parameter bytes (bf16 params: 2, else 4), activations in the compute dtype.
 Which links a group uses follows the mesh order (pp, dp_replicate, dp_shard, cp, tp; tp innermost): a
@@ -64,7 +64,7 @@ def comm_volume(
     g = float(DTYPE_BYTES[lo.reduce_dtype]) if fsdp else 4.0
     a = 2.0 if lo.param_dtype == "bf16" else 4.0
     act_bytes = 2.0 if precision == "bf16" else 4.0
-    m, n, r, t = grad_accum, lo.dp_shard, lo.dp_replicate, lo.tp
+    m, n, r, t = grad_accum, lo.dp_shard * lo.cp, lo.dp_replicate, lo.tp  # FSDP over dp_shard x cp
     parts: dict[str, CommPart] = {}
 
     if lo.dp * lo.cp > 1:

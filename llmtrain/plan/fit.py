@@ -5,8 +5,8 @@ Time model: a step does `flops_per_token(recompute) x global tokens` hardware FL
 schedule: 1F1B's is (pp - 1) / (microbatches + pp - 1)), plus the communication that compute does not
 hide (llmtrain/plan/comm.py: bytes per rank at the intra- or inter-node bus bandwidth;
 data-parallel/ZeRO traffic overlaps with the backward, 2/3 of compute; tp and pp traffic is on the
-critical path). The search keeps tp inside a node, and tries context parallelism (cp, without ZeRO,
-as the native engine runs it) for sequences of at least `CP_MIN_SEQ` tokens.
+critical path). The search keeps tp inside a node, and tries context parallelism (cp; not with HSDP,
+which the native engine refuses with it) for sequences of at least `CP_MIN_SEQ` tokens.
 """
 
 import dataclasses
@@ -173,20 +173,20 @@ def candidate_layouts(
     args: TransformerArgs, global_batch: int, cluster: Cluster, cps: list[int] | None = None
 ) -> list[Layout]:
     """tp within a node (dividing the heads), pp up to n_layers, ZeRO 0-3 (and HSDP across nodes),
-    every checkpointing mode and micro-batch sizes that divide the batch; each cp of `cps` with DDP
-    (the native engine refuses cp with ZeRO)."""
+    every checkpointing mode and micro-batch sizes that divide the batch; each cp of `cps`, except
+    with HSDP (the native engine refuses cp there)."""
     out = []
     tps = [t for t in _divisors(cluster.gpus_per_node) if args.n_heads % t == 0 and args.kv_heads % t == 0]
     for tp, pp, cp in itertools.product(tps, _divisors(cluster.world), cps or [1]):
         if cluster.world % (tp * pp * cp) or pp > args.n_layers:
             continue
         dp = cluster.world // (tp * pp * cp)
-        shards = [(dp, 1, 0)] + ([(1, dp, z) for z in (1, 2, 3)] if cp == 1 else [])
+        shards = [(dp, 1, 0)] + [(1, dp, z) for z in (1, 2, 3)]
         in_node = cluster.gpus_per_node // tp
-        if cluster.nodes > 1 and 1 < in_node < dp and dp % in_node == 0:
+        if cluster.nodes > 1 and 1 < in_node < dp and dp % in_node == 0 and cp == 1:
             shards.append((dp // in_node, in_node, 3))  # HSDP: shard inside a node, replicate across
         for (rep, shard, z), ac in itertools.product(shards, AC_CHOICES):
-            if dp == 1 and z > 0:
+            if dp * cp == 1 and z > 0:
                 continue
             for mbs in _divisors(global_batch // dp) if global_batch % dp == 0 else []:
                 accum = global_batch // (dp * mbs)

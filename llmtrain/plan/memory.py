@@ -24,9 +24,9 @@ one block is rebuilt at a time in backward. The loss adds a transient of vocab-s
 token (logits, their fp32 copy, log-softmax and its gradient) on the last pipeline stage.
 Pipeline stages hold the activations of the micro-batches in flight: pp for 1F1B (first stage),
 all of them for GPipe. Context parallelism (cp) leaves each rank seq_len / cp tokens, so every
-per-token term divides by cp, except that each attention layer also saves the all-gathered keys
-and values of the whole sequence (2q per token after the GQA repeat, plus the gathered 2 kv-head
-copy; llmtrain/parallel/context_parallel.py). Validated against measured peak tensor memory: see docs/performance.md.
+per-token term divides by cp (and ZeRO shards over dp_shard x cp), except that each attention layer
+also saves the all-gathered keys and values of the whole sequence (2q per token after the GQA
+repeat, plus the gathered 2 kv-head copy; llmtrain/parallel/context_parallel.py). Validated against measured peak tensor memory: see docs/performance.md.
 """
 
 import math
@@ -180,7 +180,7 @@ def estimate_stage(
     """`estimate_memory` for one pipeline stage ("first" or "last"; "last" without pipelining)."""
     p_local, layers = stage_params(args, layout.tp, layout.pp, stage)
     has_loss = stage == "last"
-    shard, z = layout.dp_shard, layout.zero_stage
+    shard, z = layout.dp_shard * layout.cp, layout.zero_stage  # cp ranks hold FSDP shards too
     fsdp = z >= 1 and shard > 1  # the native engine runs every ZeRO stage on FSDP2
     weights = 4 * p_local / (shard if fsdp else 1)  # fp32 master weights rest sharded under FSDP2
     # ZeRO-1 accumulates full local gradients until the step's last micro-batch (data_parallel.py)

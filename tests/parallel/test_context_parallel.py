@@ -29,11 +29,16 @@ STEPS, SAVE_AT = 5, 3
 RTOL, WEIGHT_ATOL = 1e-5, 3e-5  # as tests/parallel/test_parity.py
 LONG = ["data.seq_len=1024", "model.max_seq_len=1024", "trainer.global_batch_size=4"]
 DOCS = ["data.document_mask=true"]
-LAYOUTS_2 = {"cp2": ["parallel=cp2"], "cp2_docs": ["parallel=cp2", *DOCS]}
+LAYOUTS_2 = {
+    "cp2": ["parallel=cp2"],
+    "cp2_docs": ["parallel=cp2", *DOCS],
+    "cp2_zero3": ["parallel=zero3", "parallel.cp=2"],  # FSDP2 over the flattened dp_shard x cp mesh
+}
 LAYOUTS_4 = {
     "cp2_dp2": ["parallel=cp2"],
     "cp2_tp2": ["parallel=cp2", "parallel.tp=2"],
     "cp2_pp2": ["parallel=cp2", "parallel.pp=2"],
+    "cp2_zero2_dp2": ["parallel=zero2", "parallel.cp=2"],
 }
 
 
@@ -104,8 +109,8 @@ def test_config_errors_name_the_keys(make_config) -> None:
         make_config("parallel=cp2", "parallel.backend=deepspeed")
     with pytest.raises(ConfigError, match=r"parallel.backend=megatron"):
         make_config("parallel=cp2", "parallel.backend=megatron")
-    with pytest.raises(ConfigError, match=r"parallel.zero_stage=3"):
-        make_config("parallel=zero3", "parallel.cp=2")
+    with pytest.raises(ConfigError, match=r"parallel.zero_stage=3 .*HSDP"):
+        make_config("parallel=hsdp", "parallel.cp=2")
     with pytest.raises(ConfigError, match=r"objective.name=masked_lm"):
         make_config("parallel=cp2", "objective=masked_lm")
     from llmtrain.parallel.layout import build_dims

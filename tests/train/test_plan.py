@@ -453,7 +453,12 @@ def test_context_parallel_in_memory_comm_and_suggestions() -> None:
     assert not cp["cp"].overlapped
     for name, seq_len, nodes in (("8b_32k", 32768, 1), ("8b_128k", 131072, 2)):
         cfg = compose_config([f"model={name}", f"data.seq_len={seq_len}", "tracking=none"])
-        fits = suggest_layouts(model_args(cfg.model), seq_len, 16, Cluster(nodes=nodes), "bf16", top=5)
+        fits = suggest_layouts(model_args(cfg.model), seq_len, 16, Cluster(nodes=nodes), "bf16", top=100)
         cps = [p.layout.cp for p in fits]
         assert any(c > 1 for c in cps), (name, [p.layout.describe() for p in fits])
     assert fits and all(c > 1 for c in cps), "at 128k only context-parallel layouts fit"
+    # ZeRO shards over dp_shard x cp (FSDP2 on the flattened mesh), so cp2 alone halves the states
+    z3 = estimate_memory(args, seq, Layout(cp=2, zero_stage=3), precision="fp32")
+    assert z3.optimizer == pytest.approx(one.optimizer / 2) and z3.weights == pytest.approx(one.weights / 2)
+    zc = comm_volume(args, seq, Layout(cp=2, zero_stage=3), 1, gpus_per_node=8, precision="fp32")
+    assert zc["dp"].bytes == pytest.approx(3 * 1 / 2 * total_params(args) * 4)
