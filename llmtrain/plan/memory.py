@@ -26,7 +26,8 @@ Pipeline stages hold the activations of the micro-batches in flight: pp for 1F1B
 all of them for GPipe. Context parallelism (cp) leaves each rank seq_len / cp tokens, so every
 per-token term divides by cp (and ZeRO shards over dp_shard x cp), except that each attention layer
 also saves the all-gathered keys and values of the whole sequence (2q per token after the GQA
-repeat, plus the gathered 2 kv-head copy; llmtrain/parallel/context_parallel.py). Validated against measured peak tensor memory: see docs/performance.md.
+repeat, plus the gathered 2 kv-head copy; llmtrain/parallel/context_parallel.py).
+Validated against measured peak tensor memory: see docs/performance.md.
 """
 
 import math
