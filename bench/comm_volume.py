@@ -20,6 +20,8 @@ layers, n = 2:
   tp (SP)   per micro-batch (8L + 4) all-gathers/reduce-scatters of A: fwd and bwd of 2 per block
             sub-layer pair, plus embedding and output projection   (8L + 4) m A (n-1)/n
   pp        each micro-batch's activation forward (stage 0) or its gradient back (stage 1): m A
+  cp        per micro-batch and layer an all-gather of K and V (b*s*2*kv_heads*head_dim*4 bytes = K)
+            and a reduce-scatter of their gradients, 2 L m K (n-1)/n, plus DDP's 2P(n-1)/n over dp x cp
 Small extras (token count, loss, grad-norm scalars, loss-parallel (b*s) partials) are counted in
 the measurement but not in the analytical volume, so ratios slightly above 1 are expected on this
 tiny model; they vanish with size.
@@ -59,6 +61,7 @@ LAYOUTS = {
     "zero3 dp2": ["parallel=zero3"],
     "tp2 (SP)": ["parallel=tp2"],
     "pp2 1f1b": ["parallel=pp2"],
+    "cp2": ["parallel=cp2"],
 }
 
 

@@ -32,12 +32,14 @@ COLLECTIVES = {
     "all_reduce",
     "all_gather",
     "all_gather_into_tensor",
+    "all_gather_single",
     "all_gather_object",
     "broadcast",
     "broadcast_object_list",
     "reduce",
     "reduce_scatter",
     "reduce_scatter_tensor",
+    "reduce_scatter_single",
     "gather",
     "gather_object",
     "scatter",
@@ -51,6 +53,7 @@ MODEL_TENSOR_COLLECTIVES = {
     "llmtrain.parallel.data_parallel": "gradient all-reduce (TP/PP without ZeRO)",
     "llmtrain.parallel.backends.megatron": "tensor-parallel weight gather for export",
     "llmtrain.parallel.expert_parallel": "token dispatch/combine all-to-all of activations (and their counts)",
+    "llmtrain.parallel.context_parallel": "K/V all-gather and its gradient reduce-scatter",
 }
 MAX_FUNCTION_LINES = 70
 

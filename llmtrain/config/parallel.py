@@ -1,4 +1,4 @@
-"""Parallel layout schema: dp_replicate x dp_shard x pp x tp = world size (ep is carved from dp)."""
+"""Parallel layout schema: dp_replicate x dp_shard x cp x pp x tp = world size (ep is carved from dp)."""
 
 from dataclasses import dataclass, field
 
@@ -28,6 +28,9 @@ class ParallelConfig:
     """Expert-parallel degree (MoE models): the routed experts of each MoE layer are split over groups
     of `ep` data-parallel ranks (each holds moe_num_experts / ep), tokens travel by all-to-all. Carved
     from the data-parallel ranks: it must divide dp_replicate x dp_shard (docs/moe.md)."""
+    cp: int = 1
+    """Context-parallel degree: each sequence is split over cp ranks in 2*cp load-balanced chunks (rank i
+    holds chunks i and 2*cp-1-i), K/V all-gathered in attention (docs/context_parallel.md)."""
     zero_stage: int = 0
     """0 = DDP; 1 = sharded optimizer state; 2 = + sharded grads; 3 = + sharded params (FSDP2).
     Stages 1-3 shard over dp_shard (HSDP when dp_replicate > 1 too); dp_shard > 1 needs stage >= 1."""

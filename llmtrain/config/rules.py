@@ -68,6 +68,7 @@ def check_parallel_config(cfg: Config) -> None:
         )
     check_moe_parallel(cfg)
     check_expert_parallel(cfg)
+    check_context_parallel(cfg)
     if p.dp_shard != -1:  # -1 resolves with the world size: parallel.layout applies the same rule then
         check_zero_shards(p.zero_stage, p.dp_shard)
     if p.backend == "native" and p.zero_stage == 0 and p.param_dtype != "fp32":
@@ -121,6 +122,51 @@ def check_expert_parallel(cfg: Config) -> None:
             f"parallel.ep={p.ep} must divide model.moe_num_experts={m.moe_num_experts} (each expert-parallel "
             "rank holds moe_num_experts / ep experts)"
         )
+
+
+def check_context_parallel(cfg: Config) -> None:
+    """What parallel.cp > 1 runs with today (llmtrain.parallel.context_parallel), each refusal with why."""
+    p, cp, seq = cfg.parallel, cfg.parallel.cp, cfg.data.seq_len
+    check(cp >= 1, "parallel.cp", f"{cp} must be >= 1")
+    if cp == 1:
+        return
+    if seq % (2 * cp):
+        raise ConfigError(
+            f"data.seq_len={seq} must be divisible by 2 x parallel.cp = {2 * cp}: each sequence is cut "
+            f"into {2 * cp} equal chunks, rank i holding chunks i and {2 * cp - 1}-i"
+        )
+    if p.tp > 1 and p.sequence_parallel and (seq // cp) % p.tp:
+        raise ConfigError(
+            f"data.seq_len / parallel.cp = {seq // cp} tokens per cp rank must be divisible by "
+            f"parallel.tp={p.tp} with parallel.sequence_parallel=true"
+        )
+    why = {
+        "parallel.backend": (p.backend != "native", p.backend, _CP_ENGINE_WHY),
+        "parallel.zero_stage": (
+            p.zero_stage > 0 and p.dp_replicate != 1,
+            p.zero_stage,
+            "HSDP (dp_replicate != 1, -1 included) with cp needs a 2-D (dp_replicate, dp_shard x cp) mesh, not built "
+            "yet; use dp_replicate=1 (ZeRO shards over dp_shard x cp) or zero_stage=0",
+        ),
+        "model.moe_num_experts": (cfg.model.moe_num_experts > 0, cfg.model.moe_num_experts, "untested"),
+        "objective.name": (
+            cfg.objective.name != "causal_lm",
+            cfg.objective.name,
+            "only the causal LM batches are split into cp chunks",
+        ),
+    }
+    for key, (bad, value, reason) in why.items():
+        if bad:
+            raise ConfigError(f"parallel.cp={cp} with {key}={value} is not supported: {reason}")
+
+
+_CP_ENGINE_WHY = (
+    "the native engine implements it; DeepSpeed's sequence parallelism (Ulysses) is another scheme "
+    "(an all-to-all over heads inside its DistributedAttention wrapper, not wired to our model), and "
+    "megatron-core 0.16.1's own DotProductAttention asserts context_parallel_size == 1 ('Context "
+    "parallelism is only supported by TEDotProductAttention!'): it needs Transformer Engine (CUDA), "
+    "which is not installed here"
+)
 
 
 def check_zero_shards(zero_stage: int, dp_shard: int, world_size: int | None = None) -> None:

@@ -120,8 +120,28 @@ def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     return out.flatten(-2).type_as(x)
 
 
+def sdpa_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool
+) -> torch.Tensor:
+    """SDPA over (b, h, s, d) queries and (b, kv_h, s_k, d) keys/values; KV heads are repeated to the
+    query heads (GQA). `mask` (bool, True = may attend) replaces the causal mask when given."""
+    if k.shape[1] != q.shape[1]:  # GQA: repeat KV heads to match the query heads
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, bool], torch.Tensor]
+"""(q, k, v, mask, causal) -> attention output (b, h, s, d); `Attention.attend`."""
+
+
 class Attention(nn.Module):
-    """Grouped-query attention; KV heads are shared by n_heads / n_kv_heads query heads."""
+    """Grouped-query attention; KV heads are shared by n_heads / n_kv_heads query heads.
+
+    `attend` is the core (q, k, v) -> output step, SDPA by default; a parallel transform may replace
+    it (context parallelism gathers K/V over its group first) without this file knowing why."""
 
     def __init__(self, args: TransformerArgs) -> None:
         super().__init__()
@@ -133,6 +153,7 @@ class Attention(nn.Module):
         # per-head RMSNorm of q and k before RoPE (Qwen3); one head_dim weight shared by all heads
         self.q_norm = RMSNorm(self.head_dim, args.norm_eps) if args.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, args.norm_eps) if args.qk_norm else None
+        self.attend: AttendFn = sdpa_attention
 
     def forward(
         self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None, causal: bool
@@ -146,13 +167,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (b, h, s, d)
-        if k.shape[1] != q.shape[1]:  # GQA: repeat KV heads to match the query heads
-            rep = q.shape[1] // k.shape[1]
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        if mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = self.attend(q, k, v, mask, causal)
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
 

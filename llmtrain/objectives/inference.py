@@ -63,7 +63,7 @@ def load_checkpoint_engine(
     dev = pick_device(device, env.local_rank)
     init_distributed(env, dev)
     p = cfg.parallel
-    dims = ParallelDims(p.dp_replicate, p.dp_shard, p.tp, p.pp, env.world_size, ep=p.ep)
+    dims = ParallelDims(p.dp_replicate, p.dp_shard, p.tp, p.pp, env.world_size, ep=p.ep, cp=p.cp)
     mesh = dims.build_mesh(dev.type) if env.world_size > 1 else None
     with single_process_dcp():
         engine = build_engine(cfg, dims, mesh, dev, build_peft(cfg))

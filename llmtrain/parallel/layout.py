@@ -13,7 +13,7 @@ from llmtrain.parallel.dims import ParallelDims
 def build_dims(cfg: Config, world_size: int) -> ParallelDims:
     """ParallelDims for `world_size` ranks, with every layout rule checked (ConfigError otherwise)."""
     p = cfg.parallel
-    dims = ParallelDims(p.dp_replicate, p.dp_shard, p.tp, p.pp, world_size, ep=p.ep)
+    dims = ParallelDims(p.dp_replicate, p.dp_shard, p.tp, p.pp, world_size, ep=p.ep, cp=p.cp)
     check_layout(cfg, dims)
     return dims
 

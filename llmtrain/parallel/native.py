@@ -33,6 +33,7 @@ from llmtrain.distributed.collectives import all_reduce_, gather_objects
 from llmtrain.models import build_model
 from llmtrain.models.moe import moe_step_discard, moe_step_end, set_moe_microbatches
 from llmtrain.optim import build_optimizer, init_optimizer_state
+from llmtrain.parallel.context_parallel import shard_batch
 from llmtrain.parallel.data_parallel import GradSync
 from llmtrain.parallel.dims import ParallelDims
 from llmtrain.parallel.engine import Engine, ModelTransform
@@ -91,7 +92,9 @@ class NativeEngine(Engine):
         self.cfg, self.dims, self.device = cfg, dims, device
         self.transform = transform or ModelTransform()
         p = cfg.parallel
-        self.dp_group = dims.dp_mesh.get_group() if dims.dp_enabled and mesh is not None else None
+        # token counts, loss sums and gradients over dp x cp (a cp rank is a dp rank for the weights)
+        self.dp_group = dims.dp_cp_mesh.get_group() if dims.dp_cp > 1 and mesh is not None else None
+        self.cp_rank = mesh["cp"].get_local_rank() if dims.cp_enabled and mesh is not None else 0
         self.pp_group = mesh["pp"].get_group() if dims.pp_enabled and mesh is not None else None
         # transforms (LoRA adapters) go onto the meta model, before any parallel transform
         pm = parallelize(
@@ -121,7 +124,7 @@ class NativeEngine(Engine):
             assert mesh is not None
             loss_fn, loss_ctx = vocab_parallel_loss_sum(mesh["tp"], IGNORE_INDEX), loss_parallel
         return StepContext(
-            dp_size=dims.dp,
+            dp_size=dims.dp_cp,
             dp_group=self.dp_group,
             grad_clip=cfg.optim.grad_clip,
             autocast=autocast,
@@ -149,9 +152,16 @@ class NativeEngine(Engine):
     def train_step(self, batches: list[Batch], lr: float) -> StepResult:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
+        batches = self._cp_shard(batches)
         if self.pipeline is not None:
             return self._pipeline_train_step(batches)
         return train_step(self.model, self.optimizer, batches, self.ctx)
+
+    def _cp_shard(self, batches: list[Batch]) -> list[Batch]:
+        """Under context parallelism, this rank's two chunks of each (whole, dp-rank) micro-batch."""
+        if not self.dims.cp_enabled:
+            return batches
+        return [shard_batch(b, self.dims.cp, self.cp_rank) for b in batches]
 
     def _pipeline_pass(self, batches: list[Batch], scale: float, train: bool) -> torch.Tensor:
         """The rank's micro-batches as one batch through the schedule; returns the global loss sum."""
@@ -183,7 +193,7 @@ class NativeEngine(Engine):
     def _pipeline_train_step(self, batches: list[Batch]) -> StepResult:
         """Same math as `llmtrain.parallel.step.train_step`, with the schedule doing forward/backward."""
         n_global = global_tokens(batches, self.dp_group)
-        loss_sum = self._pipeline_pass(batches, self.dims.dp / max(n_global, 1), train=True)
+        loss_sum = self._pipeline_pass(batches, self.dims.dp_cp / max(n_global, 1), train=True)
         if self.ctx.reduce_grads is not None:
             self.ctx.reduce_grads()
         grad_norm = clip_grad_norm(self.modules, self.cfg.optim.grad_clip, self.pp_group)
@@ -197,6 +207,7 @@ class NativeEngine(Engine):
         return StepResult(loss, grad_norm, n_global)
 
     def evaluate(self, batches: list[Batch]) -> float:
+        batches = self._cp_shard(batches)
         if self.pipeline is None:
             return evaluate(self.model, batches, self.ctx)
         with torch.no_grad():

@@ -1,6 +1,6 @@
 """Apply a parallel layout to a meta-device model, in the documented order (docs/architecture.md):
-pipeline split -> FP8 conversion -> TP -> EP -> activation checkpointing -> compile -> FSDP/ZeRO ->
-materialize -> init weights -> DDP.
+pipeline split -> FP8 conversion -> TP -> EP -> context parallel attention -> activation
+checkpointing -> compile -> FSDP/ZeRO -> materialize -> init weights -> DDP.
 
 Each `apply_*` takes explicit arguments (a mesh, flags), never the whole config; `parallelize` is
 the one place that reads the config and calls them. DDP comes after materialization because it
@@ -19,6 +19,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from llmtrain.config.parallel import ParallelConfig
 from llmtrain.config.rules import stage_layer_counts
 from llmtrain.models.llama import Transformer
+from llmtrain.parallel.context_parallel import apply_context_parallel
 from llmtrain.parallel.data_parallel import (
     DTYPE,
     GradSync,
@@ -93,7 +94,7 @@ def parallelize(
     seed: int,
 ) -> ParallelModel:
     """Split (pp), transform, materialize and init the meta model for this rank's place in `mesh`."""
-    use_fsdp = cfg.zero_stage > 0 and dims.dp_shard_enabled
+    use_fsdp = cfg.zero_stage > 0 and dims.dp_shard * dims.cp > 1  # cp ranks shard too
     if cfg.cpu_offload and (device.type != "cuda" or not use_fsdp):
         _warn_rank0(
             f"parallel.cpu_offload=true is ignored: it needs ZeRO over dp_shard > 1 on a CUDA device "
@@ -116,12 +117,15 @@ def parallelize(
             assert mesh is not None
             apply_tp(part, mesh["tp"], cfg.sequence_parallel)
         maybe_apply_ep(part, dims)
+        if dims.cp_enabled:
+            assert mesh is not None
+            apply_context_parallel(part, mesh["cp"].get_group())
         apply_activation_checkpointing(part, cfg.activation_checkpoint)
         if cfg.compile:
             apply_compile(part)
         if use_fsdp:
             assert mesh is not None
-            dp_mesh = mesh["dp_replicate", "dp_shard"] if dims.dp_replicate_enabled else mesh["dp_shard"]
+            dp_mesh = mesh["dp_replicate", "dp_shard"] if dims.dp_replicate_enabled else dims.fsdp_mesh
             apply_fsdp(
                 part,
                 dp_mesh,
@@ -140,14 +144,14 @@ def parallelize(
         sync = GradSync(
             zero12_accumulate(modules, cfg.zero_stage) if cfg.zero_stage in (1, 2) else nullcontext
         )
-    elif not dims.dp_enabled:
+    elif dims.dp_cp == 1:
         sync = GradSync()
     elif dims.ep_enabled:  # expert and dense gradients average over different groups
         sync = ep_grad_sync(modules, dims)
     elif dims.tp_enabled or dims.pp_enabled:  # DDP does not take DTensors or pipeline stages
-        group = dims.dp_mesh.get_group()
-        sync = GradSync(reduce=lambda: allreduce_grads(modules, group, dims.dp))
+        group = dims.dp_cp_mesh.get_group()  # cp ranks average weight gradients like dp ranks
+        sync = GradSync(reduce=lambda: allreduce_grads(modules, group, dims.dp_cp))
     else:
-        ddp = apply_ddp(model, dims.dp_mesh)
+        ddp = apply_ddp(model, dims.dp_cp_mesh)
         return ParallelModel([ddp], GradSync(accumulate=ddp.no_sync))
     return ParallelModel(modules, sync, stage_ids, num_stages)

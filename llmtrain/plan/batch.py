@@ -88,7 +88,7 @@ def fit_config_batch(cfg: Any, world: int) -> tuple[Any, list[str]]:
     """`cfg` with its trainer batch keys replaced by `fit_batch`'s answer for `world` ranks, and the
     notes to print. Degrees that cannot fill `world` raise the engine's ConfigError unchanged."""
     p, t = cfg.parallel, cfg.trainer
-    dims = ParallelDims(p.dp_replicate, p.dp_shard, p.tp, p.pp, world)
+    dims = ParallelDims(p.dp_replicate, p.dp_shard, p.tp, p.pp, world, cp=p.cp)
     fit = fit_batch(
         t.global_batch_size, t.micro_batch_size, t.val_batches, dims.dp, dims.pp, p.pp_microbatches
     )

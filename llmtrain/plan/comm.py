@@ -22,9 +22,13 @@ Per step, with P parameters per (tp, pp) shard, m micro-batches, n = dp_shard, r
                    a middle stage sends both, an end stage one (the busiest rank is counted)
   ep               token dispatch + combine all-to-alls of every MoE layer (llmtrain/plan/experts.py);
                    the dp terms count only this rank's E/ep routed experts
+  cp               per layer per micro-batch one all-gather of K and V (forward; again in a full
+                   recompute) and one reduce-scatter of their gradients: (c-1)/c K each, K = mbs x seq
+                   x 2 kv_heads x head_dim / tp in the compute dtype; the weight-gradient all-reduce
+                   of ZeRO-0 runs over dp x cp ranks, and ZeRO shards over n = dp_shard x cp
 g = gradient reduce bytes (parallel.reduce_dtype under ZeRO/FSDP2: bf16 2, fp32 4; DDP reduces its
 fp32 gradients: 4), a = parameter bytes (bf16 params: 2, else 4), activations in the compute dtype.
-Which links a group uses follows the mesh order (pp, dp_replicate, dp_shard, tp; tp innermost): a
+Which links a group uses follows the mesh order (pp, dp_replicate, dp_shard, cp, tp; tp innermost): a
 group whose ranks lie in one node uses the intra-node bandwidth, else inter-node.
 """
 
@@ -54,12 +58,13 @@ def _dp_parts(
     lo: Layout, shard_params: float, m: int, g: float, a: float, gpus_per_node: int
 ) -> dict[str, CommPart]:
     """Data-parallel traffic (dp, and dp_replicate under HSDP) of `comm_volume`."""
-    n, r, t = lo.dp_shard, lo.dp_replicate, lo.tp
+    n, r, t = lo.dp_shard * lo.cp, lo.dp_replicate, lo.tp  # FSDP over dp_shard x cp
     parts: dict[str, CommPart] = {}
-    if lo.zero_stage <= 1:  # one all-reduce over every data-parallel rank
+    if lo.zero_stage <= 1:  # one all-reduce over every data-parallel (and context-parallel) rank
+        ranks = lo.dp * lo.cp
         parts["dp"] = CommPart(
-            bytes=2 * (lo.dp - 1) / lo.dp * shard_params * g,
-            inter_node=_inter_node(lo.dp * t, gpus_per_node),
+            bytes=2 * (ranks - 1) / ranks * shard_params * g,
+            inter_node=_inter_node(ranks * t, gpus_per_node),
             overlapped=True,
         )
     else:
@@ -100,7 +105,7 @@ def comm_volume(
     m, t = grad_accum, lo.tp
     parts: dict[str, CommPart] = {}
 
-    if lo.dp > 1:
+    if lo.dp * lo.cp > 1:
         parts.update(_dp_parts(lo, shard_params, m, g, a, gpus_per_node))
 
     if t > 1:
@@ -121,6 +126,9 @@ def comm_volume(
             overlapped=False,
         )
 
+    if lo.cp > 1:
+        parts["cp"] = _context_parallel_part(args, seq_len, lo, m, gpus_per_node, act_bytes)
+
     if lo.pp > 1:
         n_mb = lo.pp_microbatches or m
         rows = lo.micro_batch_size * m // n_mb
@@ -132,6 +140,20 @@ def comm_volume(
             overlapped=False,
         )
     return parts
+
+
+def _context_parallel_part(
+    args: TransformerArgs, seq_len: int, lo: Layout, m: int, gpus_per_node: int, act_bytes: float
+) -> CommPart:
+    """K/V all-gather per layer and micro-batch (again in a full recompute) and the reduce-scatter of
+    their gradients, over the cp group (inside the tp groups in the mesh order)."""
+    kv = lo.micro_batch_size * seq_len * 2 * args.kv_heads * args.head_dim / lo.tp * act_bytes
+    per_layer = 3 if lo.activation_checkpoint == "full" else 2
+    return CommPart(
+        bytes=per_layer * args.n_layers / lo.pp * m * (lo.cp - 1) / lo.cp * kv,
+        inter_node=_inter_node(lo.cp * lo.tp, gpus_per_node),
+        overlapped=False,
+    )
 
 
 def comm_time_s(

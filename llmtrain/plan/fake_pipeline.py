@@ -12,7 +12,7 @@ step would use.
 
 The examples mirror what the model's stages exchange (`llmtrain.models.llama.Transformer.forward`
 and the TP plan of `llmtrain.parallel.tensor_parallel`): a non-first stage receives the residual
-stream (micro-batch, sequence / tp under sequence parallelism, dim), in bf16 when FSDP casts the
+stream (micro-batch, sequence / cp [/ tp under sequence parallelism], dim), in bf16 when FSDP casts the
 parameters to bf16 and fp32 otherwise (autocast keeps the residual adds in fp32); the last stage
 returns the local vocabulary shard of the logits (micro-batch, sequence, vocab / tp). Activations
 require gradients (the schedule derives the gradient buffers it receives from that).
@@ -32,7 +32,7 @@ __all__ = ["make_static", "stage_io"]
 
 def stage_io(cfg: Config, dims: ParallelDims, stage: PipelineStage, microbatch: int) -> tuple[Any, Any]:
     """(input, output) example tensors of one stage, on the meta device."""
-    seq, dim, vocab = cfg.data.seq_len, cfg.model.dim, cfg.model.vocab_size
+    seq, dim, vocab = cfg.data.seq_len // dims.cp, cfg.model.dim, cfg.model.vocab_size  # this rank's chunks
     p = cfg.parallel
     fsdp_bf16 = p.zero_stage >= 1 and dims.dp_shard > 1 and p.param_dtype == "bf16"
     hidden_dtype = torch.bfloat16 if fsdp_bf16 else torch.float32

@@ -5,7 +5,8 @@ Time model: a step does `flops_per_token(recompute) x global tokens` hardware FL
 schedule: 1F1B's is (pp - 1) / (microbatches + pp - 1)), plus the communication that compute does not
 hide (llmtrain/plan/comm.py: bytes per rank at the intra- or inter-node bus bandwidth;
 data-parallel/ZeRO traffic overlaps with the backward, 2/3 of compute; tp and pp traffic is on the
-critical path). The search keeps tp inside a node.
+critical path). The search keeps tp inside a node, and tries context parallelism (cp; not with HSDP,
+which the native engine refuses with it) for sequences of at least `CP_MIN_SEQ` tokens.
 """
 
 import dataclasses
@@ -20,6 +21,8 @@ from llmtrain.plan.pipeline import bubble_fraction
 from llmtrain.train.flops import flops_per_token, recompute_fraction
 
 AC_CHOICES = ("none", "selective", "full")
+CP_MIN_SEQ = 16384
+"""Shorter sequences are not searched with cp (their activations fit without splitting the sample)."""
 
 
 @dataclass(kw_only=True)
@@ -73,7 +76,7 @@ class Plan:
         lo = self.layout
         return (
             f"parallel.dp_replicate={lo.dp_replicate} parallel.dp_shard={lo.dp_shard} parallel.tp={lo.tp} "
-            f"parallel.pp={lo.pp} parallel.zero_stage={lo.zero_stage} "
+            f"parallel.pp={lo.pp} parallel.cp={lo.cp} parallel.zero_stage={lo.zero_stage} "
             f"parallel.activation_checkpoint={lo.activation_checkpoint} trainer.micro_batch_size={lo.micro_batch_size}"
         )
 
@@ -91,6 +94,7 @@ def layout_from_config(cfg: Any, world: int) -> Layout:
         tp=dims.tp,
         pp=dims.pp,
         ep=dims.ep,
+        cp=dims.cp,
         zero_stage=p.zero_stage,
         activation_checkpoint=p.activation_checkpoint,
         sequence_parallel=p.sequence_parallel,
@@ -158,21 +162,32 @@ def _divisors(n: int) -> list[int]:
     return [i for i in range(1, n + 1) if n % i == 0]
 
 
-def candidate_layouts(args: TransformerArgs, global_batch: int, cluster: Cluster) -> list[Layout]:
+def context_parallel_degrees(seq_len: int, world: int) -> list[int]:
+    """cp degrees the search tries: 1, and for long sequences the powers of two that split it into
+    2·cp equal chunks (data.seq_len % (2 cp) == 0) and divide the world."""
+    if seq_len < CP_MIN_SEQ:
+        return [1]
+    return [c for c in (1, 2, 4, 8, 16, 32) if seq_len % (2 * c) == 0 and world % c == 0]
+
+
+def candidate_layouts(
+    args: TransformerArgs, global_batch: int, cluster: Cluster, cps: list[int] | None = None
+) -> list[Layout]:
     """tp within a node (dividing the heads), pp up to n_layers, ZeRO 0-3 (and HSDP across nodes),
-    every checkpointing mode and micro-batch sizes that divide the batch."""
+    every checkpointing mode and micro-batch sizes that divide the batch; each cp of `cps`, except
+    with HSDP (the native engine refuses cp there)."""
     out = []
     tps = [t for t in _divisors(cluster.gpus_per_node) if args.n_heads % t == 0 and args.kv_heads % t == 0]
-    for tp, pp in itertools.product(tps, _divisors(cluster.world)):
-        if cluster.world % (tp * pp) or pp > args.n_layers:
+    for tp, pp, cp in itertools.product(tps, _divisors(cluster.world), cps or [1]):
+        if cluster.world % (tp * pp * cp) or pp > args.n_layers:
             continue
-        dp = cluster.world // (tp * pp)
+        dp = cluster.world // (tp * pp * cp)
         shards = [(dp, 1, 0)] + [(1, dp, z) for z in (1, 2, 3)]
         in_node = cluster.gpus_per_node // tp
-        if cluster.nodes > 1 and 1 < in_node < dp and dp % in_node == 0:
+        if cluster.nodes > 1 and 1 < in_node < dp and dp % in_node == 0 and cp == 1:
             shards.append((dp // in_node, in_node, 3))  # HSDP: shard inside a node, replicate across
         for (rep, shard, z), ac in itertools.product(shards, AC_CHOICES):
-            if dp == 1 and z > 0:
+            if dp * cp == 1 and z > 0:
                 continue
             for mbs in _divisors(global_batch // dp) if global_batch % dp == 0 else []:
                 accum = global_batch // (dp * mbs)
@@ -184,6 +199,7 @@ def candidate_layouts(args: TransformerArgs, global_batch: int, cluster: Cluster
                         dp_shard=shard,
                         tp=tp,
                         pp=pp,
+                        cp=cp,
                         zero_stage=z,
                         activation_checkpoint=ac,
                         micro_batch_size=mbs,
@@ -198,12 +214,13 @@ def suggest_layouts(
     """Fitting layouts, fastest first; for each (dp, tp, pp, ZeRO, checkpointing) only the largest
     micro-batch that fits (bigger GEMMs), ties broken towards less tp, pp and sharding."""
     best: dict[tuple, Plan] = {}
-    for layout in candidate_layouts(args, global_batch, cluster):
+    cps = context_parallel_degrees(seq_len, cluster.world)
+    for layout in candidate_layouts(args, global_batch, cluster, cps):
         plan = plan_layout(args, seq_len, global_batch, layout, cluster, precision)
         if not plan.fits:
             continue
         lo = layout
-        key = (lo.dp_replicate, lo.dp_shard, lo.tp, lo.pp, lo.zero_stage, lo.activation_checkpoint)
+        key = (lo.dp_replicate, lo.dp_shard, lo.tp, lo.pp, lo.cp, lo.zero_stage, lo.activation_checkpoint)
         if key not in best or lo.micro_batch_size > best[key].layout.micro_batch_size:
             best[key] = plan
     order = lambda p: (round(p.step_time_s, 6), p.layout.tp, p.layout.pp, p.layout.zero_stage)

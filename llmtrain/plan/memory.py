@@ -25,7 +25,11 @@ parallel; linear inputs stay full size. Checkpointed blocks keep only their fp32
 one block is rebuilt at a time in backward. The loss adds a transient of vocab-sized tensors per
 token (logits, their fp32 copy, log-softmax and its gradient) on the last pipeline stage.
 Pipeline stages hold the activations of the micro-batches in flight: pp for 1F1B (first stage),
-all of them for GPipe. Validated against measured peak tensor memory: see docs/performance.md.
+all of them for GPipe. Context parallelism (cp) leaves each rank seq_len / cp tokens, so every
+per-token term divides by cp (and ZeRO shards over dp_shard x cp), except that each attention layer
+also saves the all-gathered keys and values of the whole sequence (2q per token after the GQA
+repeat, plus the gathered 2 kv-head copy; llmtrain/parallel/context_parallel.py).
+Validated against measured peak tensor memory: see docs/performance.md.
 """
 
 import math
@@ -47,6 +51,7 @@ class Layout:
     tp: int = 1
     pp: int = 1
     ep: int = 1
+    cp: int = 1
     zero_stage: int = 0
     activation_checkpoint: str = "none"
     sequence_parallel: bool = True
@@ -63,7 +68,7 @@ class Layout:
 
     @property
     def world(self) -> int:
-        return self.dp * self.tp * self.pp
+        return self.dp * self.cp * self.tp * self.pp
 
     def describe(self) -> str:
         parts = [
@@ -71,6 +76,7 @@ class Layout:
             f"tp{self.tp}",
             f"pp{self.pp}",
             *([f"ep{self.ep}"] if self.ep > 1 else []),
+            *([f"cp{self.cp}"] if self.cp > 1 else []),
             f"z{self.zero_stage}",
         ]
         return " ".join([*parts, f"ac:{self.activation_checkpoint}", f"mbs{self.micro_batch_size}"])
@@ -139,6 +145,17 @@ def act_bytes_per_token(args: TransformerArgs, precision: str, tp: int, sp: bool
     return 4 * (4 * d + 2) / norm_div + 4 * 2 * d + 4 * (4 * q + 4 * f + h) / tp
 
 
+def cp_gathered_kv_bytes(args: TransformerArgs, tokens: int, layout: Layout, precision: str) -> float:
+    """Extra bytes one attention layer saves under context parallelism: the whole sequence's keys and
+    values (repeated to the query heads, what SDPA keeps) instead of the rank's 1/cp, plus the
+    gathered kv-head tensor itself. 0 without cp."""
+    if layout.cp == 1:
+        return 0.0
+    q, kv = args.n_heads * args.head_dim / layout.tp, args.kv_heads * args.head_dim / layout.tp
+    b = DTYPE_BYTES["bf16" if precision == "bf16" else "fp32"]
+    return b * tokens * (2 * q * (1 - 1 / layout.cp) + 2 * kv)
+
+
 def in_flight_microbatches(layout: Layout, stage: str) -> int:
     """Micro-batches whose activations a pipeline stage holds at its peak: one without pipelining,
     all of them under GPipe, pp on the first stage of 1F1B (1 on the last)."""
@@ -171,7 +188,7 @@ def estimate_stage(
     """`estimate_memory` for one pipeline stage ("first" or "last"; "last" without pipelining)."""
     p_local, layers = stage_params(args, layout.tp, layout.pp, stage, layout.ep)
     has_loss = stage == "last"
-    shard, z = layout.dp_shard, layout.zero_stage
+    shard, z = layout.dp_shard * layout.cp, layout.zero_stage  # cp ranks hold FSDP shards too
     fsdp = z >= 1 and shard > 1  # the native engine runs every ZeRO stage on FSDP2
     # ZeRO shards dense weights over dp_shard, this rank's experts over edp = dp / ep
     p_zero = p_local / shard + zero_expert_correction(args, layout.ep, layout.dp, shard, layout.pp)
@@ -186,11 +203,12 @@ def estimate_stage(
     optimizer = 8 * (p_zero if fsdp else p_local)
     mats, norms = block_params(args)
     layer_local = mats / layout.tp + norms
-    buffers = resident_buffers(args, layout, p_local, layer_local, pipelined)
+    buffers = resident_buffers(args, layout, p_local, layer_local, fsdp, pipelined)
     buffers += pipeline_recv_buffers(args, seq_len, layout, grad_accum)
-    tokens = layout.micro_batch_size * seq_len
+    tokens = layout.micro_batch_size * seq_len / layout.cp  # this rank's tokens (context parallel)
     in_flight = in_flight_microbatches(layout, stage)
     per_block = act_bytes_per_token(args, precision, layout.tp, layout.sequence_parallel) * tokens
+    per_block += cp_gathered_kv_bytes(args, seq_len * layout.micro_batch_size, layout, precision)
     # under bf16 autocast each block saves a bf16 cast of its weights (the head one of its own)
     cast_dtype = precision == "bf16" and not (fsdp and layout.param_dtype == "bf16")
     cast_block = 2 * mats / layout.tp if cast_dtype else 0.0
@@ -231,17 +249,17 @@ def estimate_stage(
 
 
 def resident_buffers(
-    args: TransformerArgs, layout: Layout, p_local: float, layer_local: float, pipelined: bool
+    args: TransformerArgs, layout: Layout, p_local: float, layer_local: float, fsdp: bool, pipelined: bool
 ) -> float:
     """Buffers alive through the step besides activations: the RoPE table, FSDP2's unsharded
-    parameters and reduce buffer, DDP's gradient buckets."""
-    z, fsdp = layout.zero_stage, layout.zero_stage >= 1 and layout.dp_shard > 1
+    parameters and reduce buffer, DDP's gradient buckets (over dp x cp ranks)."""
+    z = layout.zero_stage
     buffers = args.max_seq_len * args.head_dim * 4  # RoPE table
     if fsdp and z == 3 and not pipelined:  # two unsharded blocks (current + prefetch), a reduce buffer
         buffers += 2 * layer_local * DTYPE_BYTES[layout.param_dtype] + 4 * layer_local
     elif fsdp:  # ZeRO-1/2, pipeline stages: parameters unsharded from the first forward to the last backward
         buffers += p_local * DTYPE_BYTES[layout.param_dtype] + 4 * layer_local
-    if z == 0 and layout.dp > 1 and layout.tp == 1 and layout.pp == 1:
+    if z == 0 and layout.dp * layout.cp > 1 and layout.tp == 1 and layout.pp == 1:
         buffers += 4 * p_local  # DDP gradient buckets (tp/pp all-reduce the gradients in place)
     return buffers
 

@@ -68,7 +68,7 @@ class Trainer:
             lambda msg, _: report_hang(getattr(self, "tracker", None), self.step, msg),
         )  # fmt: skip
         p, t = cfg.parallel, cfg.trainer
-        self.dims = ParallelDims(p.dp_replicate, p.dp_shard, p.tp, p.pp, env.world_size, ep=p.ep)
+        self.dims = ParallelDims(p.dp_replicate, p.dp_shard, p.tp, p.pp, env.world_size, ep=p.ep, cp=p.cp)
         self.mesh = self.dims.build_mesh(self.device.type) if env.world_size > 1 else None
         self.grad_accum = batch_geometry(cfg, self.dims.dp)
         self.engine = build_engine(cfg, self.dims, self.mesh, self.device, build_peft(cfg))

@@ -178,5 +178,8 @@ def test_stage_split_and_placement() -> None:
     assert [local_stage_ids(r, 2, 2, "zbv") for r in range(2)] == [[0, 3], [1, 2]]
     assert [local_stage_ids(r, 4, 2, "dualpipev") for r in range(4)] == [[0, 7], [1, 6], [2, 5], [3, 4]]
     dims = ParallelDims(1, 2, 2, 2, 8)
-    # mesh order pp, dp_replicate, dp_shard, tp: tp peers are neighbours
-    assert dims.coords(5) == {"tp": 1, "dp_shard": 0, "dp_replicate": 0, "pp": 1, "dp": 0}
+    # mesh order pp, dp_replicate, dp_shard, cp, tp: tp peers are neighbours, cp peers next
+    assert dims.coords(5) == {"tp": 1, "cp": 0, "dp_shard": 0, "dp_replicate": 0, "pp": 1, "dp": 0}
+    cp_dims = ParallelDims(2, 1, 2, 1, 8, cp=2)  # cp ranks of one dp rank share its data (same "dp")
+    assert [cp_dims.coords(r)["dp"] for r in range(8)] == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert [cp_dims.coords(r)["cp"] for r in range(8)] == [0, 0, 1, 1, 0, 0, 1, 1]

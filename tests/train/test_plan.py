@@ -434,3 +434,34 @@ def test_3d_layout_is_estimated_with_a_fitting_val_batches(tmp_path: Path) -> No
     out, report = run_plan(*argv, "--gpus", "8", "--nodes", "2", json_out=tmp_path / "p.json")
     assert report["configured"]["layout"].startswith("dp1x4 tp2 pp2")
     assert report["batch"]["val_batches"] == 16 and "trainer.val_batches=16" in out
+
+
+def test_context_parallel_in_memory_comm_and_suggestions() -> None:
+    """cp divides the per-token activations (plus the gathered K/V), adds the K/V all-gather and its
+    reduce-scatter to the critical path, and is what fits a llama-8b at 128k (conf/model/8b_128k)."""
+    from llmtrain.plan.comm import comm_volume
+    from llmtrain.testing import compose_config
+
+    args = model_args(small())
+    seq, q, kv = 256, args.n_heads * args.head_dim, args.kv_heads * args.head_dim
+    one, two = (estimate_memory(args, seq, Layout(cp=c), precision="fp32") for c in (1, 2))
+    # activations: half the tokens, plus the other half's repeated K/V and the gathered kv copy
+    gathered = args.n_layers * 4 * seq * (2 * q / 2 + 2 * kv)
+    assert two.activations == pytest.approx(one.activations / 2 + gathered)
+    assert two.loss == pytest.approx(one.loss / 2)
+    cp = comm_volume(args, seq, Layout(cp=4, micro_batch_size=2), 3, gpus_per_node=8, precision="fp32")
+    kv_bytes = 2 * seq * 2 * kv * 4
+    assert cp["cp"].bytes == pytest.approx(2 * args.n_layers * 3 * 3 / 4 * kv_bytes)
+    assert cp["dp"].bytes == pytest.approx(2 * 3 / 4 * total_params(args) * 4)  # grads over dp x cp
+    assert not cp["cp"].overlapped
+    for name, seq_len, nodes in (("8b_32k", 32768, 1), ("8b_128k", 131072, 2)):
+        cfg = compose_config([f"model={name}", f"data.seq_len={seq_len}", "tracking=none"])
+        fits = suggest_layouts(model_args(cfg.model), seq_len, 16, Cluster(nodes=nodes), "bf16", top=100)
+        cps = [p.layout.cp for p in fits]
+        assert any(c > 1 for c in cps), (name, [p.layout.describe() for p in fits])
+    assert fits and all(c > 1 for c in cps), "at 128k only context-parallel layouts fit"
+    # ZeRO shards over dp_shard x cp (FSDP2 on the flattened mesh), so cp2 alone halves the states
+    z3 = estimate_memory(args, seq, Layout(cp=2, zero_stage=3), precision="fp32")
+    assert z3.optimizer == pytest.approx(one.optimizer / 2) and z3.weights == pytest.approx(one.weights / 2)
+    zc = comm_volume(args, seq, Layout(cp=2, zero_stage=3), 1, gpus_per_node=8, precision="fp32")
+    assert zc["dp"].bytes == pytest.approx(3 * 1 / 2 * total_params(args) * 4)
