@@ -112,11 +112,6 @@ def check_expert_parallel(cfg: Config) -> None:
             f"parallel.ep={p.ep} shards routed experts, but model.moe_num_experts=0 (a dense model): "
             "use parallel.ep=1 or an MoE model (e.g. model=moe_tiny)"
         )
-    if p.pp > 1:
-        raise ConfigError(
-            f"parallel.ep={p.ep} with parallel.pp={p.pp} is not supported yet (expert-parallel dispatch "
-            "inside pipeline stages is untested); use parallel.ep=1 or parallel.pp=1"
-        )
     if m.moe_num_experts % p.ep:
         raise ConfigError(
             f"parallel.ep={p.ep} must divide model.moe_num_experts={m.moe_num_experts} (each expert-parallel "

@@ -238,8 +238,6 @@ def test_moe_tiny_preset_builds_and_refuses_what_it_cannot_run() -> None:
                 "parallel.pp_virtual_stages=2",
             ]
         )
-    with pytest.raises(ConfigError, match=r"parallel.ep=2 with parallel.pp=2 is not supported yet"):
-        compose_config(["model=moe_tiny", "tracking=none", "parallel=pp2", "parallel.ep=2"])
     with pytest.raises(ConfigError, match=r"parallel.backend=native only, got deepspeed"):
         compose_config(["model=moe_tiny", "tracking=none", "parallel.backend=deepspeed"])
     with pytest.raises(ConfigError, match=r"model.moe_top_k"):
