@@ -1,5 +1,5 @@
 """Scale rehearsal: tools/dry_run.py on the issue's cases (Llama 8b, 70b and a 405B-shaped model at
-64 to 2,048 ranks), one process per case, ranks 0 and the last. Steps are skipped where a step's
+64 to 2,048 ranks, Mixtral 8x7b with ep8 at 256, Llama 8b at 32k tokens with cp4 at 64), one process per case, ranks 0 and the last. Steps are skipped where a step's
 planned peak does not fit this machine or would take too long on its CPU (the tool says why), and
 parameters go to meta where the shard itself does not fit: the set-up is then measured without
 storage.
@@ -56,6 +56,28 @@ CASES = {
             "trainer.val_batches=8",
         ],
         1024,
+    ),
+    "mixtral-ep8@256": (
+        [
+            "model=mixtral_8x7b",
+            "parallel=zero3",
+            "parallel.ep=8",
+            "parallel.activation_checkpoint=full",
+            "trainer.global_batch_size=256",
+        ],
+        256,
+    ),
+    "8b-32k-cp4@64": (
+        [
+            "model=8b_32k",
+            "data.seq_len=32768",
+            "parallel=zero3",
+            "parallel.tp=8",
+            "parallel.cp=4",
+            "parallel.activation_checkpoint=full",
+            "trainer.global_batch_size=2",
+        ],
+        64,
     ),
     "405b@2048": (
         [
@@ -126,7 +148,8 @@ def run_case(name: str, steps: int) -> dict:
     overrides, world = CASES[name]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "r.json"
-        cmd = [sys.executable, str(ROOT / "tools" / "dry_run.py"), *overrides, *BF16, "--world", str(world)]
+        # the case's own overrides last: they may change BF16's sequence length
+        cmd = [sys.executable, str(ROOT / "tools" / "dry_run.py"), *BF16, *overrides, "--world", str(world)]
         cmd += ["--steps", str(steps), "--json", str(out)]
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -1,15 +1,17 @@
-"""Pipeline schedules side by side at pp2 on CPU: step time and idle share, next to the planner's bubble.
+"""Pipeline schedules side by side at pp2 or pp4 on CPU: step time and idle share, next to the planner's bubble.
 
-    .venv/bin/python bench/pipeline.py [--dim 128] [--layers 8] [--seq 64] [--microbatches 8] [--steps 4]
+    .venv/bin/python bench/pipeline.py [--pp 2] [--dim 128] [--layers 8] [--seq 64] [--microbatches 8] [--steps 4]
 
-One spawned group of 2 gloo ranks (1 thread each) runs gpipe, 1f1b, interleaved_1f1b,
+One spawned group of `--pp` gloo ranks (1 thread each) runs gpipe, 1f1b, interleaved_1f1b,
 interleaved_zb, zbv and dualpipev in turn through the native engine (`build_engine`, the trainer's
 path) on the same seeded batches: `--microbatches` pipeline micro-batches of one sequence per step,
 1 warm-up step, then `--steps` timed steps. step_s is the median wall time of a step (slowest
-rank); idle is 1 - process CPU time / wall time, averaged over the two ranks (a rank blocked in a
+rank); idle is 1 - process CPU time / wall time, averaged over the ranks (a rank blocked in a
 gloo receive uses no CPU, so this is the measured bubble plus the send/receive wait; the optimizer
 step and the loss/norm all-reduces are in both). The loss after the last step must agree across
-schedules (they compute the same step). Prints a markdown table, writes bench/results/pipeline.json.
+schedules (they compute the same step). Prints a markdown table, writes bench/results/pipeline.json
+(pipeline_pp4.json for --pp 4). On a machine with fewer cores than ranks the ranks share cores,
+which inflates idle (a runnable rank waiting for a core is idle by this measure).
 """
 
 import argparse
@@ -47,7 +49,7 @@ def _schedule(rank: int, world: int, cfg, name: str, a: argparse.Namespace) -> d
 
     cfg = copy.deepcopy(cfg)
     cfg.parallel.pp_schedule, cfg.parallel.pp_virtual_stages = name, SCHEDULES[name]
-    dims = ParallelDims(1, 1, 1, 2, world)
+    dims = ParallelDims(1, 1, 1, a.pp, world)
     engine = build_engine(cfg, dims, dims.build_mesh("cpu"), torch.device("cpu"))
     walls, cpus, loss = [], [], float("nan")
     for step in range(1 + a.steps):
@@ -75,7 +77,7 @@ def rows_of(ranks: list[dict[str, dict]], a: argparse.Namespace) -> list[dict]:
                 "schedule": name,
                 "step_s": wall,
                 "idle": statistics.mean(1 - p["cpu"] / p["wall"] for p in per),
-                "planner_bubble": bubble_fraction(name, 2, a.microbatches, v),
+                "planner_bubble": bubble_fraction(name, a.pp, a.microbatches, v),
                 "final_loss": per[0]["loss"],
             }
         )
@@ -87,6 +89,7 @@ def rows_of(ranks: list[dict[str, dict]], a: argparse.Namespace) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--pp", type=int, default=2, choices=(2, 4))
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--seq", type=int, default=64)
@@ -102,15 +105,16 @@ def main() -> None:
             f"trainer.global_batch_size={a.microbatches}",
             "trainer.micro_batch_size=1",
             f"trainer.val_batches={a.microbatches}",
-            "parallel.pp=2",
+            f"parallel.pp={a.pp}",
             "run.root=/tmp/llmtrain-bench-pipeline",
         ]
     )
-    ranks = run_distributed(_all, world_size=2, args=(cfg, a), timeout=1200)
+    ranks = run_distributed(_all, world_size=a.pp, args=(cfg, a), timeout=1800)
     rows = rows_of(ranks, a)
     cols = ["schedule", "step_s", "vs_1f1b", "idle", "planner_bubble", "final_loss"]
     table = print_table(rows, cols)
-    write_results("pipeline", {"args": vars(a), "world_size": 2, "pp": 2, "rows": rows, "table": table})
+    name = "pipeline" if a.pp == 2 else f"pipeline_pp{a.pp}"
+    write_results(name, {"args": vars(a), "world_size": a.pp, "pp": a.pp, "rows": rows, "table": table})
 
 
 if __name__ == "__main__":
