@@ -1,5 +1,6 @@
 """Scale rehearsal: tools/dry_run.py on the issue's cases (Llama 8b, 70b and a 405B-shaped model at
-64 to 2,048 ranks, Mixtral 8x7b with ep8 at 256, Llama 8b at 32k tokens with cp4 at 64), one process per case, ranks 0 and the last. Steps are skipped where a step's
+64 to 2,048 ranks, Mixtral 8x7b with ep8 at 256, Llama 8b at 32k tokens with cp4 at 64), one process
+per case, ranks 0 and the last. Steps are skipped where a step's
 planned peak does not fit this machine or would take too long on its CPU (the tool says why), and
 parameters go to meta where the shard itself does not fit: the set-up is then measured without
 storage.
