@@ -56,6 +56,15 @@ def slurm_cluster() -> str:
     return os.environ.get("SLURM_CONF", "")
 
 
+def two_node_cluster_problem() -> str | None:
+    """Why the two-node cluster cannot run a job now (None: it can)."""
+    if not TWO_NODE_SLURM_CONF.is_file():
+        return f"no {TWO_NODE_SLURM_CONF} (.ci/setup.d/slurm.sh)"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SLURM_CONF", str(TWO_NODE_SLURM_CONF))
+        return _cluster_problem(min_nodes=2)
+
+
 @pytest.fixture(scope="module")
 def slurm_two_nodes() -> Iterator[str]:
     """SLURM_CONF of the two-node cluster (tools/ci/slurm-2node-up.sh), set for the module's tests

@@ -106,7 +106,9 @@ def test_preempted_two_node_job_resumes_in_one_mlflow_run(
     first = result["history"][0]["step"]
     assert result["status"] == "FINISHED" and 20 < first <= STEPS, first
     stop_ckpt = run_dir / "checkpoints" / f"step_{first - 1:08d}"
-    assert re.search(rf"resum.* {re.escape(str(stop_ckpt))}", _log(job))  # from where it stopped
+    text = _log(job)
+    assert "requeueing SLURM job" in text  # rank 0 of the first allocation
+    assert re.search(rf"resum.* {re.escape(str(stop_ckpt))}", text)  # from where it stopped
     assert sorted(set(_rank_nodes(job, 2).values())) == ["n1", "n2"]
     _assert_same_losses(read_losses(run_dir), reference_losses)  # = 2 local processes, uninterrupted
     _assert_one_mlflow_run(tmp_path, reference_losses, job.job_id)
