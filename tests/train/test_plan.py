@@ -151,10 +151,15 @@ def _engine_state_bytes(rank: int, world_size: int) -> list[dict[str, float]]:
         return t.numel() * t.element_size()
 
     out = []
+    # every engine stays referenced until the ranks leave together (tests/distributed.py tears the
+    # group down): freeing an earlier layout's FSDP/pipeline tensors while gloo threads still run once
+    # aborted a rank with "malloc(): unaligned tcache chunk detected" in a full-suite run
+    keep = []
     for overrides in LAYOUTS:
         cfg = compose_config([*TINY, *overrides])
         dims = build_dims(cfg, world_size)
         engine = NativeEngine(cfg, dims, dims.build_mesh("cpu"), torch.device("cpu"))
+        keep.append(engine)
         seen: dict[str, float] = {}
         params = {id(p): p for m in engine.modules for p in m.parameters()}.values()
         engine.optimizer.register_step_pre_hook(
