@@ -34,7 +34,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Shard
 
 from llmtrain.models.llama import Transformer
 from llmtrain.models.moe import GroupedExperts
@@ -91,14 +91,48 @@ def apply_fsdp(
                 unit = fully_shard(
                     experts,
                     reshard_after_forward=zero_stage == 3 and not last and not pipelined,
+                    shard_placement_fn=expert_placement(experts, expert_mesh.size()),
                     **{**kwargs, "mesh": expert_mesh},
                 )
                 unit.set_gradient_divide_factor(float(expert_grad_divide))
                 # a sum then a division, not PREMUL_SUM (gloo refuses it); on one rank torch 2.13
                 # would divide twice, so only where there is a reduce-scatter
                 unit.set_force_sum_reduction_for_comms(expert_mesh.size() > 1)
-        fully_shard(block, reshard_after_forward=zero_stage == 3 and not last and not pipelined, **kwargs)
+        fully_shard(
+            block,
+            reshard_after_forward=zero_stage == 3 and not last and not pipelined,
+            shard_placement_fn=expert_placement(block, _mesh_size(dp_mesh)),
+            **kwargs,
+        )
     fully_shard(model, reshard_after_forward=zero_stage == 3 and not pipelined, **kwargs)
+
+
+def expert_placement(module: nn.Module, shards: int) -> Callable[[nn.Parameter], Shard | None]:
+    """FSDP's dim for expert weights (E, in, out): the expert dim when this rank's experts split
+    evenly over the `shards` FSDP ranks, else the larger of the other two that does.
+
+    FSDP2 shards dim 0 and pads it: with fewer local experts than FSDP ranks (Mixtral's 8 experts at
+    ep8 leave 1 per rank, ZeRO'd over edp=32) rank 0 of the group held every expert of its ep rank and
+    the others only padding: 176 M parameters per layer on one rank instead of 5.5 M (found by the
+    dry run, which ran out of memory at 256 ranks). torchtitan shards such experts on dim 1 as well.
+    Parameters of `module` outside its GroupedExperts keep FSDP's default (None = Shard(0))."""
+    experts = {id(p) for m in module.modules() if isinstance(m, GroupedExperts) for p in m.parameters()}
+
+    def place(p: nn.Parameter) -> Shard | None:
+        if id(p) not in experts:
+            return None
+        local = p.to_local() if isinstance(p, DTensor) else p
+        if local.shape[0] % shards == 0:
+            return Shard(0)
+        dims = sorted((d for d in (1, 2) if p.shape[d] % shards == 0), key=lambda d: -p.shape[d])
+        return Shard(dims[0]) if dims else Shard(0)
+
+    return place
+
+
+def _mesh_size(mesh: DeviceMesh) -> int:
+    """Ranks a parameter is sharded over: the last dim of a 2-D HSDP mesh (replicated over the first)."""
+    return mesh.size(mesh.ndim - 1)
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,10 @@ LAYOUTS_4 = {
     "ep2_tp2": ["parallel=tp2", "parallel.ep=2"],  # tp2 x dp2, ep carved from the dp2
     "ep2_pp2": ["parallel=pp2", "parallel.ep=2"],  # pp2 x dp2, ep carved from each stage's dp2
 }
+SIX = ["model.moe_num_experts=6"]
+"""3 experts per ep rank do not split over edp 2: ZeRO-3 shards them on their width instead (dim 2 of
+w1 (E, dim, width), dim 1 of w2), where FSDP's default dim 0 would have left 2 experts on one rank and 1
+plus padding on the other (with 1 expert per rank, as Mixtral at ep8, one rank held all of them)."""
 
 
 def expert_loads(engine: object) -> dict:
@@ -56,7 +60,7 @@ def expert_loads(engine: object) -> dict:
     w1 = layers[0].experts.w1
     local = w1.to_local() if hasattr(w1, "to_local") else w1
     loads = [layer.interval_loads() for layer in layers]
-    return {"loads": loads, "local_experts": local.shape[0], "a2a_bytes": SENT["bytes"]}
+    return {"loads": loads, "local_shape": tuple(local.shape), "a2a_bytes": SENT["bytes"]}
 
 
 def _count_sent_bytes(rank: int) -> None:
@@ -91,10 +95,13 @@ def _two_ranks(rank: int, world: int, data: str, root: str) -> dict:
 
 
 def _four_ranks(rank: int, world: int, data: str, root: str) -> dict:
-    return {
+    out = {
         name: train_layout(_cfg(data, root, overrides), world, rank, STEPS, probe=expert_loads)
         for name, overrides in LAYOUTS_4.items()
     }
+    six = _cfg(data, root, [*SIX, *LAYOUTS_4["ep2_dp2_zero3"]])
+    out["six_zero3"] = train_layout(six, world, rank, STEPS, probe=expert_loads)
+    return out
 
 
 @pytest.mark.slow
@@ -118,7 +125,13 @@ def test_expert_parallel_layouts_match_one_process_and_reshard(shakespeare_dir: 
         assert [p["loads"] for p in run["probe"]] == want, f"{name}: router choices differ from one process"
         # each ep rank holds 4 of the 8 experts; ZeRO-3 over edp 2 keeps half of those between steps
         local = {"ep2_dp2_zero3": 2, "tp2": 8}.get(name, 4)
-        assert run["probe"][0]["local_experts"] == local, name
+        assert run["probe"][0]["local_shape"][0] == local, name
+    six = train_layout(_cfg(data, root, SIX), 1, 0, STEPS, probe=expert_loads)
+    run = runs["six_zero3"]
+    assert rel_err(run["loss"], six["loss"]) <= 1e-5, (run["loss"], six["loss"])
+    assert rel_err(run["grad_norm"], six["grad_norm"]) <= 1e-5, (run["grad_norm"], six["grad_norm"])
+    assert [p["loads"] for p in run["probe"]] == [p["loads"] for p in six["probe"]]
+    assert run["probe"][0]["local_shape"] == (3, 32, 24)  # 3 of 6 experts, half of their width 48
     from llmtrain.config import batch_geometry
     from llmtrain.models import model_args
     from llmtrain.plan.comm import comm_volume

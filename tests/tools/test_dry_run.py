@@ -94,7 +94,8 @@ def test_expert_parallel_layout_builds_on_the_fake_group_with_the_planned_shard(
     """moe_tiny's routing with 16 experts on the small shapes, ZeRO-3 over 16 ranks with ep4: rank 5
     holds 4 of the 16 experts of each MoE layer, ZeRO-sharded over its edp group of 4 (one each), as
     the planner says; steps are skipped (the dispatch sizes come from exchanged values the fake group
-    does not carry). FSDP pads dim 0: with fewer local experts than edp ranks a rank holds more."""
+    does not carry). Experts that do not split evenly over edp are sharded on their width instead
+    (`expert_placement`; `tests/parallel/test_expert_parallel.py` checks that case)."""
     moe = [
         "model=moe_tiny",
         "model.moe_num_experts=16",
