@@ -101,15 +101,16 @@ class _PrefixCausalAttention(torch.autograd.Function):
         if k.shape[2] > c:
             past, past_lse = _FLASH_CPU(q, k[:, :, :-c], v[:, :, :-c], 0.0, False)
             merged = torch.logaddexp(lse, past_lse)
+            # the log-sum-exps are fp32: merge in fp32, hand back (and save) q's dtype, as one SDPA does
             out = out * (lse - merged).exp().unsqueeze(-1) + past * (past_lse - merged).exp().unsqueeze(-1)
-            lse = merged
+            out, lse = out.to(q.dtype), merged
         ctx.save_for_backward(q, k, v, out, lse)
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         q, k, v, out, lse = ctx.saved_tensors
-        c, grad = q.shape[2], grad.contiguous()
+        c, grad = q.shape[2], grad.to(q.dtype).contiguous()  # the flash kernels take one dtype
         dq, dk_d, dv_d = _FLASH_CPU_BWD(grad, q, k[:, :, -c:], v[:, :, -c:], out, lse, 0.0, True)
         if k.shape[2] == c:
             return dq, dk_d, dv_d

@@ -130,6 +130,9 @@ def group_kinds(dims: ParallelDims, mesh: Any) -> dict[str, str]:
             kinds[mesh[name].get_group().group_name] = name
     if dims.dp_enabled:  # the flattened dp mesh: token counts, loss sums (HSDP: both dims)
         kinds.setdefault(dims.dp_mesh.get_group().group_name, "dp")
+    if dims.cp_enabled:  # ZeRO over dp_shard x cp, gradient/loss sums over dp x cp
+        kinds.setdefault(dims.fsdp_mesh.get_group().group_name, "dp")
+        kinds.setdefault(dims.dp_cp_mesh.get_group().group_name, "dp")
     if dims.ep_enabled:  # token all-to-alls; expert gradients (edp)
         for name in ("ep", "edp"):
             kinds.setdefault(dims.expert_mesh[name].get_group().group_name, name)
@@ -345,7 +348,15 @@ def _collective_table(recorder: StepRecorder | None) -> dict[str, dict[str, dict
     }
 
 
-PLANNER_KIND = {"dp_shard": "dp", "dp": "dp", "dp_replicate": "dp_replicate", "tp": "tp", "pp": "pp"}
+PLANNER_KIND = {
+    "dp_shard": "dp",
+    "dp": "dp",
+    "dp_replicate": "dp_replicate",
+    "tp": "tp",
+    "pp": "pp",
+    "cp": "cp",
+    "ep": "ep",
+}
 """Measured group kind -> the planner's traffic kind (llmtrain/plan/comm.py)."""
 
 

@@ -26,6 +26,7 @@ from torch.distributed.pipelining.stage import PipelineStage
 
 from llmtrain.config import Config, batch_geometry
 from llmtrain.parallel.dims import ParallelDims
+from llmtrain.plan.memory import fsdp_casts_params
 
 __all__ = ["make_static", "stage_io"]
 
@@ -34,7 +35,7 @@ def stage_io(cfg: Config, dims: ParallelDims, stage: PipelineStage, microbatch: 
     """(input, output) example tensors of one stage, on the meta device."""
     seq, dim, vocab = cfg.data.seq_len // dims.cp, cfg.model.dim, cfg.model.vocab_size  # this rank's chunks
     p = cfg.parallel
-    fsdp_bf16 = p.zero_stage >= 1 and dims.dp_shard > 1 and p.param_dtype == "bf16"
+    fsdp_bf16 = fsdp_casts_params(p.zero_stage, dims.dp_shard * dims.cp, p.param_dtype)
     hidden_dtype = torch.bfloat16 if fsdp_bf16 else torch.float32
     logits_dtype = torch.bfloat16 if fsdp_bf16 or cfg.trainer.precision == "bf16" else torch.float32
     local_seq = seq // dims.tp if dims.tp > 1 and p.sequence_parallel else seq

@@ -19,7 +19,10 @@ Saved activations per token and block, read off the autograd graph of `llmtrain.
   silu(w1 x) and the product;
 - bf16 autocast: 16d + 8 (fp32 norm region) + 10d (every linear saves its own bf16 cast of its
   input: 3 for q/k/v, 2 for w1/w3) + 8q + 8f + 4h, plus a bf16 copy of the block's weights (the
-  autocast cast that backward needs), per micro-batch in flight.
+  autocast cast that backward needs), per micro-batch in flight;
+- bf16 parameters (FSDP's param_dtype=bf16): 16d + 8 (the norms still run in fp32) + 6d (the bf16
+  block input and the two linear inputs, each shared by q/k/v and w1/w3) + 8q + 8f + 4h, no weight
+  copy (measured per block with saved-tensor hooks within 1% at three shapes).
 With tensor parallelism the q/f/h terms divide by tp, the norm region only with sequence
 parallel; linear inputs stay full size. Checkpointed blocks keep only their fp32 input (4d) and
 one block is rebuilt at a time in backward. The loss adds a transient of vocab-sized tensors per
@@ -136,10 +139,16 @@ def stage_params(args: TransformerArgs, tp: int, pp: int, stage: str, ep: int = 
     return (blocks + vd, layers) if stage == "first" else (blocks + vd + args.dim, layers)
 
 
-def act_bytes_per_token(args: TransformerArgs, precision: str, tp: int, sp: bool) -> float:
-    """Saved activation bytes per token of one (not checkpointed) block; see the module docstring."""
+def act_bytes_per_token(
+    args: TransformerArgs, precision: str, tp: int, sp: bool, bf16_params: bool = False
+) -> float:
+    """Saved activation bytes per token of one (not checkpointed) block; see the module docstring.
+    `bf16_params`: FSDP casts the parameters to bf16 (`fsdp_casts_params`), so the residual stream
+    and the norms' outputs are bf16 and the linears share one input instead of each saving a cast."""
     d, q, f, h = args.dim, args.n_heads * args.head_dim, args.hidden_dim, args.n_heads
     norm_div = tp if (sp and tp > 1) else 1
+    if bf16_params:
+        return (16 * d + 8) / norm_div + 6 * d + (8 * q + 8 * f + 4 * h) / tp
     if precision == "bf16":
         return (16 * d + 8) / norm_div + 10 * d + (8 * q + 8 * f + 4 * h) / tp
     return 4 * (4 * d + 2) / norm_div + 4 * 2 * d + 4 * (4 * q + 4 * f + h) / tp
@@ -147,13 +156,16 @@ def act_bytes_per_token(args: TransformerArgs, precision: str, tp: int, sp: bool
 
 def cp_gathered_kv_bytes(args: TransformerArgs, tokens: int, layout: Layout, precision: str) -> float:
     """Extra bytes one attention layer saves under context parallelism: the whole sequence's keys and
-    values (repeated to the query heads, what SDPA keeps) instead of the rank's 1/cp, plus the
-    gathered kv-head tensor itself. 0 without cp."""
+    values (repeated to the query heads, what attention keeps) instead of the rank's 1/cp, plus the
+    gathered kv-head tensor itself under GQA. 0 without cp."""
     if layout.cp == 1:
         return 0.0
     q, kv = args.n_heads * args.head_dim / layout.tp, args.kv_heads * args.head_dim / layout.tp
     b = DTYPE_BYTES["bf16" if precision == "bf16" else "fp32"]
-    return b * tokens * (2 * q * (1 - 1 / layout.cp) + 2 * kv)
+    # with grouped-query attention the gathered kv-head tensors are kept besides their repeats; with
+    # n_kv_heads == n_heads the repeat is the gathered tensor itself (counted once)
+    gathered = 2 * kv if args.kv_heads != args.n_heads else 0.0
+    return b * tokens * (2 * q * (1 - 1 / layout.cp) + gathered)
 
 
 def in_flight_microbatches(layout: Layout, stage: str) -> int:
@@ -207,10 +219,13 @@ def estimate_stage(
     buffers += pipeline_recv_buffers(args, seq_len, layout, grad_accum)
     tokens = layout.micro_batch_size * seq_len / layout.cp  # this rank's tokens (context parallel)
     in_flight = in_flight_microbatches(layout, stage)
-    per_block = act_bytes_per_token(args, precision, layout.tp, layout.sequence_parallel) * tokens
+    bf16_params = fsdp_casts_params(z, shard, layout.param_dtype)
+    per_block = (
+        act_bytes_per_token(args, precision, layout.tp, layout.sequence_parallel, bf16_params) * tokens
+    )
     per_block += cp_gathered_kv_bytes(args, seq_len * layout.micro_batch_size, layout, precision)
     # under bf16 autocast each block saves a bf16 cast of its weights (the head one of its own)
-    cast_dtype = precision == "bf16" and not (fsdp and layout.param_dtype == "bf16")
+    cast_dtype = precision == "bf16" and not bf16_params
     cast_block = 2 * mats / layout.tp if cast_dtype else 0.0
     ckpt = checkpointed_blocks(layout.activation_checkpoint, layers)
     kept = [in_flight * (4 * args.dim * tokens if c else per_block + cast_block) for c in ckpt]
@@ -264,17 +279,26 @@ def resident_buffers(
     return buffers
 
 
+def fsdp_casts_params(zero_stage: int, fsdp_shards: int, param_dtype: str) -> bool:
+    """Whether the residual stream (and so every pipeline send/receive) is bf16: FSDP2 casts the
+    parameters to `param_dtype` when the native engine runs ZeRO on it, i.e. at any stage over more
+    than one shard (dp_shard x cp: context-parallel ranks hold shards too); otherwise autocast keeps
+    the residual adds in fp32. One rule for the planner and the dry run's static stage shapes."""
+    return zero_stage >= 1 and fsdp_shards > 1 and param_dtype == "bf16"
+
+
 def pipeline_recv_buffers(args: TransformerArgs, seq_len: int, layout: Layout, grad_accum: int) -> float:
     """Receive buffers a pipeline end stage allocates up front, one per micro-batch: the activations
     it receives (last stage) or the gradients of its outputs (first stage), in the residual stream's
-    dtype (fp32, bf16 when FSDP casts the parameters), sequence-sharded under sequence parallelism."""
+    dtype (fp32, bf16 when FSDP casts the parameters), of this rank's tokens (seq / cp), sequence-sharded
+    under sequence parallelism."""
     if layout.pp == 1:
         return 0.0
     n_mb = layout.pp_microbatches or grad_accum
     rows = layout.micro_batch_size * grad_accum / n_mb
-    fsdp_bf16 = layout.zero_stage >= 1 and layout.dp_shard > 1 and layout.param_dtype == "bf16"
+    fsdp_bf16 = fsdp_casts_params(layout.zero_stage, layout.dp_shard * layout.cp, layout.param_dtype)
     sp_div = layout.tp if layout.sequence_parallel and layout.tp > 1 else 1
-    return n_mb * rows * seq_len * args.dim * (2 if fsdp_bf16 else 4) / sp_div
+    return n_mb * rows * seq_len / layout.cp * args.dim * (2 if fsdp_bf16 else 4) / sp_div
 
 
 def checkpointed_blocks(mode: str, layers: int) -> list[bool]:

@@ -91,9 +91,20 @@ def test_chunk_attention_equals_causal_sdpa_with_linear_memory() -> None:
         parts = [t.requires_grad_() for t in parts]
         out = causal_chunks_attention(*parts, cp, rank)
         assert (out - ref[:, :, idx]).abs().max() < 1e-6
-        for acc, at, grad in zip(got, (idx, keys, keys), torch.autograd.grad(out, parts, g[:, :, idx])):
+        last = torch.autograd.grad(out, parts, g[:, :, idx])  # rank cp - 1's, kept for bf16 below
+        for acc, at, grad in zip(got, (idx, keys, keys), last):
             acc[:, :, at] += grad
     assert max((a - b).abs().max().item() for a, b in zip(got, want)) < 1e-5
+    # bf16 (what autocast hands attention): the merge runs in fp32 and the output stays bf16, so the
+    # flash backward gets one dtype (it raised "expected scalar type BFloat16 but found Float")
+    qb, kb, vb = (
+        t.detach().bfloat16()[:, :, ix].requires_grad_() for t, ix in zip((q, k, v), (idx, keys, keys))
+    )
+    out = causal_chunks_attention(qb, kb, vb, cp, cp - 1)
+    assert out.dtype == torch.bfloat16 and (out.float() - ref[:, :, idx]).abs().max() < 3e-2
+    grads = torch.autograd.grad(out, (qb, kb, vb), g[:, :, idx].bfloat16())
+    assert all(t.dtype == torch.bfloat16 for t in grads)
+    assert max((a.float() - b).abs().max().item() for a, b in zip(grads, last)) < 5e-2
     s = 8192
     q = torch.randn(1, 4, s // 2, 16, requires_grad=True)
     k, v = (torch.randn(1, 4, s, 16, requires_grad=True) for _ in range(2))
