@@ -90,8 +90,8 @@ def _ds_cases(rank: int, world: int, cfg, cases: dict) -> dict:
 DS_CASES = {  # every DeepSpeed optimizer wrapper our configs reach (ds_skip.py)
     "zero0": (0, "fp32"),  # torch AdamW itself
     "zero0_bf16": (0, "bf16"),  # FP16_UnfusedOptimizer in bf16
-    "zero1_bf16": (1, "bf16"),  # DeepSpeedZeroOptimizer, bf16: DeepSpeed would apply the NaN step
-    "zero2": (2, "fp32"),  # DeepSpeedZeroOptimizer, fp32: its own overflow path skips the NaN step
+    "zero1_bf16": (1, "bf16"),  # DeepSpeedZeroOptimizer in bf16 (its bf16.check_grad_overflow path)
+    "zero2": (2, "fp32"),  # DeepSpeedZeroOptimizer: its own overflow path skips the NaN step
     "zero3": (3, "fp32"),  # DeepSpeedZeroOptimizer_Stage3: its own overflow path too
 }
 

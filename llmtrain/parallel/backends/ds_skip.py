@@ -1,23 +1,23 @@
 """Skipping a DeepSpeed optimizer step (resilience.nonfinite / resilience.spike = skip, rollback, stop).
 
 Where the decision can be made. DeepSpeed's `engine.step()` at the accumulation boundary runs one of
-five optimizer wrappers (torch AdamW itself for ZeRO-0 fp32, FP16_Optimizer for ZeRO-0 bf16,
-BF16_Optimizer for ZeRO-1 bf16, DeepSpeedZeroOptimizer for ZeRO 1/2, the ZeRO-3 optimizer), and each
-computes the global gradient norm (its one all-reduce, plus a host sync) inside its own `step()`, after
-the gradients were reduced into its partitions. All of them then call our torch AdamW's `step()` (once
-per parameter group or ZeRO-3 sub-group) and only that call changes the fp32 masters and the Adam state
-(moments and `step` counts). So `StepGate` replaces that one method: on its first call of a step it
-asks `skip_when(loss, norm)` with the loss all-reduced before `engine.step()` and the norm the wrapper
-has just computed (`_global_grad_norm`, or ours under ZeRO-0, where the gradients are whole), and when
+its optimizer wrappers (torch AdamW itself for ZeRO-0 fp32, FP16_UnfusedOptimizer for ZeRO-0 bf16,
+DeepSpeedZeroOptimizer for ZeRO 1/2, the ZeRO-3 optimizer), and each computes the global gradient norm
+(its one all-reduce, plus a host sync) inside its own `step()`, after the gradients were reduced into
+its partitions. All of them then call our torch AdamW's `step()` (once per parameter group or ZeRO-3
+sub-group) and only that call changes the fp32 masters and the Adam state (moments and `step`
+counts). So `StepGate` replaces that one method: on its first call of a step it asks
+`skip_when(loss, norm)` with the loss all-reduced before `engine.step()` and the norm the wrapper has
+just computed (`_global_grad_norm`, or ours under ZeRO-0, where the gradients are whole), and when
 told to skip it does nothing. What the wrapper does around it stays as in every step: clipping and
 freeing the gradients, copying the unchanged masters into the bf16/partitioned weights (same values),
 the ZeRO all-gather. No collective and no host sync is added: the norm is read once, as before.
 
-DeepSpeed's own overflow path (ZeRO 1/2 fp32, ZeRO-3 and BF16_Optimizer return before the optimizer
-on a non-finite norm) never reaches the gate; the step is then skipped by DeepSpeed and only classified
-here. Either way `finish` puts the engine's counters (`global_steps`, `global_samples`, `micro_steps`)
-back where they were before the step, so the engine is as if the batch had never been drawn, and
-counts it in DeepSpeed's `skipped_steps`.
+DeepSpeed's own overflow path (ZeRO 1/2 and ZeRO-3 return before the optimizer on a non-finite norm)
+never reaches the gate; the step is then skipped by DeepSpeed and only classified here. A finite step
+(a loss spike) DeepSpeed never skips. Either way `finish` puts the engine's counters (`global_steps`,
+`global_samples`, `micro_steps`) back where they were before the step, so the engine is as if the batch
+had never been drawn, and counts it in DeepSpeed's `skipped_steps`.
 """
 
 import math
