@@ -75,7 +75,8 @@ class Engine(ABC):
 
     def set_skip_when(self, skip_when: SkipWhen | None) -> bool:
         """Let `skip_when(loss, grad_norm)` skip optimizer steps (llmtrain.resilience); False: this
-        engine's step cannot be skipped (its caller then acts after the step)."""
+        engine's step cannot be skipped (its caller then refuses `skip` and acts after the step). The
+        native, DeepSpeed and megatron engines all return True."""
         return False
 
     @abstractmethod

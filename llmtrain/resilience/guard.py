@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llmtrain.config.errors import ConfigError
 from llmtrain.config.resilience import ResilienceConfig
 from llmtrain.data.loader import Batch
 from llmtrain.parallel.engine import Engine
@@ -22,6 +23,18 @@ from llmtrain.tracking import ConsoleLogger
 
 class ResilienceStop(RuntimeError):
     """resilience.<kind>=stop fired (or a rollback found no checkpoint): the run ends with the reason."""
+
+
+def refuse_skip(cfg: ResilienceConfig, kind: str) -> None:
+    """`skip` on an engine whose step cannot be skipped would apply the bad step and train on: a NaN
+    step leaves NaN in Adam's moments for good, so the run is lost while it looks alive. Every built-in
+    engine skips; an engine that cannot is refused at start, before any step, naming the keys."""
+    keys = [f"resilience.{k}=skip" for k in ("nonfinite", "spike") if getattr(cfg, k) == "skip"]
+    if keys:
+        raise ConfigError(
+            f"{' and '.join(keys)}: parallel.backend={kind} cannot skip an optimizer step "
+            "(Engine.set_skip_when returned False); choose one of: warn, rollback, stop"
+        )
 
 
 @dataclass
@@ -55,10 +68,11 @@ class Resilience:
         wanted = any(a != "warn" for a in (cfg.nonfinite, cfg.spike))
         self.in_step = wanted and engine.set_skip_when(self.guard)
         if wanted and not self.in_step:
+            refuse_skip(cfg, engine.kind)
             console.warning(
                 f"parallel.backend={engine.kind} cannot skip an optimizer step: resilience.nonfinite="
-                f"{cfg.nonfinite} and resilience.spike={cfg.spike} act after the step (skip = warn; "
-                "rollback and stop still apply)"
+                f"{cfg.nonfinite} and resilience.spike={cfg.spike} act after the step (rollback and "
+                "stop still apply)"
             )
 
     def guard(self, loss: float, grad_norm: float) -> bool:

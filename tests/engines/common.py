@@ -63,10 +63,13 @@ def run_steps(engine, dp: int, dp_rank: int, steps: int = STEPS, first: int = 0)
     ]
 
 
-def native_reference(cfg, steps: int = STEPS, final_state: dict | None = None) -> list[tuple[float, float]]:
+def native_reference(
+    cfg, steps: int = STEPS, final_state: dict | None = None, data_steps: list[int] | None = None
+) -> list[tuple[float, float]]:
     """The single-process native run every engine is compared with: our model, init, AdamW and
     `llmtrain.parallel.step.train_step` directly (no engine wrapper, so it does not move while the native
-    engine grows new layouts)."""
+    engine grows new layouts). `data_steps`: train on these batches only (a run that never drew the
+    others), instead of batches 0 .. steps-1."""
     from llmtrain.models import build_model
     from llmtrain.optim import build_optimizer
     from llmtrain.parallel.step import StepContext, train_step
@@ -75,7 +78,7 @@ def native_reference(cfg, steps: int = STEPS, final_state: dict | None = None) -
     model.init_weights(cfg.trainer.seed)
     opt = build_optimizer(model, cfg.optim)
     out = []
-    for s in range(steps):
+    for s in range(steps) if data_steps is None else data_steps:
         for g in opt.param_groups:
             g["lr"] = LR
         r = train_step(model, opt, rank_batches(s, 1, 0), StepContext(1, None, cfg.optim.grad_clip))

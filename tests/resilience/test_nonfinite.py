@@ -138,6 +138,21 @@ def test_config_names_the_key(make_config):
         make_config("resilience.nonfinite=rollback", "checkpoint.enabled=false")
 
 
+def test_skip_on_an_engine_that_cannot_skip_is_refused_naming_the_keys(make_config):
+    """Every built-in engine skips; one that could not would apply a NaN step and train on, so `skip`
+    is refused at start while rollback and stop (which act after the step) are allowed."""
+    from llmtrain.resilience.guard import refuse_skip
+
+    cfg = make_config("resilience.spike=skip")
+    with pytest.raises(
+        ConfigError,
+        match=r"resilience.nonfinite=skip and resilience.spike=skip: "
+        r"parallel.backend=x cannot skip .* choose one of: warn, rollback, stop",
+    ):
+        refuse_skip(cfg.resilience, "x")
+    refuse_skip(make_config("resilience.nonfinite=stop", "resilience.spike=warn").resilience, "x")
+
+
 def test_skipped_moe_step_leaves_router_bias_and_statistics_alone():
     """The skipped step's expert loads reach neither the next bias update nor the interval statistics."""
     from llmtrain.models.moe import moe_stats

@@ -40,14 +40,19 @@ from llmtrain.models.build import count_params
 from llmtrain.models.llama import Transformer, rope_tables
 from llmtrain.optim import param_groups
 from llmtrain.parallel.backends.ds_config import deepspeed_config
+from llmtrain.parallel.backends.ds_skip import StepGate
 from llmtrain.parallel.backends.native_io import is_native_checkpoint, read_native_weights
 from llmtrain.parallel.dims import ParallelDims
 from llmtrain.parallel.engine import Engine
-from llmtrain.parallel.step import StepResult, global_tokens, token_loss_sum
+from llmtrain.parallel.step import SkipWhen, StepResult, global_tokens, token_loss_sum
 
 CKPT_TAG = (
     DEEPSPEED_TAG  # one constant: llmtrain.checkpoint.formats reads these files without DeepSpeed's engine
 )
+
+
+def _never(loss: float, grad_norm: float) -> bool:
+    return False
 
 
 def _skip_shm_comm_build() -> None:
@@ -164,6 +169,7 @@ class DeepSpeedEngine(Engine):
             model=model, optimizer=base, config=self.ds_config, dist_init_required=False
         )
         self.base_optimizer = base
+        self.gate = StepGate(self.engine, base, _never)
         self.model = self.engine.module
         if self.engine.bfloat16_enabled():  # bf16 params, but keep the RoPE table exact
             self.model.rope = self.model.rope.float()
@@ -180,6 +186,11 @@ class DeepSpeedEngine(Engine):
         logits = self.engine(batch.inputs, positions=batch.positions, attn_mask=batch.attn_mask)
         return token_loss_sum(logits, batch.targets)
 
+    def set_skip_when(self, skip_when: SkipWhen | None) -> bool:
+        """Every ZeRO stage and precision can skip: the gate sits on the torch optimizer (ds_skip.py)."""
+        self.gate.skip_when = skip_when or _never
+        return True
+
     def train_step(self, batches: list[Batch], lr: float) -> StepResult:
         if len(batches) != self.grad_accum:
             raise ValueError(
@@ -188,21 +199,26 @@ class DeepSpeedEngine(Engine):
             )
         for g in self.base_optimizer.param_groups:
             g["lr"] = lr
+        self.gate.begin()
         n_global = global_tokens(batches, self.dp_group)
         scale = self.dims.dp / max(n_global, 1)  # see the module docstring
         loss_sum = torch.zeros((), dtype=torch.float64)
-        grad_norm: float | None = None
         for i, batch in enumerate(batches):
             loss = self._forward_loss_sum(batch)
             self.engine.backward(loss * scale, scale_wrt_gas=False)
             loss_sum += loss.detach().double().cpu()
-            if i == len(batches) - 1 and self.ds_config["zero_optimization"]["stage"] == 0:
-                grad_norm = self._plain_grad_norm()  # ZeRO-0 does not report it; grads are reduced here
-            self.engine.step()  # a no-op until the accumulation boundary; then clip + AdamW step
-        if grad_norm is None:
-            grad_norm = float(self.engine.get_global_grad_norm())
-        all_reduce_(loss_sum, self.dp_group)
-        return StepResult(float(loss_sum) / max(n_global, 1), grad_norm, n_global)
+            if i < len(batches) - 1:
+                self.engine.step()  # a no-op before the accumulation boundary
+        all_reduce_(loss_sum, self.dp_group)  # before the boundary step: the gate needs the loss
+        mean = float(loss_sum) / max(n_global, 1)
+        if self.ds_config["zero_optimization"]["stage"] == 0:  # whole, reduced gradients: our norm
+            plain = self._plain_grad_norm()  # (ZeRO-0 does not report one)
+            self.gate.arm(mean, lambda: plain)
+        else:  # the ZeRO wrapper computes the global norm inside its step, before the optimizer's
+            self.gate.arm(mean, lambda: float(self.engine.optimizer._global_grad_norm))
+        self.engine.step()  # the boundary: clip + AdamW step, unless the gate skips the AdamW step
+        grad_norm, skipped = self.gate.finish()
+        return StepResult(mean, grad_norm, n_global, skipped=skipped)
 
     def _plain_grad_norm(self) -> float:
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]

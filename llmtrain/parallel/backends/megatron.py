@@ -51,7 +51,7 @@ from llmtrain.models import build_model, model_args
 from llmtrain.parallel.backends.native_io import is_native_checkpoint, read_native_weights
 from llmtrain.parallel.dims import ParallelDims
 from llmtrain.parallel.engine import Engine
-from llmtrain.parallel.step import StepResult, global_tokens
+from llmtrain.parallel.step import SkipWhen, StepResult, global_tokens
 
 CPU_REASON = (
     "megatron-core 0.16 is CUDA-only: it allocates buffers on torch.cuda.current_device() and forks the "
@@ -173,6 +173,7 @@ class MegatronEngine(Engine):
                 "nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1
             )
         self.cfg, self.dims, self.device = cfg, dims, device
+        self.skip_when: SkipWhen | None = None
         self.args = model_args(cfg.model)
         self.grad_accum = batch_geometry(cfg, dims.dp)
         vp = cfg.parallel.pp_virtual_stages if dims.pp_enabled else 1
@@ -303,9 +304,20 @@ class MegatronEngine(Engine):
         loss_sum = torch.tensor(self._run(batches, forward_only=False), dtype=torch.float64)
         all_reduce_(loss_sum, self.dp_group)
         grad_norm = self._clip_main_grads(self.cfg.optim.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(float(loss_sum) / max(n_global, 1), grad_norm, n_global)
+        loss = float(loss_sum) / max(n_global, 1)
+        # loss (all-reduced over dp, and pp in _run) and norm (over tp x pp of dp-reduced grads) are
+        # identical on every rank: all skip the same step, with no collective of their own
+        skipped = self.skip_when is not None and self.skip_when(loss, grad_norm)
+        if not skipped:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)  # main_grad buffers are zeroed at the next step
+        return StepResult(loss, grad_norm, n_global, skipped=skipped)
+
+    def set_skip_when(self, skip_when: SkipWhen | None) -> bool:
+        """Our torch AdamW runs the update (not megatron's optimizer), so skipping it is the whole skip:
+        weights, Adam moments and step counts stay; the gradients are dropped."""
+        self.skip_when = skip_when
+        return True
 
     def _clip_main_grads(self, max_norm: float) -> float:
         """Move megatron's reduced main_grad into .grad, clipped by the global norm over tp x pp."""
