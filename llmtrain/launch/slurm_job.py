@@ -53,6 +53,12 @@ def set_dist_env(environ: dict[str, str] | None = None) -> dict[str, str]:
     return values
 
 
+def set_exit_code(code: int) -> None:
+    """The code the task leaves with when its callable raises (a node agent's crash loop: 76)."""
+    global _exit_code
+    _exit_code = code
+
+
 def _hard_exit() -> None:
     """Skip interpreter teardown: gloo can abort it and turn a finished job into FAILED (docs/development.md)."""
     logging.shutdown()
@@ -86,6 +92,8 @@ class TrainJob:
     config_path: str
     max_requeues: int
     time_min: int
+    agent: bool = False
+    """True: this task is the node agent that runs (and restarts) its node's ranks."""
 
     def __call__(self) -> dict[str, Any]:
         global _exit_code
@@ -97,7 +105,12 @@ class TrainJob:
         _exit_code = 1
         lease, keep = self._take_lease(), False
         try:
-            result = self._train(early)
+            if self.agent:  # resilience.max_restarts > 0: one task per node (launch/slurm_agent.py)
+                from llmtrain.launch.slurm_agent import run_node_agent
+
+                result = run_node_agent(self, early)
+            else:
+                result = self._train(early)
         except SystemExit as e:
             keep = e.code == -1  # requeued: the next allocation of this job takes the lease over
             raise
@@ -155,13 +168,18 @@ class TrainJob:
         shutdown_distributed()  # after the requeue call: clusters with KillOnBadExit kill siblings
         if outcome == "finished":
             return result
+        self.leave(outcome, result["step"])
+        raise AssertionError(outcome)  # leave() raised
+
+    def leave(self, outcome: str, step: int) -> None:
+        """End the task the way `outcome` (not "finished") says: requeued, terminated or exhausted."""
         if outcome == "requeue":
             raise SystemExit(-1)  # no result pickle: the job is not over
         if outcome == "terminated":  # scancel, or the scheduler preempting (then it requeues itself)
-            log.warning("stopped at step %d on SIGTERM after saving; not requeueing myself", result["step"])
+            log.warning("stopped at step %d on SIGTERM after saving; not requeueing myself", step)
             raise SystemExit(1)  # no result pickle: a scheduler requeue will still produce one
         raise RuntimeError(
-            f"run stopped at step {result['step']} on a pre-timeout/preemption signal and is not requeued: "
+            f"run stopped at step {step} on a pre-timeout/preemption signal and is not requeued: "
             f"launcher.max_requeues={self.max_requeues} reached; submit the same command again to resume "
             "from its last checkpoint"
         )
@@ -176,23 +194,26 @@ class TrainJob:
         """
         from llmtrain.distributed.collectives import broadcast_int
 
-        if status == "FINISHED":
-            outcome = "finished"
-        elif received and received <= STOP_SIGNALS:
-            outcome = "terminated"
-        elif restarts >= self.max_requeues:
-            log.warning("not requeueing: launcher.max_requeues=%d reached", self.max_requeues)
-            outcome = "exhausted"
-        else:
-            outcome = "requeue"
+        outcome = self.stop_outcome(status, received, restarts)
         return self.OUTCOMES[broadcast_int(self.OUTCOMES.index(outcome))]
+
+    def stop_outcome(self, status: str, received: set[str], restarts: int) -> str:
+        """This process's view of the outcome (rank 0's is the one broadcast; a node agent's is its own)."""
+        if status == "FINISHED":
+            return "finished"
+        if received and received <= STOP_SIGNALS:
+            return "terminated"
+        if restarts >= self.max_requeues:
+            log.warning("not requeueing: launcher.max_requeues=%d reached", self.max_requeues)
+            return "exhausted"
+        return "requeue"
 
     def resubmission(self) -> Any:
         """This same callable as a DelayedSubmission for the next allocation: the training state is in
         the run folder's checkpoints, so nothing else is carried (`_requeue` dumps it)."""
         from submitit.helpers import DelayedSubmission
 
-        return DelayedSubmission(TrainJob(self.config_path, self.max_requeues, self.time_min))
+        return DelayedSubmission(TrainJob(self.config_path, self.max_requeues, self.time_min, self.agent))
 
     def checkpoint(self) -> Any:
         """submitit's Checkpointable hook (its name is submitit's, it saves nothing): the resubmission.
