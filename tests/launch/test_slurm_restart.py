@@ -34,7 +34,9 @@ def _sacct(job_id: str) -> list[tuple[str, str, str]]:
 
 
 def _events(run_dir: Path) -> list[dict]:
-    return [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]
+    """The restart decisions in events.jsonl (a loaded machine may add straggler warnings)."""
+    events = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]
+    return [e for e in events if e["kind"] != "straggler"]
 
 
 @pytest.mark.timeout(300)
@@ -48,6 +50,7 @@ def test_killed_rank_restarts_inside_the_allocation(
     short = [o for o in tiny_overrides if not o.startswith("trainer.max_steps")] + ["trainer.max_steps=4"]
     loop = ["resilience.inject_fault=[exit,exit,exit]", "resilience.inject_fault_step=0"]
     budget = ["resilience.max_restarts=3", "resilience.crash_loop_after=2", "checkpoint.enabled=false"]
+    budget += ["launcher.max_requeues=0"]
     looping = _submit([*short, *loop, *budget], tmp_path / "loop", "loop")
 
     assert wait_for_state(job.job_id, timeout_s=240) == "COMPLETED", _log(job)[-4000:]
