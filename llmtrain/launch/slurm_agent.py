@@ -37,6 +37,14 @@ from llmtrain.launch.slurm_checks import tasks_per_node
 FORWARDED = ("SIGUSR1", "SIGUSR2")  # SIGTERM/SIGINT/SIGHUP: torch's agent forwards them itself
 
 
+class AgentStop(RuntimeError):
+    """The agent ends the job (crash loop, no restart left, no rendezvous): the task exits `code`."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 def uses_agents(cfg: Config) -> bool:
     """With an in-job restart budget the job runs one node agent per node (else one task per rank)."""
     return cfg.resilience.max_restarts > 0
@@ -163,10 +171,9 @@ def run_node_agent(job: Any, early: Any) -> dict[str, Any]:
         if decision.message:
             print(f"llmtrain: {decision.message}", file=sys.stderr, flush=True)
         if not decision.restart:
-            from llmtrain.launch.slurm_job import set_exit_code
-
-            set_exit_code(decision.code)
-            raise RuntimeError(decision.message or f"the ranks failed (exit code {decision.code})")
+            raise AgentStop(
+                decision.message or f"the ranks failed (exit code {decision.code})", decision.code
+            )
 
 
 def _signal_name(code: int) -> str:
@@ -190,8 +197,6 @@ def _last_step(run_dir: Path) -> int:
 
 def _fall_back_to_requeue(job: Any, why: str, allocation: int, node: int) -> None:
     """No restart inside this allocation is possible: requeue the job when launcher.max_requeues allows."""
-    from llmtrain.launch.slurm_job import set_exit_code
-
     if allocation < job.max_requeues:
         print(
             f"llmtrain: in-job restart impossible ({why}); falling back to requeue "
@@ -202,7 +207,6 @@ def _fall_back_to_requeue(job: Any, why: str, allocation: int, node: int) -> Non
         if node == 0:
             job._requeue(allocation)
         raise SystemExit(-1)
-    set_exit_code(1)
-    raise RuntimeError(
-        f"in-job restart impossible ({why}) and launcher.max_requeues={job.max_requeues} reached"
+    raise AgentStop(
+        f"in-job restart impossible ({why}) and launcher.max_requeues={job.max_requeues} reached", 1
     )

@@ -53,12 +53,6 @@ def set_dist_env(environ: dict[str, str] | None = None) -> dict[str, str]:
     return values
 
 
-def set_exit_code(code: int) -> None:
-    """The code the task leaves with when its callable raises (a node agent's crash loop: 76)."""
-    global _exit_code
-    _exit_code = code
-
-
 def _hard_exit() -> None:
     """Skip interpreter teardown: gloo can abort it and turn a finished job into FAILED (docs/development.md)."""
     logging.shutdown()
@@ -105,12 +99,7 @@ class TrainJob:
         _exit_code = 1
         lease, keep = self._take_lease(), False
         try:
-            if self.agent:  # resilience.max_restarts > 0: one task per node (launch/slurm_agent.py)
-                from llmtrain.launch.slurm_agent import run_node_agent
-
-                result = run_node_agent(self, early)
-            else:
-                result = self._train(early)
+            result = self._run_agent(early) if self.agent else self._train(early)
         except SystemExit as e:
             keep = e.code == -1  # requeued: the next allocation of this job takes the lease over
             raise
@@ -119,6 +108,18 @@ class TrainJob:
                 lease.release()
         _exit_code = 0
         return result
+
+    def _run_agent(self, early: Any) -> dict[str, Any]:
+        """resilience.max_restarts > 0: this task is its node's agent (launch/slurm_agent.py); a job
+        that it ends leaves with the agent's code (a crash loop: 76)."""
+        global _exit_code
+        from llmtrain.launch.slurm_agent import AgentStop, run_node_agent
+
+        try:
+            return run_node_agent(self, early)
+        except AgentStop as e:
+            _exit_code = e.code
+            raise
 
     def _take_lease(self) -> Any:
         """Rank 0 holds the run folder's lease while the job runs (after a requeue it takes over its

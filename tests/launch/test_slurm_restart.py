@@ -5,7 +5,8 @@ One job has rank 1 SIGKILLed mid-step (step 151, checkpoints every 100): it comp
 allocation (one job id in sacct, never requeued), with the loss trace of the uninterrupted local run
 bitwise, one MLflow run and a `restart` event. A second job whose rank 1 exits at the first step on
 every attempt stops as a crash loop: exit code 76 in sacct, the reason in its log and events.
-Both are submitted at once (they queue on the 2-CPU node), so the test waits for them together.
+Both are submitted at once (they queue on the 2-CPU node), so the test waits for them together. On
+the two-node cluster a rank killed on n2 restarts the ranks of both nodes (node 0 decides).
 """
 
 import json
@@ -74,3 +75,24 @@ def test_killed_rank_restarts_inside_the_allocation(
         looping.results()
     kinds = [(e["kind"], e["action"]) for e in _events(tmp_path / "loop" / "loop")]
     assert kinds == [("restart", "restart"), ("crash_loop", "stop")]
+
+
+@pytest.mark.timeout(300)
+def test_killed_rank_on_the_second_node_restarts_both_nodes(
+    slurm_two_nodes, tiny_overrides, reference_losses, tmp_path
+) -> None:
+    from llmtrain.launch.slurm import submit_job
+    from llmtrain.testing import compose_config
+
+    job_args = ["launcher=slurm", "launcher.nodes=2", "launcher.nproc=1", "launcher.time_min=10"]
+    job_args += ["launcher.signal_delay_s=60", "launcher.rdzv_timeout_s=60", "resilience.max_restarts=2"]
+    kill = ["resilience.inject_fault=[sigkill]", "resilience.inject_fault_step=150"]  # rank 1: on n2
+    cfg = compose_config([*tiny_overrides, *job_args, *kill, f"run.root={tmp_path}", "run.name=two"])
+    job = submit_job(cfg)
+    assert wait_for_state(job.job_id, timeout_s=240) == "COMPLETED", _log(job)[-4000:]
+    assert _scontrol(job.job_id)["Restarts"] == "0"  # this cluster has no accounting (sacct)
+    assert job.results()[0] == {"status": "FINISHED", "step": STEPS, "restarts": 1}
+    n2 = (job.paths.folder / f"{job.job_id}_1_log.err").read_text()  # node agent 1's own log
+    assert "node n2: node agent 1 of 2" in n2 and "rank 1 was killed by SIGKILL" in n2, n2[-3000:]
+    assert "(restart 1 of 2)" in n2 and "(restart 1 of 2)" in _log(job)  # both nodes restarted
+    assert read_losses(tmp_path / "two") == reference_losses
