@@ -48,8 +48,9 @@ class ResilienceConfig:
     """Each rank writes its step to the rendezvous store this often; a rank whose heartbeat does not change
     for 2 x heartbeat_s is named as stopped when the watchdog fires."""
     max_restarts: int = 0
-    """In-job restarts after a rank crash or a watchdog exit (launcher=local/torchrun): all ranks restart
-    from the newest complete checkpoint in the same run folder and MLflow run. 0: a failure ends the job."""
+    """In-job restarts after a rank crash or a watchdog exit (launcher=local/torchrun/slurm; on SLURM the
+    job then runs one node agent per node, inside the same allocation): all ranks restart from the newest
+    complete checkpoint in the same run folder and MLflow run. 0: a failure ends the job."""
     crash_loop_after: int = 2
     """The same step failing this many times in a row ends the job (exit code 76) instead of restarting."""
     inject_fault: list[str] = field(default_factory=list)

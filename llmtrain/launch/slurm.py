@@ -17,6 +17,7 @@ from typing import Any
 
 from llmtrain.config import Config, ConfigError
 from llmtrain.launch.runs import ACTIVE_STATES, JobRecord, job_records, job_states, record_job
+from llmtrain.launch.slurm_agent import agent_parameters, uses_agents
 from llmtrain.launch.slurm_checks import check_cluster, check_static, query_partitions, tasks_per_node
 from llmtrain.launch.slurm_job import TrainJob
 from llmtrain.tracking.commands import runs_tool, tail_command
@@ -64,7 +65,7 @@ def slurm_parameters(cfg: Config, partition: str | None) -> dict[str, Any]:
         "exclusive": True if lc.exclusive else None,
     }
     params.update({k: v for k, v in optional.items() if v is not None})
-    return params
+    return agent_parameters(cfg, params) if uses_agents(cfg) else params
 
 
 def _has_flag(args: list[str], flag: str) -> bool:
@@ -107,7 +108,9 @@ class Prepared:
 
     def job(self) -> TrainJob:
         lc = self.cfg.launcher
-        return TrainJob(str(self.run_dir / "config.yaml"), lc.max_requeues, lc.time_min)
+        return TrainJob(
+            str(self.run_dir / "config.yaml"), lc.max_requeues, lc.time_min, uses_agents(self.cfg)
+        )
 
 
 def prepare(cfg: Config) -> Prepared:

@@ -86,6 +86,8 @@ class TrainJob:
     config_path: str
     max_requeues: int
     time_min: int
+    agent: bool = False
+    """True: this task is the node agent that runs (and restarts) its node's ranks."""
 
     def __call__(self) -> dict[str, Any]:
         global _exit_code
@@ -97,7 +99,7 @@ class TrainJob:
         _exit_code = 1
         lease, keep = self._take_lease(), False
         try:
-            result = self._train(early)
+            result = self._run_agent(early) if self.agent else self._train(early)
         except SystemExit as e:
             keep = e.code == -1  # requeued: the next allocation of this job takes the lease over
             raise
@@ -106,6 +108,18 @@ class TrainJob:
                 lease.release()
         _exit_code = 0
         return result
+
+    def _run_agent(self, early: Any) -> dict[str, Any]:
+        """resilience.max_restarts > 0: this task is its node's agent (launch/slurm_agent.py); a job
+        that it ends leaves with the agent's code (a crash loop: 76)."""
+        global _exit_code
+        from llmtrain.launch.slurm_agent import AgentStop, run_node_agent
+
+        try:
+            return run_node_agent(self, early)
+        except AgentStop as e:
+            _exit_code = e.code
+            raise
 
     def _take_lease(self) -> Any:
         """Rank 0 holds the run folder's lease while the job runs (after a requeue it takes over its
@@ -155,13 +169,18 @@ class TrainJob:
         shutdown_distributed()  # after the requeue call: clusters with KillOnBadExit kill siblings
         if outcome == "finished":
             return result
+        self.leave(outcome, result["step"])
+        raise AssertionError(outcome)  # leave() raised
+
+    def leave(self, outcome: str, step: int) -> None:
+        """End the task the way `outcome` (not "finished") says: requeued, terminated or exhausted."""
         if outcome == "requeue":
             raise SystemExit(-1)  # no result pickle: the job is not over
         if outcome == "terminated":  # scancel, or the scheduler preempting (then it requeues itself)
-            log.warning("stopped at step %d on SIGTERM after saving; not requeueing myself", result["step"])
+            log.warning("stopped at step %d on SIGTERM after saving; not requeueing myself", step)
             raise SystemExit(1)  # no result pickle: a scheduler requeue will still produce one
         raise RuntimeError(
-            f"run stopped at step {result['step']} on a pre-timeout/preemption signal and is not requeued: "
+            f"run stopped at step {step} on a pre-timeout/preemption signal and is not requeued: "
             f"launcher.max_requeues={self.max_requeues} reached; submit the same command again to resume "
             "from its last checkpoint"
         )
@@ -176,23 +195,26 @@ class TrainJob:
         """
         from llmtrain.distributed.collectives import broadcast_int
 
-        if status == "FINISHED":
-            outcome = "finished"
-        elif received and received <= STOP_SIGNALS:
-            outcome = "terminated"
-        elif restarts >= self.max_requeues:
-            log.warning("not requeueing: launcher.max_requeues=%d reached", self.max_requeues)
-            outcome = "exhausted"
-        else:
-            outcome = "requeue"
+        outcome = self.stop_outcome(status, received, restarts)
         return self.OUTCOMES[broadcast_int(self.OUTCOMES.index(outcome))]
+
+    def stop_outcome(self, status: str, received: set[str], restarts: int) -> str:
+        """This process's view of the outcome (rank 0's is the one broadcast; a node agent's is its own)."""
+        if status == "FINISHED":
+            return "finished"
+        if received and received <= STOP_SIGNALS:
+            return "terminated"
+        if restarts >= self.max_requeues:
+            log.warning("not requeueing: launcher.max_requeues=%d reached", self.max_requeues)
+            return "exhausted"
+        return "requeue"
 
     def resubmission(self) -> Any:
         """This same callable as a DelayedSubmission for the next allocation: the training state is in
         the run folder's checkpoints, so nothing else is carried (`_requeue` dumps it)."""
         from submitit.helpers import DelayedSubmission
 
-        return DelayedSubmission(TrainJob(self.config_path, self.max_requeues, self.time_min))
+        return DelayedSubmission(TrainJob(self.config_path, self.max_requeues, self.time_min, self.agent))
 
     def checkpoint(self) -> Any:
         """submitit's Checkpointable hook (its name is submitit's, it saves nothing): the resubmission.
