@@ -11,7 +11,9 @@ kill to the first step after the restart; beside it, the checkpoint load against
    (auto-resume). Its rank 0 writes the marks of llmtrain/resilience/timeline.py to starts.jsonl:
    process start (launch -> the trainer reaches the rendezvous: interpreter, imports, config, torchrun
    agent), rendezvous, build (model, optimizer, loaders), checkpoint load, data-loader seek, first step.
-4. Same process, same checkpoint: `--repeats` rounds of a cold sequential read of the checkpoint's
+4. The same kill with `resilience.max_restarts=1`: the launcher stays and forks the new ranks from its
+   warm server (launch/warm.py); the same phases, detection ending at the launcher's restart decision.
+5. Same process, same checkpoint: `--repeats` rounds of a cold sequential read of the checkpoint's
    own files (the same bytes, 64 MB reads: the disk's rate), a cold load through torch's stock DCP reader and a cold load
    through llmtrain's in-place reader (checkpoint/inplace.py), both into the live state dict of a
    one-process engine of the same model (what NativeEngine.load does). Medians and ratios.
@@ -116,6 +118,41 @@ def kill_and_restart(a: argparse.Namespace, data: Path, root: Path) -> dict[str,
         raise RuntimeError(f"restart failed: {(root / 'second.log').read_text()[-3000:]}")
     m = json.loads((run_dir / "starts.jsonl").read_text().splitlines()[-1])
     assert m["step"] == 3, m
+    gb = tree_bytes(run_dir / "checkpoints" / "step_00000003" / "model_optim") / 1e9
+    return _phases(m, t_kill, t_exit, t_launch) | {"checkpoint_gb": gb}
+
+
+def _rank_pids(launcher: subprocess.Popen) -> set[int]:
+    """The ranks of an in-job run: the fork server's children (launch/warm.py)."""
+    server = [p for p in psutil.Process(launcher.pid).children() if "forkserver" in " ".join(p.cmdline())]
+    return {c.pid for p in server for c in p.children()}
+
+
+def in_job_restart(a: argparse.Namespace, data: Path, root: Path) -> dict[str, float]:
+    """The same kill with resilience.max_restarts=1: the launcher stays, the ranks are forked again
+    from its warm server. detection: kill -> the launcher's restart decision (events.jsonl);
+    process start: the decision -> the new rank 0 reaches the rendezvous (agent, fork, config)."""
+    run_dir, args = root / "in_job", [*overrides(a, data, root), "run.name=in_job"]
+    proc = cli([*args, "trainer.max_steps=5", "resilience.max_restarts=1"], root / "in_job.log")
+    train_log = run_dir / "train_log.jsonl"
+    wait_for(lambda: (run_dir / "checkpoints" / "step_00000003" / "COMPLETE").exists(), proc, "checkpoint")
+    wait_for(lambda: train_log.is_file() and len(train_log.read_text().splitlines()) >= 4, proc, "step 4")
+    pids = _rank_pids(proc)
+    victim = next(p for p in psutil.Process(proc.pid).children(recursive=True) if p.pid in pids)
+    t_kill = time.time()
+    victim.send_signal(signal.SIGKILL)
+    drop_cache(run_dir / "checkpoints")
+    if proc.wait(timeout=900) != 0:
+        raise RuntimeError(f"in-job restart failed: {(root / 'in_job.log').read_text()[-3000:]}")
+    events = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]
+    t_restart = next(e["time"] for e in events if e["kind"] == "restart")
+    m = json.loads((run_dir / "starts.jsonl").read_text().splitlines()[-1])
+    assert m["step"] == 3, m
+    return _phases(m, t_kill, t_restart, t_restart) | {"checkpoint_gb": 0.0}
+
+
+def _phases(m: dict, t_kill: float, t_exit: float, t_launch: float) -> dict[str, float]:
+    """Phase durations from a start's marks (resilience/timeline.py) and the bench's own clocks."""
     return {
         "detection": t_exit - t_kill,
         "process_start": m["rendezvous_start"] - t_launch,
@@ -125,7 +162,6 @@ def kill_and_restart(a: argparse.Namespace, data: Path, root: Path) -> dict[str,
         "loader_seek": m["seek_done"] - m["load_done"],
         "first_step": m["first_step"] - m["seek_done"],
         "total": m["first_step"] - t_kill,
-        "checkpoint_gb": tree_bytes(run_dir / "checkpoints" / "step_00000003" / "model_optim") / 1e9,
     }
 
 
@@ -198,11 +234,16 @@ def main() -> None:
         data = root / "data"
         prepare_dataset("builtin:shakespeare", data, "byte", shard_tokens=1 << 20, val_fraction=0.05)
         phases = kill_and_restart(a, data, root)
+        in_job = in_job_restart(a, data, root)
         rates = load_rates(a, data, root)
-    total = phases["total"]
-    rows = [{"phase": p, "seconds": phases[p], "share": phases[p] / total} for p in PHASES]
-    rows.append({"phase": "total (kill -> first step)", "seconds": total, "share": 1.0})
-    table = print_table(rows, ["phase", "seconds", "share"])
+    rows = [
+        {"phase": p, "relaunch s": phases[p], "share": phases[p] / phases["total"], "in-job s": in_job[p],
+         "in-job share": in_job[p] / in_job["total"]}
+        for p in [*PHASES, "total"]
+    ]  # fmt: skip
+    rows[-1]["phase"] = "total (kill -> first step)"
+    table = print_table(rows, ["phase", "relaunch s", "share", "in-job s", "in-job share"])
+    print(f"in-job restart / relaunch: {in_job['total'] / phases['total']:.2f}x")
     load_gbps = phases["checkpoint_gb"] / phases["checkpoint_load"]
     print(f"checkpoint {phases['checkpoint_gb']:.3f} GB, restart load {load_gbps:.3f} GB/s")
     rate_rows = [
@@ -212,7 +253,15 @@ def main() -> None:
     ]
     table2 = print_table(rate_rows, ["read", "GB/s", "vs_disk"])
     write_results(
-        "restart", {"args": vars(a), "phases": phases, "rates": rates, "table": table, "rates_table": table2}
+        "restart",
+        {
+            "args": vars(a),
+            "phases": phases,
+            "in_job": in_job,
+            "rates": rates,
+            "table": table,
+            "rates_table": table2,
+        },
     )
 
 

@@ -50,7 +50,8 @@ class ResilienceConfig:
     max_restarts: int = 0
     """In-job restarts after a rank crash or a watchdog exit (launcher=local/torchrun/slurm; on SLURM the
     job then runs one node agent per node, inside the same allocation): all ranks restart from the newest
-    complete checkpoint in the same run folder and MLflow run. 0: a failure ends the job."""
+    complete checkpoint in the same run folder and MLflow run; the ranks are then forks of a server that
+    imported torch and the trainer once (a restart does not import them again). 0: a failure ends the job."""
     crash_loop_after: int = 2
     """The same step failing this many times in a row ends the job (exit code 76) instead of restarting."""
     inject_fault: list[str] = field(default_factory=list)

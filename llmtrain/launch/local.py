@@ -191,7 +191,7 @@ def run_ranks(cfg: Config, run_dir: Path) -> int:
     budget = RestartBudget(replace(cfg.resilience, max_restarts=0) if multinode else cfg.resilience, run_dir)
     while True:
         os.environ[ATTEMPT_ENV] = str(budget.attempt)
-        code = _run_attempt(cfg, run_dir)
+        code = _run_attempt(cfg, run_dir, warm=budget.cfg.max_restarts > 0)
         if code == 0 or code > 128:  # finished, or stopped by a signal (saved): never restarted
             return code
         decision = budget.after_failure(code)
@@ -201,12 +201,13 @@ def run_ranks(cfg: Config, run_dir: Path) -> int:
             return decision.code
 
 
-def _run_attempt(cfg: Config, run_dir: Path) -> int:
+def _run_attempt(cfg: Config, run_dir: Path, warm: bool = False) -> int:
     """One start of all ranks (the same arguments a torchrun command would take, printed for
     reference): the agent forwards SIGTERM/SIGINT/SIGHUP to the ranks and waits for them to save
     (TORCH_ELASTIC_SHUTDOWN_TIMEOUT, default here 120 s), a rank's bad-input error comes back as the one
     `llmtrain: ...` line and exit code 2, and no torchrun process sits between this one and the ranks
-    (which end when it dies, see signals.watch_parent)."""
+    (which end when it dies, see signals.watch_parent). `warm`: the ranks are forks of a server that
+    imported torch and the trainer once (launch/warm.py), so a restart does not pay the imports again."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import elastic_launch
@@ -223,6 +224,10 @@ def _run_attempt(cfg: Config, run_dir: Path) -> int:
     started, handlers = time.time(), {s: signal.getsignal(s) for s in _AGENT_SIGNALS}
     with tempfile.TemporaryDirectory(prefix="llmtrain-errors-") as errors:
         os.environ[ERROR_DIR_ENV] = errors
+        if warm:
+            from llmtrain.launch.warm import warm_entry
+
+            entry, entry_args = warm_entry(launch_cfg, Path(errors), run_dir / "config.yaml")
         try:
             elastic_launch(launch_cfg, entry)(*entry_args)
             return 0

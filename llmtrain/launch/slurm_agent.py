@@ -104,7 +104,7 @@ def _attempt(cfg: Config, run_dir: Path, node: int, nodes: int, attempt: int) ->
 
     os.environ[ATTEMPT_ENV] = str(attempt)
     try:
-        return _run_attempt(attempt_config(cfg, node, nodes, attempt), run_dir), ""
+        return _run_attempt(attempt_config(cfg, node, nodes, attempt), run_dir, warm=True), ""
     except tuple(input_errors()):
         raise
     except Exception as e:  # the rendezvous of the attempt failed: a node agent did not come

@@ -100,13 +100,12 @@ def _other_rank_failed() -> bool:
     return bool(folder) and any(p.name != mine for p in Path(folder).glob("rank*.json"))
 
 
-def main(argv: list[str] | None = None, cfg: Config | None = None) -> None:
-    """Run this rank to the end and leave with its exit code (the process does not return)."""
+def run_rank(config_path: str, cfg: Config | None = None) -> int:
+    """Train this rank to the end and tidy up; returns its exit code (see the module docstring)."""
     from llmtrain.launch.lease import release_held
 
-    argv = sys.argv[1:] if argv is None else argv
     watch_parent()
-    code = _run(cfg, argv[0] if argv else "")
+    code = _run(cfg, config_path)
     if code == 0 or code > 128:  # all ranks end here together; after an error a peer may never come
         try:
             shutdown_distributed()
@@ -115,7 +114,13 @@ def main(argv: list[str] | None = None, cfg: Config | None = None) -> None:
     release_held()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(code)
+    return code
+
+
+def main(argv: list[str] | None = None, cfg: Config | None = None) -> None:
+    """Run this rank to the end and leave with its exit code (the process does not return)."""
+    argv = sys.argv[1:] if argv is None else argv
+    os._exit(run_rank(argv[0] if argv else "", cfg))
 
 
 if __name__ == "__main__":

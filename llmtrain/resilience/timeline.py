@@ -8,6 +8,7 @@ loader's state restored), `first_step` (the first step after the start finished)
 nature, so one module-level instance."""
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,13 @@ class StartTimeline:
     """Marks of one process start; `first_step` writes them the first time it is called."""
 
     def __init__(self) -> None:
+        self.reset()
+
+    def reset(self, forked: bool = False) -> None:
+        """Start over from this process's creation: at import, and in a fork (launch/warm.py: a rank
+        forked from a server that imported this module long before; `forked` is recorded)."""
         self.marks: dict[str, float] = {"process_start": psutil.Process().create_time()}
-        self.written = False
+        self.written, self.forked = False, forked
 
     def mark(self, name: str) -> None:
         self.marks[name] = time.time()
@@ -34,10 +40,12 @@ class StartTimeline:
         self.written = True
         self.mark("first_step")
         if is_main:
-            entry: dict[str, Any] = {"step": step, **{k: round(v, 4) for k, v in self.marks.items()}}
+            entry: dict[str, Any] = {"step": step, "forked": self.forked}
+            entry |= {k: round(v, 4) for k, v in self.marks.items()}
             run_dir.mkdir(parents=True, exist_ok=True)
             with open(run_dir / START_FILE, "a") as f:
                 f.write(json.dumps(entry) + "\n")
 
 
 START = StartTimeline()
+os.register_at_fork(after_in_child=lambda: START.reset(forked=True))

@@ -55,9 +55,12 @@ def _wait_for_steps(proc: subprocess.Popen, run_dir: Path, out: Path, n: int, ti
 
 
 def _ranks(proc: subprocess.Popen) -> list[psutil.Process]:
-    """The training ranks below the launcher (whatever sits in between)."""
+    """The training ranks below the launcher (whatever sits in between): worker commands, or the
+    children of the warm fork server (launch/warm.py, resilience.max_restarts > 0)."""
     kids = psutil.Process(proc.pid).children(recursive=True)
     ranks = [p for p in kids if p.cmdline()[-2:-1] == ["llmtrain.launch.worker"] and "-u" in p.cmdline()]
+    servers = [p for p in kids if "forkserver" in " ".join(p.cmdline())]
+    ranks += [c for s in servers for c in s.children()]
     assert len(ranks) == 2, [p.cmdline() for p in kids]
     return kids
 
@@ -136,8 +139,12 @@ def test_second_job_is_refused_and_sigterm_stops_the_first_at_a_step_boundary(sh
 
 @pytest.mark.distributed
 @pytest.mark.timeout(180)
-def test_sigkilled_launcher_takes_its_ranks_with_it(shakespeare_dir, tmp_path):
-    args = _overrides(shakespeare_dir, tmp_path, "launcher.nproc=2", "run.name=killed", *LONG)
+@pytest.mark.parametrize("restarts", [0, 1])
+def test_sigkilled_launcher_takes_its_ranks_with_it(shakespeare_dir, tmp_path, restarts):
+    """Also with in-job restarts, whose ranks are forks of the launcher's warm server: the server
+    exits with the launcher, and its children get their parent-death signal."""
+    extra = [f"resilience.max_restarts={restarts}", *LONG]
+    args = _overrides(shakespeare_dir, tmp_path, "launcher.nproc=2", "run.name=killed", *extra)
     proc, out = _start(args, tmp_path, "killed")
     procs: list[psutil.Process] = []
     try:

@@ -79,6 +79,10 @@ def test_hang_then_crash_restart_in_job_and_finish_exactly(root, shakespeare_dir
     assert "in train_step" in stacks and "llmtrain/parallel/step.py" in stacks, stacks[-3000:]
     assert "NCCL Flight Recorder: skipped (backend gloo" in stacks
     _check_one_mlflow_run(root, run_dir)
+    # the ranks were forks of the launcher's warm server (launch/warm.py: no re-imports); a start is
+    # recorded at its first step, which the attempt killed in its first step never reached
+    starts = [json.loads(x) for x in (run_dir / "starts.jsonl").read_text().splitlines()]
+    assert [(s["step"], s["forked"]) for s in starts] == [(0, True), (2, True)], starts
 
 
 def _check_one_mlflow_run(root: Path, run_dir: Path) -> None:
