@@ -248,7 +248,10 @@ def estimate_stage(
         grad_head,
         grads,
         accumulating=grad_accum > 1 or layout.pp > 1,
-        flow=2 * 4 * args.dim * tokens,  # gradient of the residual stream in and out of a block
+        flow=2
+        * (2 if bf16_params else 4)
+        * args.dim
+        * tokens,  # residual-stream gradient in and out of a block
         current_grad=unsharded_grad,
     )
     return MemoryEstimate(
