@@ -14,7 +14,8 @@ the first node's NodeAddr (launch/rendezvous.py; the port moves by one per attem
 decides and writes the decision into <run_dir>/slurm/, and the other agents follow it.
 
 Signals: SLURM's USR1/USR2 (pre-timeout, preemption) reach the agent, which forwards them to its
-ranks (they save at the next step boundary, as in a one-task-per-rank job) and then requeues as
+ranks (`rank_pids`: the forks of its warm fork server, launch/warm.py; they save at the next step
+boundary, as in a one-task-per-rank job) and then requeues as
 `TrainJob` does; SIGTERM is forwarded by torch's agent. When a restart is impossible inside the
 allocation (the attempt's rendezvous failed: an agent, i.e. a node, is gone) the job falls back to
 `scontrol requeue` if launcher.max_requeues allows, and says so in one line.
@@ -55,12 +56,30 @@ def agent_parameters(cfg: Config, params: dict[str, Any]) -> dict[str, Any]:
     return params | {"ntasks_per_node": 1, "cpus_per_task": cfg.launcher.cpus_per_task * tasks_per_node(cfg)}
 
 
-def _children() -> list[int]:
-    """Pids of this process's children (its ranks), from /proc (Linux)."""
+def _children(pid: int | str = "self") -> list[int]:
+    """Pids of a process's children, from /proc (Linux)."""
     pids: list[int] = []
-    for task in Path("/proc/self/task").iterdir():
-        with open(task / "children") as f:
-            pids += [int(p) for p in f.read().split()]
+    with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with open(task / "children") as f:
+                pids += [int(p) for p in f.read().split()]
+    return pids
+
+
+def rank_pids() -> list[int]:
+    """This agent's ranks: its children, or under warm ranks (launch/warm.py) the children of its fork
+    server; multiprocessing's own helpers (the fork server, the resource tracker) are not ranks, and a
+    USR1/USR2 would kill them."""
+    pids: list[int] = []
+    for pid in _children():
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"multiprocessing.forkserver" in cmd:
+            pids += _children(pid)
+        elif b"multiprocessing.resource_tracker" not in cmd:
+            pids.append(pid)
     return pids
 
 
@@ -69,7 +88,7 @@ def forward_signals(stop: Any) -> None:
 
     def handler(signum: int, frame: object) -> None:
         stop._handler(signum, frame)
-        for pid in _children():
+        for pid in rank_pids():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
 
