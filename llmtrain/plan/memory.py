@@ -236,9 +236,12 @@ def estimate_stage(
     grad_div = 1 if full_grads else shard
     grad_layer = 4 * layer_local / grad_div
     grad_head = 4 * vocab * args.dim / grad_div if has_loss else 0.0  # allocated first in backward
-    # ZeRO-2/3 on FSDP2: the block being back-propagated holds its gradients unsharded until its
-    # post-backward reduce-scatter (next to the previous block's reduce-scatter input in `buffers`)
-    unsharded_grad = 4 * layer_local if fsdp and z >= 2 and not pipelined else grad_layer
+    # ZeRO-2/3 on FSDP2: the block being back-propagated holds its gradients unsharded (in the
+    # parameters' dtype) until its post-backward reduce-scatter; beside them, under any ZeRO stage,
+    # FSDP2's reduce-scatter input in reduce_dtype, which exists only in the backward
+    param_b = DTYPE_BYTES[layout.param_dtype]
+    unsharded_grad = param_b * layer_local if fsdp and z >= 2 and not pipelined else grad_layer
+    unsharded_grad += DTYPE_BYTES[layout.reduce_dtype] * layer_local if fsdp else 0.0
     dynamic = backward_sweep(
         kept,
         ckpt,
@@ -270,13 +273,14 @@ def resident_buffers(
     args: TransformerArgs, layout: Layout, p_local: float, layer_local: float, fsdp: bool, pipelined: bool
 ) -> float:
     """Buffers alive through the step besides activations: the RoPE table, FSDP2's unsharded
-    parameters and reduce buffer, DDP's gradient buckets (over dp x cp ranks)."""
+    parameters, DDP's gradient buckets (over dp x cp ranks); FSDP2's reduce-scatter input is counted
+    in the backward sweep, the only time it exists."""
     z = layout.zero_stage
     buffers = args.max_seq_len * args.head_dim * 4  # RoPE table
-    if fsdp and z == 3 and not pipelined:  # two unsharded blocks (current + prefetch), a reduce buffer
-        buffers += 2 * layer_local * DTYPE_BYTES[layout.param_dtype] + 4 * layer_local
+    if fsdp and z == 3 and not pipelined:  # two unsharded blocks (current + prefetch)
+        buffers += 2 * layer_local * DTYPE_BYTES[layout.param_dtype]
     elif fsdp:  # ZeRO-1/2, pipeline stages: parameters unsharded from the first forward to the last backward
-        buffers += p_local * DTYPE_BYTES[layout.param_dtype] + 4 * layer_local
+        buffers += p_local * DTYPE_BYTES[layout.param_dtype]
     if z == 0 and layout.dp * layout.cp > 1 and layout.tp == 1 and layout.pp == 1:
         buffers += 4 * p_local  # DDP gradient buckets (tp/pp all-reduce the gradients in place)
     return buffers
