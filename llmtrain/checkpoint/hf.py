@@ -138,7 +138,7 @@ def hf_config(
         "num_hidden_layers": model["n_layers"],
         "num_attention_heads": model["n_heads"],
         "num_key_value_heads": model.get("n_kv_heads") or model["n_heads"],
-        "head_dim": model["dim"] // model["n_heads"],
+        "head_dim": model.get("attn_head_dim") or model["dim"] // model["n_heads"],
         "vocab_size": model["vocab_size"],
         "max_position_embeddings": model["max_seq_len"],
         "rms_norm_eps": model["norm_eps"],
@@ -170,8 +170,6 @@ def model_config_from_hf(cfg: dict[str, Any]) -> dict[str, Any]:
         raise CheckpointError(f"config.json: rope scaling {scaling or rope} is not supported")
     dim, heads = cfg["hidden_size"], cfg["num_attention_heads"]
     head_dim = cfg.get("head_dim") or dim // heads
-    if kind == "llama" and head_dim != dim // heads:
-        raise CheckpointError(f"config.json: head_dim {cfg['head_dim']} != hidden_size / num_attention_heads")
     base = {
         "dim": dim,
         "n_layers": cfg["num_hidden_layers"],
@@ -184,11 +182,8 @@ def model_config_from_hf(cfg: dict[str, Any]) -> dict[str, Any]:
         "max_seq_len": cfg.get("max_position_embeddings", 2048),
         "tie_embeddings": bool(cfg.get("tie_word_embeddings", False)),
     }
-    if kind == "llama":
-        return base
-    return moe_model_config_from_hf(
-        cfg, base | {"attn_head_dim": None if head_dim == dim // heads else head_dim}
-    )
+    base["attn_head_dim"] = None if head_dim == dim // heads else head_dim  # e.g. Llama-style 3B/Gemma widths
+    return base if kind == "llama" else moe_model_config_from_hf(cfg, base)
 
 
 def plan_shards(sizes: dict[str, int], max_shard_bytes: int) -> list[list[str]]:

@@ -27,11 +27,12 @@ def _tool(name: str):
     return mod.main
 
 
-@pytest.fixture
-def trained(make_config, tmp_path):
-    """A real llmtrain checkpoint of a GQA model after two optimizer steps, and its engine."""
+@pytest.fixture(params=[[], ["model.attn_head_dim=8"]], ids=["head_dim_16", "head_dim_8"])
+def trained(make_config, tmp_path, request):
+    """A real llmtrain checkpoint of a GQA model after two optimizer steps, and its engine; also with
+    heads narrower than dim / n_heads (config.json's head_dim: it was written as dim / n_heads)."""
     torch.set_num_threads(1)
-    cfg = make_config(*GQA)
+    cfg = make_config(*GQA, *request.param)
     eng = make_engine(cfg)
     step(eng), step(eng, seed=1)
     from llmtrain.config.io import to_dict
