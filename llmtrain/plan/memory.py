@@ -220,15 +220,10 @@ def estimate_stage(
     tokens = layout.micro_batch_size * seq_len / layout.cp  # this rank's tokens (context parallel)
     in_flight = in_flight_microbatches(layout, stage)
     bf16_params = fsdp_casts_params(z, shard, layout.param_dtype)
-    per_block = (
-        act_bytes_per_token(args, precision, layout.tp, layout.sequence_parallel, bf16_params) * tokens
-    )
-    per_block += cp_gathered_kv_bytes(args, seq_len * layout.micro_batch_size, layout, precision)
-    # under bf16 autocast each block saves a bf16 cast of its weights (the head one of its own)
-    cast_dtype = precision == "bf16" and not bf16_params
-    cast_block = 2 * mats / layout.tp if cast_dtype else 0.0
+    cast_dtype = precision == "bf16" and not bf16_params  # autocast casts fp32 weights
+    per_block = block_activation_bytes(args, seq_len, layout, precision, bf16_params)
     ckpt = checkpointed_blocks(layout.activation_checkpoint, layers)
-    kept = [in_flight * (4 * args.dim * tokens if c else per_block + cast_block) for c in ckpt]
+    kept = [in_flight * (4 * args.dim * tokens if c else per_block) for c in ckpt]
     vocab = args.vocab_size / layout.tp
     # logits, log-softmax output, its gradient and the logits gradient (vocab-sized, per token)
     loss = tokens * (vocab * 12 + args.dim * 12) if has_loss else 0.0
@@ -245,16 +240,13 @@ def estimate_stage(
     dynamic = backward_sweep(
         kept,
         ckpt,
-        per_block + cast_block,
+        per_block,
         loss,
         grad_layer,
         grad_head,
         grads,
         accumulating=grad_accum > 1 or layout.pp > 1,
-        flow=2
-        * (2 if bf16_params else 4)
-        * args.dim
-        * tokens,  # residual-stream gradient in and out of a block
+        flow=2 * (2 if bf16_params else 4) * args.dim * tokens,  # residual-stream gradient in and out
         current_grad=unsharded_grad,
     )
     return MemoryEstimate(
@@ -267,6 +259,20 @@ def estimate_stage(
         dynamic=dynamic,
         params_local=p_local,
     )
+
+
+def block_activation_bytes(
+    args: TransformerArgs, seq_len: int, layout: Layout, precision: str, bf16_params: bool
+) -> float:
+    """What one (not checkpointed) block keeps for its backward, per micro-batch: its saved tensors,
+    the whole sequence's K/V under context parallelism, and under bf16 autocast over fp32 weights the
+    bf16 cast of its weights that backward needs."""
+    tokens = layout.micro_batch_size * seq_len / layout.cp
+    per_token = act_bytes_per_token(args, precision, layout.tp, layout.sequence_parallel, bf16_params)
+    kv = cp_gathered_kv_bytes(args, seq_len * layout.micro_batch_size, layout, precision)
+    mats, _ = block_params(args)
+    cast = 2 * mats / layout.tp if precision == "bf16" and not bf16_params else 0.0
+    return per_token * tokens + kv + cast
 
 
 def resident_buffers(
