@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.checkpoint_io import drop_cache, tree_bytes  # noqa: E402
 from bench.common import print_table, write_results  # noqa: E402
+from llmtrain.launch.slurm_agent import rank_pids  # noqa: E402
 
 PHASES = ["detection", "process_start", "rendezvous", "build", "checkpoint_load", "loader_seek", "first_step"]
 
@@ -122,12 +123,6 @@ def kill_and_restart(a: argparse.Namespace, data: Path, root: Path) -> dict[str,
     return _phases(m, t_kill, t_exit, t_launch) | {"checkpoint_gb": gb}
 
 
-def _rank_pids(launcher: subprocess.Popen) -> set[int]:
-    """The ranks of an in-job run: the fork server's children (launch/warm.py)."""
-    server = [p for p in psutil.Process(launcher.pid).children() if "forkserver" in " ".join(p.cmdline())]
-    return {c.pid for p in server for c in p.children()}
-
-
 def in_job_restart(a: argparse.Namespace, data: Path, root: Path) -> dict[str, float]:
     """The same kill with resilience.max_restarts=1: the launcher stays, the ranks are forked again
     from its warm server. detection: kill -> the launcher's restart decision (events.jsonl);
@@ -137,8 +132,7 @@ def in_job_restart(a: argparse.Namespace, data: Path, root: Path) -> dict[str, f
     train_log = run_dir / "train_log.jsonl"
     wait_for(lambda: (run_dir / "checkpoints" / "step_00000003" / "COMPLETE").exists(), proc, "checkpoint")
     wait_for(lambda: train_log.is_file() and len(train_log.read_text().splitlines()) >= 4, proc, "step 4")
-    pids = _rank_pids(proc)
-    victim = next(p for p in psutil.Process(proc.pid).children(recursive=True) if p.pid in pids)
+    victim = psutil.Process(rank_pids(proc.pid)[0])  # a fork of the launcher's warm server
     t_kill = time.time()
     victim.send_signal(signal.SIGKILL)
     drop_cache(run_dir / "checkpoints")

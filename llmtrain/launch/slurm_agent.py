@@ -66,12 +66,12 @@ def _children(pid: int | str = "self") -> list[int]:
     return pids
 
 
-def rank_pids() -> list[int]:
-    """This agent's ranks: its children, or under warm ranks (launch/warm.py) the children of its fork
-    server; multiprocessing's own helpers (the fork server, the resource tracker) are not ranks, and a
-    USR1/USR2 would kill them."""
+def rank_pids(launcher: int | str = "self") -> list[int]:
+    """The ranks a launcher (default: this agent) started: its children, or under warm ranks
+    (launch/warm.py) the children of its fork server; multiprocessing's own helpers (the fork server,
+    the resource tracker) are not ranks, and a USR1/USR2 would kill them."""
     pids: list[int] = []
-    for pid in _children():
+    for pid in _children(launcher):
         try:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:

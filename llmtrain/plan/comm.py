@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 from llmtrain.models.llama import TransformerArgs
 from llmtrain.plan.experts import dispatch_bytes, expert_params_off_rank
-from llmtrain.plan.memory import DTYPE_BYTES, Layout, fsdp_casts_params, total_params
+from llmtrain.plan.memory import DTYPE_BYTES, Layout, total_params
 
 
 @dataclass(kw_only=True)
@@ -98,8 +98,7 @@ def comm_volume(
     lo = layout
     # routed experts: each rank reduces only its E/ep (over edp; counted like dp, slightly more)
     shard_params = total_params(args) / (lo.tp * lo.pp) - expert_params_off_rank(args, lo.ep, lo.pp)
-    fsdp = lo.zero_stage >= 1 and lo.dp_shard * lo.cp > 1  # FSDP2's reduce_dtype; DDP reduces fp32
-    g = float(DTYPE_BYTES[lo.reduce_dtype]) if fsdp else 4.0
+    g = float(DTYPE_BYTES[lo.reduce_dtype]) if lo.fsdp else 4.0  # FSDP2's reduce_dtype; DDP reduces fp32
     a = 2.0 if lo.param_dtype == "bf16" else 4.0
     act_bytes = 2.0 if precision == "bf16" else 4.0
     m, t = grad_accum, lo.tp
@@ -133,8 +132,7 @@ def comm_volume(
         n_mb = lo.pp_microbatches or m
         rows = lo.micro_batch_size * m // n_mb
         # the residual stream: bf16 only when FSDP casts the parameters (autocast keeps it fp32)
-        hidden = 2.0 if fsdp_casts_params(lo.zero_stage, lo.dp_shard * lo.cp, lo.param_dtype) else 4.0
-        boundary = rows * seq_len / lo.cp * args.dim * hidden / (t if lo.sequence_parallel else 1)
+        boundary = rows * seq_len / lo.cp * args.dim * lo.residual_bytes / (t if lo.sequence_parallel else 1)
         directions = 1 if lo.pp == 2 else 2  # an end stage sends one way, a middle stage both
         parts["pp"] = CommPart(
             bytes=directions * n_mb * boundary,

@@ -73,6 +73,16 @@ class Layout:
     def world(self) -> int:
         return self.dp * self.cp * self.tp * self.pp
 
+    @property
+    def fsdp(self) -> bool:
+        """The native engine runs every ZeRO stage on FSDP2, over dp_shard x cp (cp ranks shard too)."""
+        return self.zero_stage >= 1 and self.dp_shard * self.cp > 1
+
+    @property
+    def residual_bytes(self) -> int:
+        """Bytes per element of the residual stream (pipeline sends, receive buffers, its gradient)."""
+        return 2 if fsdp_casts_params(self.zero_stage, self.dp_shard * self.cp, self.param_dtype) else 4
+
     def describe(self) -> str:
         parts = [
             f"dp{self.dp_replicate}x{self.dp_shard}",
@@ -200,8 +210,7 @@ def estimate_stage(
     """`estimate_memory` for one pipeline stage ("first" or "last"; "last" without pipelining)."""
     p_local, layers = stage_params(args, layout.tp, layout.pp, stage, layout.ep)
     has_loss = stage == "last"
-    shard, z = layout.dp_shard * layout.cp, layout.zero_stage  # cp ranks hold FSDP shards too
-    fsdp = z >= 1 and shard > 1  # the native engine runs every ZeRO stage on FSDP2
+    shard, z, fsdp = layout.dp_shard * layout.cp, layout.zero_stage, layout.fsdp
     # ZeRO shards dense weights over dp_shard, this rank's experts over edp = dp / ep
     p_zero = p_local / shard + zero_expert_correction(args, layout.ep, layout.dp, shard, layout.pp)
     weights = 4 * (p_zero if fsdp else p_local)  # fp32 master weights rest sharded under FSDP2
@@ -219,7 +228,7 @@ def estimate_stage(
     buffers += pipeline_recv_buffers(args, seq_len, layout, grad_accum)
     tokens = layout.micro_batch_size * seq_len / layout.cp  # this rank's tokens (context parallel)
     in_flight = in_flight_microbatches(layout, stage)
-    bf16_params = fsdp_casts_params(z, shard, layout.param_dtype)
+    bf16_params = layout.residual_bytes == 2  # FSDP casts the parameters to bf16
     cast_dtype = precision == "bf16" and not bf16_params  # autocast casts fp32 weights
     per_block = block_activation_bytes(args, seq_len, layout, precision, bf16_params)
     ckpt = checkpointed_blocks(layout.activation_checkpoint, layers)
@@ -246,7 +255,7 @@ def estimate_stage(
         grad_head,
         grads,
         accumulating=grad_accum > 1 or layout.pp > 1,
-        flow=2 * (2 if bf16_params else 4) * args.dim * tokens,  # residual-stream gradient in and out
+        flow=2 * layout.residual_bytes * args.dim * tokens,  # residual-stream gradient in and out
         current_grad=unsharded_grad,
     )
     return MemoryEstimate(
@@ -309,9 +318,8 @@ def pipeline_recv_buffers(args: TransformerArgs, seq_len: int, layout: Layout, g
         return 0.0
     n_mb = layout.pp_microbatches or grad_accum
     rows = layout.micro_batch_size * grad_accum / n_mb
-    fsdp_bf16 = fsdp_casts_params(layout.zero_stage, layout.dp_shard * layout.cp, layout.param_dtype)
     sp_div = layout.tp if layout.sequence_parallel and layout.tp > 1 else 1
-    return n_mb * rows * seq_len / layout.cp * args.dim * (2 if fsdp_bf16 else 4) / sp_div
+    return n_mb * rows * seq_len / layout.cp * args.dim * layout.residual_bytes / sp_div
 
 
 def checkpointed_blocks(mode: str, layers: int) -> list[bool]:
