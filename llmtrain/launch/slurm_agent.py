@@ -155,8 +155,7 @@ def shared_decision(budget: RestartBudget, code: int, node: int, nodes: int, tim
 
 
 def _finished(run_dir: Path, restarts: int) -> dict[str, Any]:
-    lines = (run_dir / "train_log.jsonl").read_text().splitlines()
-    return {"status": "FINISHED", "step": json.loads(lines[-1])["step"], "restarts": restarts}
+    return {"status": "FINISHED", "step": _last_step(run_dir), "restarts": restarts}
 
 
 def run_node_agent(job: Any, early: Any) -> dict[str, Any]:
